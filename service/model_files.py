@@ -1,0 +1,108 @@
+"""What a model directory must hold, and the manifest that proves a download is complete.
+
+Shared by the service (which checks a directory before it loads it) and by
+`scripts/download_model.py` (which writes the manifest last, so a partial download never
+looks complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+WEIGHTS = "tf_model.h5"
+# A GPT-2 tokenizer is either the fast tokenizer's single file or the slow one's pair.
+TOKENIZER_CHOICES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+# Everything the service may read; the download script fetches exactly these.
+SERVICE_FILES = (
+    CONFIG,
+    WEIGHTS,
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
+
+
+class ModelDirError(Exception):
+    """The model directory is missing, incomplete or does not match its manifest."""
+
+
+def missing_files(model_dir: Path) -> list[str]:
+    """Names of the files the service needs that `model_dir` lacks (empty when complete)."""
+    missing = [name for name in (CONFIG, WEIGHTS) if not (model_dir / name).is_file()]
+    if not any(all((model_dir / n).is_file() for n in choice) for choice in TOKENIZER_CHOICES):
+        missing.append("tokenizer.json (or vocab.json + merges.txt)")
+    return missing
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Raise ModelDirError naming the path and what is wrong; cheap (no hashing)."""
+    if not model_dir.is_dir():
+        raise ModelDirError(f"model directory {model_dir} does not exist")
+    missing = missing_files(model_dir)
+    if missing:
+        raise ModelDirError(f"model directory {model_dir} is missing {', '.join(missing)}")
+    manifest = read_manifest(model_dir)
+    if manifest is not None:
+        for name, entry in manifest["files"].items():
+            path = model_dir / name
+            if not path.is_file() or path.stat().st_size != entry["size"]:
+                raise ModelDirError(
+                    f"model directory {model_dir}: {name} does not match {MANIFEST} "
+                    f"(expected {entry['size']} bytes)"
+                )
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(model_dir: Path) -> dict | None:
+    path = model_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and {"size", "sha256"} <= e.keys() for e in files.values()
+        ):
+            raise ValueError("bad 'files' entry")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelDirError(f"model directory {model_dir}: unreadable {MANIFEST} ({exc})") from exc
+    return manifest
+
+
+def verify_manifest(model_dir: Path) -> None:
+    """Check every file's sha256 against the manifest, if there is one (reads every byte)."""
+    manifest = read_manifest(model_dir)
+    if manifest is None:
+        return
+    for name, entry in manifest["files"].items():
+        if sha256_of(model_dir / name) != entry["sha256"]:
+            raise ModelDirError(f"model directory {model_dir}: {name} does not match its sha256 in {MANIFEST}")
+
+
+def write_manifest(model_dir: Path, extra: dict | None = None) -> dict:
+    """Record name, size and sha256 of every service file present; written last by downloads."""
+    files = {
+        name: {"size": (model_dir / name).stat().st_size, "sha256": sha256_of(model_dir / name)}
+        for name in SERVICE_FILES
+        if (model_dir / name).is_file()
+    }
+    manifest = {**(extra or {}), "files": files}
+    tmp = model_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(model_dir / MANIFEST)
+    return manifest
