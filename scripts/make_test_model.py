@@ -33,9 +33,7 @@ SHAPES = {
 def corpus_files(limit_bytes: int | None) -> list[str]:
     """The standard library's .py files in a fixed order (a reproducible local corpus)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        f for f in root.rglob("*.py") if "site-packages" not in f.parts and "test" not in f.parts
-    )
+    files = sorted(f for f in root.rglob("*.py") if "site-packages" not in f.parts)
     chosen, total = [], 0
     for f in files:
         if limit_bytes is not None and total >= limit_bytes:
@@ -53,7 +51,8 @@ def train_tokenizer(vocab_size: int):
     bpe = ByteLevelBPETokenizer()
     # Small vocabularies need little text; 50k merges need the whole library.
     files = corpus_files(2_000_000 if vocab_size < 5000 else None)
-    bpe.train(files, vocab_size=vocab_size - 1, min_frequency=2, show_progress=False)
+    texts = (Path(f).read_text(encoding="utf-8", errors="replace") for f in files)
+    bpe.train_from_iterator(texts, vocab_size=vocab_size - 1, min_frequency=2, show_progress=False)
     if bpe.get_vocab_size() != vocab_size - 1:
         raise SystemExit(f"tokenizer training reached {bpe.get_vocab_size()} tokens, need {vocab_size - 1}")
     # padding_side must be given to the constructor: set afterwards it is not saved, and
