@@ -1,0 +1,244 @@
+"""The TensorFlow backend: GPT-2 prefill and decode over a fixed-shape key/value cache, XLA-compiled.
+
+transformers supplies the model (TFGPT2LMHeadModel: its layers and weights). This module owns
+the loop around it: the cache, attention over the cache, sampling and stopping. transformers'
+own `generate` can't give per-row sampling parameters, streaming or a second backend under XLA.
+
+Two programs are compiled per (batch size, cache size) bucket:
+- prefill: one chunk of `prefill_chunk` prompt tokens into the cache;
+- decode: up to `decode_chunk` steps of sample-then-forward in one call, so Python's per-call
+  cost is paid once per chunk. Inside a call the cache is a loop variable updated in place
+  with dynamic-update-slice; it is copied once per call, not once per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow.compiler.tf2xla.python import xla  # noqa: E402
+from transformers import GPT2TokenizerFast, TFGPT2LMHeadModel  # noqa: E402
+from transformers.tf_utils import stable_softmax  # noqa: E402
+
+from service.engine.base import Engine, GenerationRow  # noqa: E402
+from service.engine.layout import BatchLayout, Buckets  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# transformers' TF GPT-2 masks with -1e4 (modeling_tf_gpt2.py); the same value keeps results equal.
+MASKED = -1e4
+# Uniform noise in [TINY, 1) keeps both logs of the Gumbel trick finite.
+TINY = float(np.finfo(np.float32).tiny)
+
+
+class TFGPT2Engine(Engine):
+    """A GPT-2-family model served from a local directory by the compiled decode loop."""
+
+    def __init__(self, model_dir: Path, *, max_batch_size: int = 8, prefill_chunk: int = 16,
+                 decode_chunk: int = 16, smallest_cache: int = 128):
+        self._tokenizer = GPT2TokenizerFast.from_pretrained(model_dir).backend_tokenizer
+        self.model = TFGPT2LMHeadModel.from_pretrained(model_dir)
+        config = self.model.config
+        _check_supported(config)
+        self.eos_id = int(config.eos_token_id)
+        self.context_window = int(config.n_positions)
+        self.head_dim = config.n_embd // config.n_head
+        self.n_head = config.n_head
+        self.decode_chunk = decode_chunk
+        self.buckets = Buckets.for_model(self.context_window, max_batch_size, prefill_chunk, smallest_cache)
+
+        transformer = self.model.transformer
+        self._wte = transformer.wte.embeddings
+        self._wpe = transformer.wpe.embeddings
+        self._blocks = transformer.h
+        self._ln_f = transformer.ln_f
+        # One concrete function (one XLA program) per input shape; tensors only as arguments,
+        # since a Python number would trace a new function per value.
+        self._prefill = tf.function(self._prefill_chunk, jit_compile=True)
+        self._decode = tf.function(self._decode_steps, jit_compile=True)
+        self._traces_at_warmup: int | None = None
+
+    # --- Engine interface -------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return ids or [self.eos_id]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def warmup(self) -> None:
+        """Compile prefill and decode for every bucket, so no request compiles."""
+        started = time.monotonic()
+        for batch in self.buckets.batch_sizes:
+            for cache in self.buckets.cache_sizes:
+                t0 = time.monotonic()
+                caches = self._empty_cache(batch, cache)
+                pad = tf.zeros([batch], tf.int32)
+                tokens = tf.zeros([batch, self.buckets.prefill_chunk], tf.int32)
+                h, caches = self._prefill(tokens, tf.constant(0), pad, caches)
+                zeros_i = tf.zeros([batch], tf.int32)
+                zeros_s = tf.zeros([batch], tf.int64)
+                self._decode(h, tf.constant(0), pad, caches, tf.zeros([batch]), zeros_s, zeros_s,
+                             zeros_i, zeros_i + 1, tf.ones([batch], tf.bool))
+                log.info("compiled batch %d x cache %d in %.1f s", batch, cache, time.monotonic() - t0)
+        self._traces_at_warmup = self._traces()
+        log.info("warm-up compiled %d programs in %.1f s", self._traces_at_warmup, time.monotonic() - started)
+
+    def compiles_after_warmup(self) -> int:
+        if self._traces_at_warmup is None:
+            return 0
+        return self._traces() - self._traces_at_warmup
+
+    def generate(self, rows: Sequence[GenerationRow]) -> list[list[int]]:
+        results: list[list[int]] = [[] for _ in rows]
+        for group in self.buckets.split(rows):
+            for i, ids in zip(group, self._generate_group([rows[i] for i in group])):
+                results[i] = ids
+        return results
+
+    # --- The host side of the loop ----------------------------------------------------------
+
+    def _generate_group(self, rows: Sequence[GenerationRow]) -> list[list[int]]:
+        layout = BatchLayout.build(rows, self.buckets, self.eos_id)
+        chunk = self.buckets.prefill_chunk
+        pad = tf.constant(layout.pad)
+        caches = self._empty_cache(layout.batch_size, layout.cache_size)
+        for start in range(0, layout.prompt_slots, chunk):
+            tokens = tf.constant(layout.tokens[:, start:start + chunk])
+            h, caches = self._prefill(tokens, tf.constant(start, tf.int32), pad, caches)
+
+        temperature = tf.constant(layout.column([r.temperature for r in rows], 0.0, np.float32))
+        seed = tf.constant(layout.column([r.seed for r in rows], 0, np.int64))
+        stream = tf.constant(layout.column([r.stream for r in rows], 0, np.int64))
+        max_new = tf.constant(layout.column([r.max_tokens for r in rows], 1, np.int32))
+        done = tf.constant(layout.column([False] * len(rows), True, np.bool_))
+        generated = tf.zeros([layout.batch_size], tf.int32)
+
+        outputs: list[list[int]] = [[] for _ in rows]
+        finished = [False] * len(rows)
+        slot = layout.prompt_slots
+        while not all(finished):
+            tokens, steps, h, caches, generated, done = self._decode(
+                h, tf.constant(slot, tf.int32), pad, caches, temperature, seed, stream,
+                generated, max_new, done)
+            steps = int(steps)
+            slot += steps
+            tokens = tokens.numpy()
+            for b, row in enumerate(rows):
+                for token in tokens[b, :steps]:
+                    if finished[b]:
+                        break
+                    if token == self.eos_id:
+                        finished[b] = True
+                        break
+                    outputs[b].append(int(token))
+                    finished[b] = len(outputs[b]) >= row.max_tokens
+        return outputs
+
+    # --- Compiled programs ------------------------------------------------------------------
+
+    def _prefill_chunk(self, tokens, start, pad, caches):
+        """Write one chunk of prompt tokens into the cache; return the last hidden state."""
+        return self._forward(tokens, start, pad, caches)
+
+    def _decode_steps(self, h, slot, pad, caches, temperature, seed, stream, generated, max_new, done):
+        """Up to `decode_chunk` steps: sample from `h`'s logits, record, forward the token."""
+        batch = h.shape[0]
+        steps = self.decode_chunk
+        out = tf.fill([batch, steps], self.eos_id)
+
+        def running(i, h, slot, caches, generated, done, out):
+            return (i < steps) & ~tf.reduce_all(done)
+
+        def step(i, h, slot, caches, generated, done, out):
+            token = self._sample(self._logits(h), temperature, seed, stream, generated)
+            token = tf.where(done, self.eos_id, token)
+            out = xla.dynamic_update_slice(out, token[:, None], tf.stack([0, i]))
+            generated += tf.cast(~done, tf.int32)
+            done = done | (token == self.eos_id) | (generated >= max_new)
+            h, caches = self._forward(token[:, None], slot, pad, caches)
+            return i + 1, h, slot + 1, caches, generated, done, out
+
+        i, h, _, caches, generated, done, out = tf.while_loop(
+            running, step, (tf.constant(0), h, slot, caches, generated, done, out))
+        return out, i, h, caches, generated, done
+
+    def _forward(self, tokens, start, pad, caches):
+        """Run tokens [batch, T] placed at cache slots start..start+T-1 through every block.
+
+        Row b's prompt starts at slot pad[b]; its positions count from there, and it attends to
+        slots from pad[b] up to each token's own.
+        """
+        length = tokens.shape[1]
+        cache_size = caches[0][0].shape[2]
+        slots = start + tf.range(length)
+        positions = tf.clip_by_value(slots[None, :] - pad[:, None], 0, self.context_window - 1)
+        keys = tf.range(cache_size)
+        visible = (keys[None, None, :] >= pad[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
+        visible = visible[:, None]  # [batch, 1 (heads), T, cache]
+        x = tf.gather(self._wte, tokens) + tf.gather(self._wpe, positions)
+        updated = []
+        for block, (k_cache, v_cache) in zip(self._blocks, caches):
+            x, k_cache, v_cache = self._block(block, x, k_cache, v_cache, start, visible)
+            updated.append((k_cache, v_cache))
+        return x[:, -1:], tuple(updated)  # [batch, 1, embd]: the layers keep their built rank
+
+    def _block(self, block, x, k_cache, v_cache, start, visible):
+        """transformers' TFBlock with attention over the fixed cache instead of a growing one."""
+        attn = block.attn
+        q, k, v = tf.split(attn.c_attn(block.ln_1(x)), 3, axis=2)
+        q, k, v = attn.split_heads(q), attn.split_heads(k), attn.split_heads(v)
+        at = tf.stack([0, 0, start, 0])
+        k_cache = xla.dynamic_update_slice(k_cache, k, at)
+        v_cache = xla.dynamic_update_slice(v_cache, v, at)
+        w = tf.matmul(q, k_cache, transpose_b=True) / math.sqrt(self.head_dim)
+        w = stable_softmax(tf.where(visible, w, MASKED), axis=-1)
+        x = x + attn.c_proj(attn.merge_heads(tf.matmul(w, v_cache)))
+        return x + block.mlp(block.ln_2(x), training=False), k_cache, v_cache
+
+    def _logits(self, h):
+        return tf.matmul(self._ln_f(h)[:, 0], self._wte, transpose_b=True)
+
+    def _sample(self, logits, temperature, seed, stream, generated):
+        """Greedy where temperature is 0, else a draw from softmax(logits / temperature).
+
+        The Gumbel-max trick with stateless noise keyed by (seed, stream, token index): XLA
+        ignores the seeds of stateful random ops, and a row must not depend on its neighbours.
+        """
+        greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        batch, vocab = logits.shape
+        counters = stream * (2**32) + tf.cast(generated, tf.int64)
+        noise = tf.stack([
+            tf.random.stateless_uniform([vocab], seed=tf.stack([seed[b], counters[b]]), minval=TINY, maxval=1.0)
+            for b in range(batch)
+        ])
+        scaled = logits / tf.maximum(temperature, 1e-6)[:, None] - tf.math.log(-tf.math.log(noise))
+        sampled = tf.argmax(scaled, axis=-1, output_type=tf.int32)
+        return tf.where(temperature > 0, sampled, greedy)
+
+    def _empty_cache(self, batch: int, cache_size: int):
+        shape = [batch, self.n_head, cache_size, self.head_dim]
+        return tuple((tf.zeros(shape), tf.zeros(shape)) for _ in self._blocks)
+
+    def _traces(self) -> int:
+        return self._prefill.experimental_get_tracing_count() + self._decode.experimental_get_tracing_count()
+
+
+def _check_supported(config) -> None:
+    """The loop re-implements GPT-2 attention; refuse variants it does not implement."""
+    if config.model_type != "gpt2":
+        raise ValueError(f"model_type {config.model_type!r} is not supported (only gpt2)")
+    for flag in ("add_cross_attention", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if getattr(config, flag, False):
+            raise ValueError(f"GPT-2 option {flag} is not supported")
+    if not getattr(config, "scale_attn_weights", True):
+        raise ValueError("GPT-2 option scale_attn_weights=False is not supported")
