@@ -1,0 +1,283 @@
+"""From raw measurements to the result: scenario figures, ratios, the bars, JSON and Markdown."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.load import LoadResult, percentile
+
+PEAK_RSS_LIMIT_MIB = 1.5e9 / 2**20  # the bar says 1.5 GB; decimal, the stricter reading
+WARMUP_LIMIT_S = 90.0
+
+
+def machine_facts() -> dict:
+    cpu_model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "memory_gib": round(mem_kb / 2**20, 1) if mem_kb else None,
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def scenario_result(scenario, load: LoadResult, metrics_before: dict, metrics_after: dict, memory: dict) -> dict:
+    ok = [o for o in load.outcomes if o.latency is not None]
+    latencies = [o.latency for o in ok]
+    errors = [o.error for o in load.outcomes if o.error]
+    delta = None
+    if "llm_generated_tokens_total" in metrics_after:
+        delta = int(round(metrics_after["llm_generated_tokens_total"] - metrics_before.get("llm_generated_tokens_total", 0)))
+    wall = load.wall_seconds
+    return {
+        "name": scenario.name,
+        "role": scenario.role,
+        "clients": scenario.clients,
+        "requests": scenario.requests,
+        "max_tokens": scenario.max_tokens,
+        "temperature": scenario.temperature,
+        "distinct_prompts": len(scenario.prompts),
+        "ok": len(ok),
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "responses_503": sum(o.rejected_503 for o in load.outcomes),
+        "requests_with_503": sum(1 for o in load.outcomes if o.rejected_503),
+        "wall_seconds": wall,
+        "new_tokens": delta,
+        "tokens_per_request": delta / len(ok) if delta is not None and ok else None,
+        "max_new_tokens_total": len(ok) * scenario.max_tokens,
+        "tok_per_s": delta / wall if delta is not None and wall > 0 else None,
+        "req_per_s": len(ok) / wall if wall > 0 else None,
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p95_s": percentile(latencies, 95),
+        "latency_mean_s": statistics.fmean(latencies) if latencies else None,
+        "latency_max_s": max(latencies) if latencies else None,
+        "compiles_after_warmup": metrics_after.get("llm_compiles_after_warmup_total"),
+        "vmhwm_mib": memory["vmhwm_mib"],
+        "vmrss_mib": memory["vmrss_mib"],
+    }
+
+
+def baseline_result(run: dict, framework: str) -> dict:
+    lat = run["latencies"]
+    return {
+        "name": run["name"],
+        "framework": framework,
+        "batch_size": run["batch_size"],
+        "requests": run["requests"],
+        "max_new_tokens": run["max_new_tokens"],
+        "new_tokens": run["new_tokens"],
+        "tokens_per_request": run["new_tokens"] / run["requests"],
+        "eos_stops": run["eos_stops"],
+        "seconds": run["seconds"],
+        "tok_per_s": run["tok_per_s"],
+        "req_per_s": run["req_per_s"],
+        "latency_p50_s": percentile(lat, 50),
+        "latency_p95_s": percentile(lat, 95),
+        "prompt_tokens": run["prompt_tokens"],
+    }
+
+
+@dataclass
+class Bar:
+    id: str
+    text: str
+    measured: str
+    target: str
+    holds: bool | None  # None: could not be measured in this run
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _fmt(x, spec=".2f", suffix=""):
+    return "n/a" if x is None else f"{x:{spec}}{suffix}"
+
+
+def compute_bars(scenarios: dict, baselines: dict, service: dict) -> tuple[list[Bar], dict]:
+    """The issue's bars, each with the number it rests on; `baselines` maps 'tf:name' and 'pt:name'."""
+    by_role = {s["role"]: s for s in scenarios.values()}
+    tps = lambda role: by_role.get(role, {}).get("tok_per_s")  # noqa: E731
+    base = lambda key: (baselines.get(key) or {}).get("tok_per_s")  # noqa: E731
+    single, batch, over = by_role.get("single", {}), by_role.get("batch", {}), by_role.get("overload", {})
+    ratios = {
+        "single_vs_torch_b1": _ratio(tps("single"), base("pt:short_b1")),
+        "single_vs_naive_tf": _ratio(tps("single"), base("tf:short_b1")),
+        "batch_vs_torch_b8": _ratio(tps("batch"), base("pt:mixed_b8")),
+        "batch_vs_torch_b1": _ratio(tps("batch"), base("pt:mixed_b1")),
+        "batch_vs_naive_tf": _ratio(tps("batch"), base("tf:mixed_b1")),
+        "overload_vs_batch": _ratio(tps("overload"), tps("batch")),
+        "sampling_cost_single": _ratio(tps("single"), tps("single_sampled")),
+        "sampling_cost_batch": _ratio(tps("batch"), tps("batch_sampled")),
+        "torch_b8_vs_naive_tf": _ratio(base("pt:mixed_b8"), base("tf:mixed_b1")),
+    }
+
+    def at_least(x, limit):
+        return None if x is None else x >= limit
+
+    def at_most(x, limit):
+        return None if x is None else x <= limit
+
+    sc, sb = ratios["sampling_cost_single"], ratios["sampling_cost_batch"]
+    sampling_holds = None if sc is None or sb is None else (sc <= 1.15 and sb <= 1.15)
+    peak = over.get("vmhwm_mib")
+    compiles = service.get("compiles_after_warmup")
+    over_ok = None if not over else (over["errors"] == 0 and over["latency_p95_s"] is not None)
+    bars = [
+        Bar("single_vs_torch_b1", f"{single.get('name')}: tok/s vs PyTorch generate, batch 1",
+            _fmt(ratios["single_vs_torch_b1"], ".2f", "×"), "≥ 1.0×", at_least(ratios["single_vs_torch_b1"], 1.0)),
+        Bar("batch_vs_torch_b8", f"{batch.get('name')}: total tok/s vs PyTorch generate, batch 8",
+            _fmt(ratios["batch_vs_torch_b8"], ".2f", "×"), "≥ 1.2×", at_least(ratios["batch_vs_torch_b8"], 1.2)),
+        Bar("batch_vs_naive_tf", f"{batch.get('name')}: total tok/s vs naive TF eager generate, one at a time",
+            _fmt(ratios["batch_vs_naive_tf"], ".1f", "×"), "≥ 15×", at_least(ratios["batch_vs_naive_tf"], 15.0)),
+        Bar("overload_errors", f"{over.get('name')}: no error but intended 503s; p95 reported",
+            f"{over.get('errors', 'n/a')} errors, {over.get('responses_503', 'n/a')} 503s, "
+            f"p95 {_fmt(over.get('latency_p95_s'), '.2f', ' s')}", "0 errors", over_ok),
+        Bar("overload_throughput", f"{over.get('name')}: total tok/s vs {batch.get('name')}",
+            _fmt(ratios["overload_vs_batch"], ".2f", "×"), "≥ 1.0×", at_least(ratios["overload_vs_batch"], 1.0)),
+        Bar("sampling_cost", f"sampling (T={by_role.get('batch_sampled', {}).get('temperature')}) vs greedy: "
+            "time per token, 1 client and batch",
+            f"{_fmt(sc, '.3f', '×')} / {_fmt(sb, '.3f', '×')}", "≤ 1.15×", sampling_holds),
+        Bar("peak_rss", f"server VmHWM after {over.get('name')}",
+            _fmt(peak, ".0f", " MiB"), f"≤ 1.5 GB ({PEAK_RSS_LIMIT_MIB:.0f} MiB)", at_most(peak, PEAK_RSS_LIMIT_MIB)),
+        Bar("warmup", "warm-up: process start to /health ok",
+            _fmt(service.get("warmup_seconds"), ".1f", " s"), f"≤ {WARMUP_LIMIT_S:.0f} s",
+            at_most(service.get("warmup_seconds"), WARMUP_LIMIT_S)),
+        Bar("compiles_after_warmup", "llm_compiles_after_warmup_total at the end",
+            _fmt(compiles, ".0f"), "= 0", None if compiles is None else compiles == 0),
+    ]
+    return bars, ratios
+
+
+def consistency_checks(scenarios: dict, baselines: dict, service_texts: dict) -> dict:
+    """Do the service and the baselines do the same work? Token counts and greedy texts."""
+    by_role = {s["role"]: s for s in scenarios.values()}
+    pairs = [("single", "short_b1"), ("batch", "mixed_b1"), ("overload", "mixed_b1")]
+    tokens = []
+    for role, run in pairs:
+        s = by_role.get(role)
+        for fw in ("tf", "pt"):
+            b = baselines.get(f"{fw}:{run}")
+            if s and b and s.get("tokens_per_request") is not None:
+                tokens.append({
+                    "scenario": s["name"], "baseline": f"{fw}:{run}",
+                    "service_tokens_per_request": s["tokens_per_request"],
+                    "baseline_tokens_per_request": b["tokens_per_request"],
+                    "equal": abs(s["tokens_per_request"] - b["tokens_per_request"]) < 1e-9,
+                })
+    texts = {}
+    for fw in ("tf", "pt"):
+        ref = {}
+        for key, b in baselines.items():
+            if key.startswith(fw + ":"):
+                ref.update(b.get("texts", {}))
+        compared = [p for p in service_texts if p in ref]
+        if compared:
+            same = sum(service_texts[p] == ref[p] for p in compared)
+            texts[fw] = {"prompts": len(compared), "identical": same}
+    return {"token_counts": tokens, "greedy_texts": texts}
+
+
+def _f(x, spec=".1f"):
+    return "–" if x is None else f"{x:{spec}}"
+
+
+def markdown(result: dict) -> str:
+    m, svc, preset = result["machine"], result["service"], result["preset"]
+    lines = [
+        f"### Benchmark result ({preset}, {result['started_at']})",
+        "",
+        f"Machine: {m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), {m['memory_gib']} GiB, "
+        f"Linux {m['kernel']} {m['machine']}; load average {result['load_before']} before, {result['load_after']} after.",
+        f"Model: {result['model']['shape']} ({result['model']['summary']}), fp32, random weights, "
+        f"`{result['model']['dir']}`. {result['max_tokens']} new tokens per request; sampled scenarios use "
+        f"T={result['temperature']} with a seed per request.",
+        f"Service: warm-up {_f(svc.get('warmup_seconds'))} s to /health ok "
+        f"(llm_warmup_seconds {_f(svc.get('llm_warmup_seconds'))}); environment {svc.get('env') or 'defaults'}.",
+        "",
+        "| bar | measured | target | holds |",
+        "| --- | --- | --- | --- |",
+    ]
+    for bar in result["bars"]:
+        holds = {True: "yes", False: "**no**", None: "n/a"}[bar["holds"]]
+        lines.append(f"| {bar['text']} | {bar['measured']} | {bar['target']} | {holds} |")
+    lines += [
+        "",
+        "| scenario | clients | requests | new tokens | tok/s | req/s | p50 s | p95 s | 503s | errors | VmHWM MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in result["scenarios"].values():
+        lines.append(
+            f"| {s['name']} (T={s['temperature']}) | {s['clients']} | {s['ok']}/{s['requests']} | "
+            f"{_f(s['new_tokens'], 'd') if s['new_tokens'] is not None else '–'} | {_f(s['tok_per_s'])} | "
+            f"{_f(s['req_per_s'], '.2f')} | {_f(s['latency_p50_s'], '.2f')} | {_f(s['latency_p95_s'], '.2f')} | "
+            f"{s['responses_503']} | {s['errors']} | {_f(s['vmhwm_mib'], '.0f')} |"
+        )
+    lines += [
+        "",
+        "| baseline (greedy, same prompts and model files) | batch | requests | new tokens | tok/s | req/s | p50 s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    names = {"tf": "naive: TF eager `generate`", "pt": "PyTorch CPU `generate`"}
+    for key, b in result["baselines"].items():
+        lines.append(
+            f"| {names[b['framework']]}, {b['name']} | {b['batch_size']} | {b['requests']} | {b['new_tokens']} | "
+            f"{_f(b['tok_per_s'])} | {_f(b['req_per_s'], '.2f')} | {_f(b['latency_p50_s'], '.2f')} |"
+        )
+    checks = result["checks"]
+    lines.append("")
+    if result.get("torch"):
+        t = result["torch"]
+        lc = t.get("logits_check") or {}
+        lines.append(
+            f"PyTorch side: torch {t.get('torch')} (CPU build, {t.get('threads')} threads), "
+            f"weights converted from tf_model.h5; logits equal to TensorFlow's within "
+            f"{_f(lc.get('max_abs_diff'), '.1e')} (same argmax: {lc.get('same_argmax')}). "
+            + (f"Venv created this run in {t['install_seconds']:.0f} s." if t.get("created") else "Venv reused.")
+        )
+    else:
+        lines.append("PyTorch baseline skipped (--no-torch): its bars read n/a.")
+    counts = checks["token_counts"]
+    if counts:
+        equal = all(c["equal"] for c in counts)
+        lines.append(
+            "New tokens per request, service vs baselines: "
+            + ("equal everywhere" if equal else "**differ**: " + ", ".join(
+                f"{c['scenario']} {c['service_tokens_per_request']:.2f} vs {c['baseline']} "
+                f"{c['baseline_tokens_per_request']:.2f}" for c in counts if not c["equal"]))
+            + f" (end-of-text stops in baselines: {sum(b['eos_stops'] for b in result['baselines'].values())})."
+        )
+    for fw, t in checks["greedy_texts"].items():
+        lines.append(f"Greedy texts identical to {names[fw]}: {t['identical']} of {t['prompts']} prompts.")
+    ratios = result["ratios"]
+    lines.append(
+        f"Other ratios: single vs naive TF {_f(ratios.get('single_vs_naive_tf'), '.1f')}×, "
+        f"batch vs PyTorch batch 1 {_f(ratios.get('batch_vs_torch_b1'), '.2f')}×, "
+        f"PyTorch batch 8 vs naive TF {_f(ratios.get('torch_b8_vs_naive_tf'), '.1f')}×."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def bars_as_dicts(bars: list[Bar]) -> list[dict]:
+    return [asdict(b) for b in bars]

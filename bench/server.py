@@ -1,0 +1,156 @@
+"""The service under test as a child process: start it, wait for health, read its metrics and memory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ServiceError(RuntimeError):
+    """The service did not start, died, or answered something the benchmark cannot read."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text format → {metric name: value summed over its label sets}."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name_part, _, rest = line.partition(" ")
+        if "{" in line:
+            name_part = line.split("{", 1)[0]
+            rest = line.rsplit("}", 1)[1]
+        try:
+            value = float(rest.split()[0])
+        except (IndexError, ValueError):
+            continue
+        values[name_part] = values.get(name_part, 0.0) + value
+    return values
+
+
+def proc_status_kb(pid: int, field: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes of `pid`, recursively (a server may fork workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Service:
+    """`python -m service` on a free loopback port, stopped on exit from the `with` block."""
+
+    def __init__(self, model_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None,
+                 python: str = sys.executable, health_timeout: float = 600.0):
+        self.model_dir = model_dir
+        self.log_path = log_path
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "MODEL_DIR": str(model_dir), "HOST": "127.0.0.1", "PORT": str(self.port)}
+        self.env.update(extra_env or {})
+        self.python = python
+        self.health_timeout = health_timeout
+        self.proc: subprocess.Popen | None = None
+        self.warmup_seconds: float | None = None
+
+    def __enter__(self) -> "Service":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("wb")
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [self.python, "-m", "service"], cwd=REPO, env=self.env,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            self._wait_healthy(started)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _wait_healthy(self, started: float) -> None:
+        deadline = started + self.health_timeout
+        statuses = set()
+        with httpx.Client(base_url=self.base_url, timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise ServiceError(f"service exited with {self.proc.returncode} during warm-up:\n{self.log_tail()}")
+                try:
+                    r = client.get("/health")
+                    statuses.add(r.status_code)
+                    if r.status_code == 200 and r.json().get("status") == "ok":
+                        self.warmup_seconds = time.monotonic() - started
+                        self.health_statuses = sorted(statuses)
+                        return
+                except httpx.TransportError:
+                    pass  # not listening yet
+                time.sleep(0.1)
+        raise ServiceError(f"service not healthy after {self.health_timeout:.0f} s:\n{self.log_tail()}")
+
+    def metrics(self) -> dict[str, float]:
+        r = httpx.get(self.base_url + "/metrics", timeout=30.0)
+        if r.status_code != 200:
+            raise ServiceError(f"GET /metrics answered {r.status_code}")
+        return parse_metrics(r.text)
+
+    def memory(self) -> dict:
+        """VmHWM (peak resident) and VmRSS of the server process and any children, in MiB."""
+        pids = [self.proc.pid] + descendants(self.proc.pid)
+        hwm = [proc_status_kb(p, "VmHWM") or 0 for p in pids]
+        rss = [proc_status_kb(p, "VmRSS") or 0 for p in pids]
+        return {"vmhwm_mib": sum(hwm) / 1024, "vmrss_mib": sum(rss) / 1024, "processes": len(pids)}
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # The service is its own session's leader: signal its group, so workers go too.
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
