@@ -30,7 +30,7 @@ SERVICE_FILES = (
 )
 
 
-class ModelDirError(Exception):
+class ModelDirError(ValueError):
     """The model directory is missing, incomplete or does not match its manifest."""
 
 

@@ -233,6 +233,19 @@ class TFGPT2Engine(Engine):
         return self._prefill.experimental_get_tracing_count() + self._decode.experimental_get_tracing_count()
 
 
+def use_persistent_compile_cache(directory: Path) -> None:
+    """Keep compiled XLA programs in `directory`, so a restart loads instead of compiling.
+
+    TensorFlow reads this flag from TF_XLA_FLAGS when it first compiles, so it must be set
+    before the first compiled call. https://www.tensorflow.org/xla (tf_xla_persistent_cache_directory)
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    flag = f"--tf_xla_persistent_cache_directory={directory}"
+    current = os.environ.get("TF_XLA_FLAGS", "")
+    if "tf_xla_persistent_cache_directory" not in current:
+        os.environ["TF_XLA_FLAGS"] = f"{current} {flag}".strip()
+
+
 def _check_supported(config) -> None:
     """The loop re-implements GPT-2 attention; refuse variants it does not implement."""
     if config.model_type != "gpt2":

@@ -1,0 +1,41 @@
+"""The app factory: settings in, a FastAPI app out, with its lifespan."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.config import Settings
+from service.errors import register_error_handlers
+from service.routes import create_router
+from service.runtime import EngineFactory, Runtime, tensorflow_engine
+
+
+def create_app(settings: Settings, engine_factory: EngineFactory = tensorflow_engine) -> FastAPI:
+    """Build the app. Nothing is loaded until the lifespan starts (as the server starts)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime = Runtime(settings, engine_factory)
+        app.state.runtime = runtime
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(
+        title="Local LLM API",
+        summary="Text generation with a GPT-2-family model on the CPU, with TensorFlow and XLA.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    register_error_handlers(app)
+    app.include_router(create_router(settings))
+    return app
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

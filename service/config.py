@@ -1,0 +1,63 @@
+"""The service's settings: read from the environment once, here, and nowhere else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.model_files import ModelDirError, check_model_dir
+
+
+class Settings(BaseSettings):
+    """Every setting with its environment variable (the field name in upper case) and default."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", protected_namespaces=())
+
+    model_dir: Path = Field(description="Directory with config.json, tf_model.h5 and the tokenizer files.")
+    host: str = Field("127.0.0.1", description="Address `python -m service` listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port `python -m service` listens on.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    max_batch_size: int = Field(8, ge=1, le=64, description="Most prompts decoded together in one batch.")
+    batch_timeout_ms: float = Field(5.0, ge=0, le=1000, description="How long a batch waits to fill.")
+    max_queue_size: int = Field(256, ge=1, description="Most prompts waiting; beyond it requests get 503.")
+    max_prompts_per_request: int = Field(32, ge=1, description="Most prompts in one request.")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_temperature: float = Field(2.0, gt=0, description="Largest temperature a request may ask for.")
+
+    prefill_chunk: int = Field(16, ge=1, le=1024, description="Prompt tokens per compiled prefill call.")
+    decode_chunk: int = Field(16, ge=1, le=256, description="Decode steps per compiled call.")
+    min_cache_size: int = Field(128, ge=16, description="Smallest cache bucket, in tokens; buckets double up to the context window.")
+    xla_cache_dir: Path | None = Field(None, description="Directory where compiled programs persist across restarts.")
+
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir_complete(cls, value: Path) -> Path:
+        check_model_dir(value)
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, or exit with one line saying what is wrong."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise SystemExit(f"service: invalid settings: {problems}") from None
+
+
+def _describe(error: dict) -> str:
+    name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+    cause = error.get("ctx", {}).get("error")
+    message = str(cause) if isinstance(cause, ModelDirError) else error["msg"]
+    if error["type"] == "missing":
+        message = "is required (set it in the environment)"
+    return f"{name} {message}" if not isinstance(cause, ModelDirError) else message

@@ -1,0 +1,70 @@
+"""Domain exceptions, and their mapping to HTTP in one place (registered by the app factory)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from service.batcher import BatcherStopped, BatchFailed, QueueFull
+from service.engine.base import PromptTooLong
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotReady(Exception):
+    """The model is still loading or warming up (or its warm-up failed)."""
+
+
+class PromptsTooLong(Exception):
+    """One or more prompts do not fit the context window with the requested max_tokens."""
+
+    def __init__(self, problems: Sequence[PromptTooLong]):
+        super().__init__("; ".join(str(p) for p in problems))
+        self.problems = list(problems)
+
+
+def _unavailable(detail: str, retry_after: int) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(retry_after)})
+
+
+async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+    return _unavailable(str(exc), retry_after=1)
+
+
+async def _not_ready(request: Request, exc: ModelNotReady) -> JSONResponse:
+    return _unavailable(str(exc), retry_after=5)
+
+
+async def _stopped(request: Request, exc: BatcherStopped) -> JSONResponse:
+    return _unavailable(str(exc), retry_after=5)
+
+
+async def _too_long(request: Request, exc: PromptsTooLong) -> JSONResponse:
+    # The shape of FastAPI's own validation errors, so clients parse one format.
+    detail = [
+        {"type": "prompt_too_long", "loc": ["body", "prompts", p.index], "msg": str(p),
+         "ctx": {"excess_tokens": p.excess}}
+        for p in exc.problems
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def _batch_failed(request: Request, exc: BatchFailed) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=500)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(QueueFull, _queue_full)
+    app.add_exception_handler(ModelNotReady, _not_ready)
+    app.add_exception_handler(BatcherStopped, _stopped)
+    app.add_exception_handler(PromptsTooLong, _too_long)
+    app.add_exception_handler(BatchFailed, _batch_failed)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,91 @@
+"""What the app runs: the engine, its batcher and their state, from start-up to shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import anyio
+
+from service.batcher import Batcher
+from service.config import Settings
+from service.engine import Engine, GenerationRow
+from service.errors import ModelNotReady
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings], Engine]
+
+
+def tensorflow_engine(settings: Settings) -> Engine:
+    """The default backend (imported here so that importing the app does not import TensorFlow)."""
+    from service.engine.tf_gpt2 import TFGPT2Engine, use_persistent_compile_cache
+
+    if settings.xla_cache_dir is not None:
+        use_persistent_compile_cache(settings.xla_cache_dir)
+    return TFGPT2Engine(settings.model_dir, max_batch_size=settings.max_batch_size,
+                        prefill_chunk=settings.prefill_chunk, decode_chunk=settings.decode_chunk,
+                        smallest_cache=settings.min_cache_size)
+
+
+class Runtime:
+    """Loads the engine, warms it up in the background, and serves batches until stopped.
+
+    `status` is "loading" until warm-up has compiled every shape and the batcher runs, then
+    "ok"; "failed" if warm-up raised. Loading the weights happens before the server accepts
+    connections, so a broken model directory stops the server at start.
+    """
+
+    def __init__(self, settings: Settings, engine_factory: EngineFactory):
+        self.settings = settings
+        self._engine_factory = engine_factory
+        self.engine: Engine | None = None
+        self.batcher: Batcher[GenerationRow, list[int]] | None = None
+        self.status = "loading"
+        self.warmup_seconds: float | None = None
+        self.generated_tokens = 0
+        self.requests = 0
+        self._warmup_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        started = time.monotonic()
+        self.engine = await anyio.to_thread.run_sync(self._engine_factory, self.settings)
+        log.info("model loaded from %s in %.1f s", self.settings.model_dir, time.monotonic() - started)
+        self._warmup_task = asyncio.create_task(self._warm_up(started), name="warmup")
+
+    async def _warm_up(self, started: float) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.engine.warmup)
+        except Exception:
+            self.status = "failed"
+            log.exception("warm-up failed; /health reports failed")
+            return
+        self.batcher = Batcher(
+            self.engine.generate,
+            max_batch_size=self.settings.max_batch_size,
+            batch_timeout=self.settings.batch_timeout_ms / 1000,
+            max_queue_size=self.settings.max_queue_size,
+        )
+        self.batcher.start()
+        self.warmup_seconds = time.monotonic() - started
+        self.status = "ok"
+        log.info("ready: warm-up took %.1f s since start", self.warmup_seconds)
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ok" and self.batcher is not None and self.batcher.alive
+
+    def ready_engine(self) -> tuple[Engine, Batcher]:
+        if not self.ready:
+            raise ModelNotReady("the model is not ready: it is still loading" if self.status == "loading"
+                                else f"the model is not ready (status {self.status})")
+        return self.engine, self.batcher
+
+    async def stop(self) -> None:
+        """Finish every queued prompt, then stop (also waits out a running warm-up)."""
+        if self._warmup_task is not None:
+            await self._warmup_task
+        if self.batcher is not None:
+            await self.batcher.stop()

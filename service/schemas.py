@@ -1,0 +1,59 @@
+"""Request and response bodies of the HTTP API.
+
+The request model is built from the settings, so its limits are enforced by validation (422 in
+FastAPI's usual shape) and shown in the OpenAPI schema at /docs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from service.config import Settings
+
+MAX_SEED = 2**63 - 1
+
+
+class GenerateResponse(BaseModel):
+    results: list[str] = Field(description="One continuation per prompt, in the prompts' order; new text only.")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"results": [" jumps over the lazy dog."]}]})
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(description='"ok" when ready; "loading" during warm-up; "failed" if warm-up failed.')
+
+
+def generate_request_model(settings: Settings) -> type[BaseModel]:
+    """The body of POST /generate, with the limits of these settings."""
+    default_max_tokens = min(128, settings.max_tokens_limit)
+
+    class GenerateRequest(BaseModel):
+        model_config = ConfigDict(
+            extra="forbid",
+            json_schema_extra={
+                "examples": [
+                    {"prompts": "The quick brown fox", "max_tokens": 16, "temperature": 0},
+                    {"prompts": ["Once upon a time", "def fib(n):"], "max_tokens": 32,
+                     "temperature": 0.8, "seed": 42},
+                ]
+            },
+        )
+
+        prompts: Union[
+            StrictStr,
+            Annotated[list[StrictStr], Field(min_length=1, max_length=settings.max_prompts_per_request)],
+        ] = Field(description="A prompt, or a list of up to "
+                  f"{settings.max_prompts_per_request} prompts. An empty prompt starts from the start-of-text token.")
+        max_tokens: StrictInt = Field(
+            default_max_tokens, ge=1, le=settings.max_tokens_limit,
+            description="Most new tokens per prompt; a row also stops at end-of-text.")
+        temperature: Annotated[float, Field(strict=True)] = Field(
+            1.0, ge=0, le=settings.max_temperature, allow_inf_nan=False,
+            description="0 is greedy (deterministic); above 0 samples from softmax(logits / temperature).")
+        seed: Optional[StrictInt] = Field(
+            None, ge=0, le=MAX_SEED,
+            description="Makes sampling reproducible: prompt i of the request draws from the stream (seed, i).")
+
+    return GenerateRequest
