@@ -21,6 +21,9 @@ BENCH = Path(__file__).resolve().parent
 REQUIREMENTS = BENCH / "requirements-torch.txt"
 DEFAULT_VENV = BENCH / ".venv-torch"
 MARKER = "bench-requirements.sha256"
+# Where this kind of machine keeps the torch wheel; pip finds it through PIP_FIND_LINKS,
+# named here too in case an environment drops that variable.
+LOCAL_WHEELS = "/opt/wheels"
 
 
 class TorchEnvError(RuntimeError):
@@ -54,8 +57,10 @@ def ensure_venv(venv: Path = DEFAULT_VENV, log=print) -> dict:
         start = time.monotonic()
         if not python.exists():
             subprocess.run([find_python311(), "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        "-r", str(REQUIREMENTS)], check=True)
+        pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(REQUIREMENTS)]
+        if not os.environ.get("PIP_FIND_LINKS") and Path(LOCAL_WHEELS).is_dir():
+            pip += ["--find-links", LOCAL_WHEELS]
+        subprocess.run(pip, check=True)
         marker.write_text(digest + "\n")
         info.update(created=True, install_seconds=time.monotonic() - start)
     probe = subprocess.run(
