@@ -132,10 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     tf_job = {"framework": "tf", "model_dir": str(model_dir), "runs": [r.job() for r in preset.tf_runs]}
     if torch_info and not (pt_dir / "model.safetensors").is_file():
         tf_job["convert_to"] = str(pt_dir)
+    # The 1-minute load average as each phase starts: this machine may be shared, and a busy
+    # neighbour shows here before it shows as a slow figure.
+    phase_load = {"tf_baseline": round(os.getloadavg()[0], 2)}
     log("TensorFlow worker: naive eager generate, one request at a time")
     tf_out = run_worker(sys.executable, tf_job, work, "tf")
     baseline_raw = {f"tf:{r['name']}": r for r in tf_out["runs"]}
     if torch_info:
+        phase_load["torch_baseline"] = round(os.getloadavg()[0], 2)
         log("PyTorch worker: generate at batch 1 and batch 8")
         pt_job = {"framework": "pt", "model_dir": str(model_dir), "weights_dir": str(pt_dir),
                   "runs": [r.job() for r in preset.torch_runs]}
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_info["logits_check"] = pt_out["logits_check"]
         baseline_raw.update({f"pt:{r['name']}": r for r in pt_out["runs"]})
 
+    phase_load["service"] = round(os.getloadavg()[0], 2)
     service_env = parse_env(args.service_env)
     scenarios: dict[str, dict] = {}
     service_texts: dict[str, set] = {}
@@ -153,7 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         service = {"warmup_seconds": svc.warmup_seconds, "llm_warmup_seconds": metrics.get("llm_warmup_seconds"),
                    "env": service_env, "memory_after_warmup": svc.memory(),
                    "compiles_after_warmup_at_ready": metrics.get("llm_compiles_after_warmup_total")}
+        # One untimed request first, as each baseline gets one untimed generate: the first
+        # answer after /health may still pay for thread pools and lazy allocations.
+        prime = run_load(svc.base_url, 1, [{"prompts": [config.SHORT_PROMPT], "max_tokens": preset.max_tokens,
+                                            "temperature": 0.0}])
+        if prime.outcomes[0].error:
+            raise SystemExit(f"the priming request failed: {prime.outcomes[0].error}\n{svc.log_tail()}")
         for scenario in preset.scenarios:
+            phase_load[scenario.name] = round(os.getloadavg()[0], 2)
             bodies = []
             for i, prompt in enumerate(scenario.request_prompts()):
                 body = {"prompts": [prompt], "max_tokens": scenario.max_tokens, "temperature": scenario.temperature}
@@ -190,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": report.machine_facts(),
         "load_before": load_before,
         "load_after": [round(x, 2) for x in os.getloadavg()],
+        "load_at_phase_start": phase_load,
         "model": {"shape": preset.model_shape, **model_summary(model_dir)},
         "max_tokens": preset.max_tokens,
         "temperature": config.SAMPLING_TEMPERATURE,

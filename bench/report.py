@@ -209,7 +209,9 @@ def markdown(result: dict) -> str:
         f"### Benchmark result ({preset}, {result['started_at']})",
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), {m['memory_gib']} GiB, "
-        f"Linux {m['kernel']} {m['machine']}; load average {result['load_before']} before, {result['load_after']} after.",
+        f"Linux {m['kernel']} {m['machine']}; load average (1/5/15 min) {result['load_before']} before, "
+        f"{result['load_after']} after; 1-min load as each phase began: "
+        + ", ".join(f"{k} {v}" for k, v in result.get("load_at_phase_start", {}).items()) + ".",
         f"Model: {result['model']['shape']} ({result['model']['summary']}), fp32, random weights, "
         f"`{result['model']['dir']}`. {result['max_tokens']} new tokens per request; sampled scenarios use "
         f"T={result['temperature']} with a seed per request.",
