@@ -1,0 +1,142 @@
+"""The compiled decode loop against transformers' own `generate` on the same tiny model."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ENGINE_OPTIONS, reference_tokens
+from service.engine import GenerationRow
+
+PROMPTS = [
+    "",  # the start-of-text token alone
+    "x",
+    "def add(a, b):\n    return a + b\n",
+    "import os\nimport sys\n\nclass Loader(object):\n    \"\"\"Load things from paths.\"\"\"\n    def __init__(self, path):",
+    "The quick brown fox jumps over the lazy dog. " * 6,  # several prefill chunks
+]
+
+
+def rows_for(engine, prompts, max_tokens, temperature=0.0, seed=0):
+    return [GenerationRow(tuple(engine.encode(p)), m, temperature, seed, i)
+            for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+
+
+def test_prompts_span_the_chunk_boundaries_the_tests_mean_to_cross(engine):
+    lengths = [len(engine.encode(p)) for p in PROMPTS]
+    assert lengths[0] == 1 and lengths[1] == 1
+    assert lengths[2] < 16 < lengths[3] and lengths[4] > 32
+
+
+def test_greedy_batch_with_different_lengths_matches_generate_alone(engine, reference):
+    batch = PROMPTS[1:]  # 4 rows: one batch of the largest bucket
+    out = engine.generate(rows_for(engine, batch, [24] * 4))
+    assert out == [reference(p, 24) for p in batch]
+    assert all(len(o) == 24 for o in out)
+
+
+def test_greedy_batch_with_different_max_tokens_matches_generate_alone(engine, reference):
+    batch = PROMPTS[:3]
+    budgets = [1, 40, 17]  # rows finish inside, at and across decode chunks
+    out = engine.generate(rows_for(engine, batch, budgets))
+    assert out == [reference(p, m) for p, m in zip(batch, budgets)]
+    assert [len(o) for o in out] == budgets
+
+
+def test_rows_that_cannot_share_a_cache_run_in_turn(engine):
+    long_prompt = "a b c d e f g h " * 100
+    ids = engine.encode(long_prompt)[:1000]
+    rows = [GenerationRow(tuple(ids), 8), GenerationRow(tuple(engine.encode("x")), 300)]
+    out = engine.generate(rows)
+    expect_long = reference_tokens(engine.model, ids, 8, engine.eos_id)
+    assert out[0] == expect_long
+    assert out[1][:20] == reference_tokens(engine.model, engine.encode("x"), 20, engine.eos_id)
+    assert len(out[1]) == 300
+
+
+def test_sampling_is_reproducible_and_independent_of_batch_neighbours(engine):
+    prompt = PROMPTS[2]
+    alone = engine.generate(rows_for(engine, [prompt], [30], temperature=1.0, seed=1234))
+    again = engine.generate(rows_for(engine, [prompt], [30], temperature=1.0, seed=1234))
+    assert alone == again
+    neighbours = [GenerationRow(tuple(engine.encode(p)), 30, 0.7, 99, 5) for p in PROMPTS[3:]]
+    mixed = engine.generate(neighbours + rows_for(engine, [prompt], [30], temperature=1.0, seed=1234))
+    assert mixed[-1] == alone[0]
+    other_seed = engine.generate(rows_for(engine, [prompt], [30], temperature=1.0, seed=1235))
+    assert other_seed != alone
+
+
+def test_a_tiny_temperature_is_greedy(engine, reference):
+    out = engine.generate(rows_for(engine, [PROMPTS[3]], [20], temperature=1e-4, seed=7))
+    assert out == [reference(PROMPTS[3], 20)]
+
+
+def test_sampling_draws_from_softmax_of_logits_over_temperature(engine):
+    """The first token's empirical distribution over 512 seeds against the model's softmax."""
+    ids = engine.encode(PROMPTS[2])
+    logits = engine.model(tf.constant([ids])).logits.numpy()[0, -1].astype(np.float64)
+
+    def softmax(t):
+        p = np.exp((logits - logits.max()) / t)
+        return p / p.sum()
+
+    def distance(counts, p):
+        return 0.5 * np.abs(counts / counts.sum() - p).sum()
+
+    n, temperature = 512, 1.5
+    draws = []
+    for start in range(0, n, 4):
+        rows = [GenerationRow(tuple(ids), 1, temperature, seed, 0) for seed in range(start, start + 4)]
+        draws += [o[0] if o else engine.eos_id for o in engine.generate(rows)]  # [] is end-of-text
+    counts = np.bincount(draws, minlength=len(logits)).astype(float)
+    # What sampling noise alone gives for n draws from the true distribution.
+    rng = np.random.default_rng(0)
+    noise = [distance(rng.multinomial(n, softmax(temperature)).astype(float), softmax(temperature))
+             for _ in range(200)]
+    assert distance(counts, softmax(temperature)) <= max(noise)
+    for wrong in (1.0, 2.25):
+        assert distance(counts, softmax(temperature)) < distance(counts, softmax(wrong))
+
+
+@pytest.fixture(scope="module")
+def eos_model(model_dir, engine, reference, tmp_path_factory):
+    """The tiny model with end-of-text moved to a token its greedy output emits early."""
+    prompt = PROMPTS[3]
+    greedy = reference(prompt, 30)
+    position = next(i for i in range(3, 30) if greedy[i] not in greedy[:i])
+    stop_token = greedy[position]
+    out = tmp_path_factory.mktemp("eos-model")
+    for f in model_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    for name in ("config.json", "generation_config.json"):
+        data = json.loads((out / name).read_text())
+        data["eos_token_id"] = stop_token
+        (out / name).write_text(json.dumps(data))
+    return out, prompt, greedy[:position], stop_token
+
+
+def test_a_row_stops_at_end_of_text(eos_model, xla_cache):
+    from service.engine.tf_gpt2 import TFGPT2Engine
+
+    path, prompt, before_stop, stop_token = eos_model
+    engine = TFGPT2Engine(path, **ENGINE_OPTIONS)
+    assert engine.eos_id == stop_token
+    rows = [GenerationRow(tuple(engine.encode(prompt)), 30),
+            GenerationRow(tuple(engine.encode(prompt)), 30, 0.9, 3, 0)]
+    out = engine.generate(rows)
+    assert out[0] == before_stop
+    assert out[0] == reference_tokens(engine.model, engine.encode(prompt), 30, stop_token)
+    assert stop_token not in out[1]
+
+
+def test_no_compiles_after_warmup(engine):
+    engine.generate(rows_for(engine, PROMPTS, [3] * 5))
+    assert engine.compiles_after_warmup() == 0
+
+
+def test_encode_decode_round_trips_unicode(engine):
+    text = "naïve café — 日本語 🎉🚀"
+    assert engine.decode(engine.encode(text)) == text
+    assert engine.encode("") == [engine.eos_id]
