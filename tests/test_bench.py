@@ -99,6 +99,9 @@ def test_tiny_run_baselines_do_the_same_work(tiny_result):
         assert b["new_tokens"] > 0 and b["tok_per_s"] > 0
     counts = tiny_result["checks"]["token_counts"]
     assert counts and all(c["equal"] for c in counts), counts
+    # The service's greedy tokens are transformers' (its own tests assert it), so texts match.
+    for fw, texts in tiny_result["checks"]["greedy_texts"].items():
+        assert texts["identical"] == texts["prompts"] > 0, fw
     determinism = tiny_result["checks"]["greedy_deterministic"]
     assert determinism["prompts"] == determinism["same_text_every_request"] > 0
     if not SKIP_TORCH:
