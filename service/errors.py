@@ -5,7 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import math
+
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service.batcher import BatcherStopped, BatchFailed, QueueFull
@@ -52,6 +56,22 @@ async def _too_long(request: Request, exc: PromptsTooLong) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's own body, except that NaN and Infinity (which Python's JSON parser accepts) are
+    # echoed as strings: as floats they cannot be encoded, and the error would become a 500.
+    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 async def _batch_failed(request: Request, exc: BatchFailed) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=500)
 
@@ -62,6 +82,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(QueueFull, _queue_full)
     app.add_exception_handler(ModelNotReady, _not_ready)
     app.add_exception_handler(BatcherStopped, _stopped)

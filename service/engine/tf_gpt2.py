@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 # transformers' TF GPT-2 masks with -1e4 (modeling_tf_gpt2.py); the same value keeps results equal.
 MASKED = -1e4
-# Uniform noise in [TINY, 1) keeps both logs of the Gumbel trick finite.
+# Uniform noise clamped to [TINY, 1) keeps both logs of the Gumbel trick finite.
 TINY = float(np.finfo(np.float32).tiny)
+PHILOX = 1  # tf.random.Algorithm.PHILOX
 
 
 class TFGPT2Engine(Engine):
@@ -86,7 +87,7 @@ class TFGPT2Engine(Engine):
                 tokens = tf.zeros([batch, self.buckets.prefill_chunk], tf.int32)
                 h, caches = self._prefill(tokens, tf.constant(0), pad, caches)
                 zeros_i = tf.zeros([batch], tf.int32)
-                zeros_s = tf.zeros([batch], tf.int64)
+                zeros_s = tf.zeros([batch], tf.uint64)
                 self._decode(h, tf.constant(0), pad, caches, tf.zeros([batch]), zeros_s, zeros_s,
                              zeros_i, zeros_i + 1, tf.ones([batch], tf.bool))
                 log.info("compiled batch %d x cache %d in %.1f s", batch, cache, time.monotonic() - t0)
@@ -117,8 +118,8 @@ class TFGPT2Engine(Engine):
             h, caches = self._prefill(tokens, tf.constant(start, tf.int32), pad, caches)
 
         temperature = tf.constant(layout.column([r.temperature for r in rows], 0.0, np.float32))
-        seed = tf.constant(layout.column([r.seed for r in rows], 0, np.int64))
-        stream = tf.constant(layout.column([r.stream for r in rows], 0, np.int64))
+        seed = tf.constant(layout.column([r.seed for r in rows], 0, np.uint64))
+        stream = tf.constant(layout.column([r.stream << 32 for r in rows], 0, np.uint64))
         max_new = tf.constant(layout.column([r.max_tokens for r in rows], 1, np.int32))
         done = tf.constant(layout.column([False] * len(rows), True, np.bool_))
         generated = tf.zeros([layout.batch_size], tf.int32)
@@ -211,18 +212,22 @@ class TFGPT2Engine(Engine):
     def _sample(self, logits, temperature, seed, stream, generated):
         """Greedy where temperature is 0, else a draw from softmax(logits / temperature).
 
-        The Gumbel-max trick with stateless noise keyed by (seed, stream, token index): XLA
-        ignores the seeds of stateful random ops, and a row must not depend on its neighbours.
+        The Gumbel-max trick with counter-based Philox noise: the key is the row's seed, the
+        counter's high word is (stream << 32) + token index, and the low word counts within the
+        draw. XLA ignores the seeds of stateful random ops, and the legacy stateless ops keep
+        only 32 bits of an int64 seed under XLA; a row must not depend on its neighbours either.
         """
         greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
         batch, vocab = logits.shape
-        counters = stream * (2**32) + tf.cast(generated, tf.int64)
+        high = stream + tf.cast(generated, tf.uint64)
+        low = tf.zeros([], tf.uint64)
         noise = tf.stack([
-            tf.random.stateless_uniform([vocab], seed=tf.stack([seed[b], counters[b]]), minval=TINY, maxval=1.0)
+            tf.raw_ops.StatelessRandomUniformV2(shape=[vocab], key=seed[b:b + 1], counter=tf.stack([low, high[b]]),
+                                                alg=PHILOX, dtype=tf.float32)
             for b in range(batch)
         ])
-        scaled = logits / tf.maximum(temperature, 1e-6)[:, None] - tf.math.log(-tf.math.log(noise))
-        sampled = tf.argmax(scaled, axis=-1, output_type=tf.int32)
+        gumbel = -tf.math.log(-tf.math.log(tf.maximum(noise, TINY)))
+        sampled = tf.argmax(logits / tf.maximum(temperature, 1e-6)[:, None] + gumbel, axis=-1, output_type=tf.int32)
         return tf.where(temperature > 0, sampled, greedy)
 
     def _empty_cache(self, batch: int, cache_size: int):
