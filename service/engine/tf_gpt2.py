@@ -33,6 +33,17 @@ from service.engine.layout import BatchLayout, Buckets  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+
+class _ExpectedRetracing(logging.Filter):
+    """Warm-up traces one function per shape on purpose; TensorFlow warns of it as a mistake.
+    Programs compiled after warm-up are counted in `compiles_after_warmup` instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+tf.get_logger().addFilter(_ExpectedRetracing())
+
 # transformers' TF GPT-2 masks with -1e4 (modeling_tf_gpt2.py); the same value keeps results equal.
 MASKED = -1e4
 # Uniform noise clamped to [TINY, 1) keeps both logs of the Gumbel trick finite.
