@@ -81,6 +81,15 @@ def run_worker(python: str, job: dict, work: Path, name: str) -> dict:
     return json.loads(out_path.read_text())
 
 
+def service_revision() -> dict:
+    """The commit benchmarked, and whether service/ differed from it (a benchmark of a dirty tree)."""
+    def git(*args):
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else None
+    status = git("status", "--porcelain", "--", "service")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "service_dirty": bool(status) if status is not None else None}
+
+
 def parse_env(pairs: list[str]) -> dict[str, str]:
     env = {}
     for pair in pairs:
@@ -104,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline (its bars read n/a)")
     p.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the service, e.g. MAX_BATCH_SIZE=8 (repeatable)")
-    p.add_argument("--health-timeout", type=float, default=600.0)
+    p.add_argument("--health-timeout", type=float, help="seconds to wait for /health ok "
+                   "(default: 600 for full, 300 for tiny)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a bar does not hold")
     return p
 
@@ -152,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     scenarios: dict[str, dict] = {}
     service_texts: dict[str, set] = {}
     log("starting the service")
-    with Service(model_dir, work / "service.log", service_env, health_timeout=args.health_timeout) as svc:
+    health_timeout = args.health_timeout or (600.0 if preset.name == "full" else 300.0)
+    with Service(model_dir, work / "service.log", service_env, health_timeout=health_timeout) as svc:
         log(f"service healthy after {svc.warmup_seconds:.1f} s on {svc.base_url}")
         metrics = svc.metrics()
         service = {"warmup_seconds": svc.warmup_seconds, "llm_warmup_seconds": metrics.get("llm_warmup_seconds"),
@@ -164,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "temperature": 0.0}])
         if prime.outcomes[0].error:
             raise SystemExit(f"the priming request failed: {prime.outcomes[0].error}\n{svc.log_tail()}")
+        peak_so_far = 0.0
         for scenario in preset.scenarios:
             phase_load[scenario.name] = round(os.getloadavg()[0], 2)
             bodies = []
@@ -174,9 +186,16 @@ def main(argv: list[str] | None = None) -> int:
                 bodies.append(body)
             log(f"{scenario.name}: {scenario.clients} clients, {scenario.requests} requests")
             before = svc.metrics()
+            peak_so_far = max(peak_so_far, svc.memory()["vmhwm_mib"])
+            peak_reset = svc.reset_peak()
             load = run_load(svc.base_url, scenario.clients, bodies)
             after = svc.metrics()
-            s = report.scenario_result(scenario, load, before, after, svc.memory())
+            memory = svc.memory()
+            peak_so_far = max(peak_so_far, memory["vmhwm_mib"])
+            s = report.scenario_result(scenario, load, before, after, memory)
+            # With the reset, VmHWM is this scenario's own peak; without, the peak since start.
+            s["vmhwm_is_scenario_peak"] = peak_reset
+            s["vmhwm_since_start_mib"] = peak_so_far
             scenarios[scenario.name] = s
             log(f"{scenario.name}: {report._f(s['tok_per_s'])} tok/s, p95 {report._f(s['latency_p95_s'], '.2f')} s, "
                 f"{s['errors']} errors, {s['responses_503']} 503s, VmHWM {s['vmhwm_mib']:.0f} MiB")
@@ -188,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         service["compiles_after_warmup"] = final.get("llm_compiles_after_warmup_total")
         service["generated_tokens_total"] = final.get("llm_generated_tokens_total")
         service["memory_at_end"] = svc.memory()
+        service["vmhwm_since_start_mib"] = max(peak_so_far, service["memory_at_end"]["vmhwm_mib"])
     log("service stopped")
 
     baselines = {k: {**report.baseline_result(r, k.split(":")[0]), "texts": r["texts"]} for k, r in baseline_raw.items()}
@@ -200,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": preset.name,
         "started_at": started_at,
         "machine": report.machine_facts(),
+        "revision": service_revision(),
         "load_before": load_before,
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "load_at_phase_start": phase_load,

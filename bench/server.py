@@ -137,6 +137,19 @@ class Service:
         rss = [proc_status_kb(p, "VmRSS") or 0 for p in pids]
         return {"vmhwm_mib": sum(hwm) / 1024, "vmrss_mib": sum(rss) / 1024, "processes": len(pids)}
 
+    def reset_peak(self) -> bool:
+        """Reset VmHWM to the current RSS, so the next reading is the peak of what follows.
+
+        Writing 5 to /proc/PID/clear_refs does that (Linux >= 4.0, see proc(5)); False if not allowed.
+        """
+        done = True
+        for pid in [self.proc.pid] + descendants(self.proc.pid):
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                done = False
+        return done
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
