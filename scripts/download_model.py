@@ -132,6 +132,10 @@ def one_line(exc: BaseException) -> str:
     """The innermost cause's first line: the part that says what actually went wrong."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
+    # requests wraps urllib3's MaxRetryError, whose `reason` names what failed (DNS, refusal...).
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    if isinstance(reason, BaseException):
+        exc = reason
     text = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {text}"[:400]
 

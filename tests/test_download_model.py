@@ -422,3 +422,12 @@ def test_unreachable_hub_reported_as_cache_miss_is_transient():
 def test_missing_model_dir_setting(capsys):
     assert dm.main([], {}) == 1
     assert "MODEL_DIR" in capsys.readouterr().err
+
+
+def test_error_line_names_the_underlying_network_failure():
+    from urllib3.exceptions import MaxRetryError
+
+    reason = OSError("Failed to resolve 'huggingface.co'")
+    wrapped = requests.exceptions.ConnectionError(MaxRetryError(None, "/api/models/x", reason))
+
+    assert dm.one_line(wrapped) == "OSError: Failed to resolve 'huggingface.co'"
