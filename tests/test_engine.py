@@ -40,9 +40,12 @@ def test_greedy_batch_with_different_lengths_matches_generate_alone(engine, refe
 def test_greedy_batch_with_different_max_tokens_matches_generate_alone(engine, reference):
     batch = PROMPTS[:3]
     budgets = [1, 40, 17]  # rows finish inside, at and across decode chunks
+    compactions = engine.compactions
     out = engine.generate(rows_for(engine, batch, budgets))
     assert out == [reference(p, m) for p, m in zip(batch, budgets)]
     assert [len(o) for o in out] == budgets
+    # Batch 4 -> 2 once the first row is done, 2 -> 1 once the third is.
+    assert engine.compactions - compactions == 2
 
 
 def test_rows_that_cannot_share_a_cache_run_in_turn(engine):

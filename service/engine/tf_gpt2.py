@@ -13,6 +13,7 @@ Two programs are compiled per (batch size, cache size) bucket:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -51,6 +52,35 @@ TINY = float(np.finfo(np.float32).tiny)
 PHILOX = 1  # tf.random.Algorithm.PHILOX
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Everything the decode program carries for a batch, one entry a batch position."""
+
+    h: tf.Tensor
+    pad: tf.Tensor
+    caches: tuple
+    temperature: tf.Tensor
+    seed: tf.Tensor
+    stream: tf.Tensor
+    generated: tf.Tensor
+    max_new: tf.Tensor
+    done: tf.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.h.shape[0])
+
+    def select(self, positions: list[int], batch_size: int) -> DecodeState:
+        """Keep these batch positions, padded to `batch_size` with finished copies of the first."""
+        index = tf.constant(positions + [positions[0]] * (batch_size - len(positions)))
+        done = np.ones([batch_size], np.bool_)
+        done[: len(positions)] = self.done.numpy()[positions]
+        taken = {f.name: tf.gather(getattr(self, f.name), index)
+                 for f in dataclasses.fields(self) if f.name not in ("caches", "done")}
+        caches = tuple((tf.gather(k, index), tf.gather(v, index)) for k, v in self.caches)
+        return DecodeState(**taken, caches=caches, done=tf.constant(done))
+
+
 class TFGPT2Engine(Engine):
     """A GPT-2-family model served from a local directory by the compiled decode loop."""
 
@@ -77,6 +107,7 @@ class TFGPT2Engine(Engine):
         self._prefill = tf.function(self._prefill_chunk, jit_compile=True)
         self._decode = tf.function(self._decode_steps, jit_compile=True)
         self._traces_at_warmup: int | None = None
+        self.compactions = 0  # times finished rows were dropped to a smaller batch shape
 
     # --- Engine interface -------------------------------------------------------------------
 
@@ -128,33 +159,47 @@ class TFGPT2Engine(Engine):
             tokens = tf.constant(layout.tokens[:, start:start + chunk])
             h, caches = self._prefill(tokens, tf.constant(start, tf.int32), pad, caches)
 
-        temperature = tf.constant(layout.column([r.temperature for r in rows], 0.0, np.float32))
-        seed = tf.constant(layout.column([r.seed for r in rows], 0, np.uint64))
-        stream = tf.constant(layout.column([r.stream << 32 for r in rows], 0, np.uint64))
-        max_new = tf.constant(layout.column([r.max_tokens for r in rows], 1, np.int32))
-        done = tf.constant(layout.column([False] * len(rows), True, np.bool_))
-        generated = tf.zeros([layout.batch_size], tf.int32)
-
+        state = DecodeState(
+            h=h, pad=pad, caches=caches,
+            temperature=tf.constant(layout.column([r.temperature for r in rows], 0.0, np.float32)),
+            seed=tf.constant(layout.column([r.seed for r in rows], 0, np.uint64)),
+            stream=tf.constant(layout.column([r.stream << 32 for r in rows], 0, np.uint64)),
+            generated=tf.zeros([layout.batch_size], tf.int32),
+            max_new=tf.constant(layout.column([r.max_tokens for r in rows], 1, np.int32)),
+            done=tf.constant(layout.column([False] * len(rows), True, np.bool_)),
+        )
         outputs: list[list[int]] = [[] for _ in rows]
         finished = [False] * len(rows)
+        live = list(range(len(rows)))  # the row at each batch position
         slot = layout.prompt_slots
-        while not all(finished):
-            tokens, steps, h, caches, generated, done = self._decode(
-                h, tf.constant(slot, tf.int32), pad, caches, temperature, seed, stream,
-                generated, max_new, done)
-            steps = int(steps)
+        while True:
+            tokens, steps, state = self._decode_chunk(state, slot)
             slot += steps
-            tokens = tokens.numpy()
-            for b, row in enumerate(rows):
+            for b, r in enumerate(live):
                 for token in tokens[b, :steps]:
-                    if finished[b]:
+                    if finished[r]:
                         break
                     if token == self.eos_id:
-                        finished[b] = True
+                        finished[r] = True
                         break
-                    outputs[b].append(int(token))
-                    finished[b] = len(outputs[b]) >= row.max_tokens
-        return outputs
+                    outputs[r].append(int(token))
+                    finished[r] = len(outputs[r]) >= rows[r].max_tokens
+            keep = [b for b, r in enumerate(live) if not finished[r]]
+            if not keep:
+                return outputs
+            smaller = self.buckets.batch_bucket(len(keep))
+            if smaller < state.batch_size:
+                # Finished rows stop costing work: move the rest to a smaller compiled shape.
+                state = state.select(keep, smaller)
+                live = [live[b] for b in keep]
+                self.compactions += 1
+
+    def _decode_chunk(self, state: DecodeState, slot: int) -> tuple[np.ndarray, int, DecodeState]:
+        tokens, steps, h, caches, generated, done = self._decode(
+            state.h, tf.constant(slot, tf.int32), state.pad, state.caches, state.temperature,
+            state.seed, state.stream, state.generated, state.max_new, state.done)
+        state = dataclasses.replace(state, h=h, caches=caches, generated=generated, done=done)
+        return tokens.numpy(), int(steps), state
 
     # --- Compiled programs ------------------------------------------------------------------
 
