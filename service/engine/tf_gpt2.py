@@ -47,9 +47,8 @@ tf.get_logger().addFilter(_ExpectedRetracing())
 
 # transformers' TF GPT-2 masks with -1e4 (modeling_tf_gpt2.py); the same value keeps results equal.
 MASKED = -1e4
-# Uniform noise clamped to [TINY, 1) keeps both logs of the Gumbel trick finite.
-TINY = float(np.finfo(np.float32).tiny)
 PHILOX = 1  # tf.random.Algorithm.PHILOX
+SAMPLE_BLOCK = 256  # vocabulary entries per block in the two-level sampling search
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,23 +267,47 @@ class TFGPT2Engine(Engine):
     def _sample(self, logits, temperature, seed, stream, generated):
         """Greedy where temperature is 0, else a draw from softmax(logits / temperature).
 
-        The Gumbel-max trick with counter-based Philox noise: the key is the row's seed, the
-        counter's high word is (stream << 32) + token index, and the low word counts within the
-        draw. XLA ignores the seeds of stateful random ops, and the legacy stateless ops keep
-        only 32 bits of an int64 seed under XLA; a row must not depend on its neighbours either.
+        Inverse-CDF sampling with one uniform number per row, searched in two levels (blocks of
+        the vocabulary, then within the chosen block), so a draw costs one pass over the logits
+        rather than a random number per vocabulary entry. The uniform is counter-based Philox:
+        the key is the row's seed, the counter's high word is (stream << 32) + token index. XLA
+        ignores the seeds of stateful random ops, the legacy stateless ops keep only 32 bits of
+        an int64 seed under XLA, and a row must not depend on its neighbours.
         """
         greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
         batch, vocab = logits.shape
+        n_blocks = -(-vocab // SAMPLE_BLOCK)
+
+        def draw():
+            scaled = logits / tf.maximum(temperature, 1e-6)[:, None]
+            weights = tf.exp(scaled - tf.reduce_max(scaled, axis=-1, keepdims=True))
+            weights = tf.pad(weights, [[0, 0], [0, n_blocks * SAMPLE_BLOCK - vocab]])
+            blocks = tf.reshape(weights, [batch, n_blocks, SAMPLE_BLOCK])
+            block_sums = tf.reduce_sum(blocks, axis=-1)
+            cumulative = tf.matmul(block_sums, _upper_ones(n_blocks))  # inclusive prefix sums
+            target = self._uniform(seed, stream, generated) * cumulative[:, -1]
+            block = tf.minimum(_count_at_most(cumulative, target), n_blocks - 1)
+            before = tf.gather(cumulative - block_sums, block, batch_dims=1)
+            within = tf.gather(blocks, block, batch_dims=1)
+            index = _count_at_most(before[:, None] + tf.matmul(within, _upper_ones(SAMPLE_BLOCK)), target)
+            # Rounding can put the target past the block's last token: take that token then.
+            last = SAMPLE_BLOCK - 1 - tf.argmax(tf.reverse(tf.cast(within > 0, tf.int32), [1]), axis=1,
+                                                output_type=tf.int32)
+            sampled = block * SAMPLE_BLOCK + tf.minimum(index, last)
+            return tf.where(temperature > 0, sampled, greedy)
+
+        # An all-greedy batch skips the draw.
+        return tf.cond(tf.reduce_any(temperature > 0), draw, lambda: greedy)
+
+    def _uniform(self, seed, stream, generated):
+        """One number in [0, 1) per row from the Philox stream (seed, stream + token index)."""
         high = stream + tf.cast(generated, tf.uint64)
         low = tf.zeros([], tf.uint64)
-        noise = tf.stack([
-            tf.raw_ops.StatelessRandomUniformV2(shape=[vocab], key=seed[b:b + 1], counter=tf.stack([low, high[b]]),
+        return tf.concat([
+            tf.raw_ops.StatelessRandomUniformV2(shape=[1], key=seed[b:b + 1], counter=tf.stack([low, high[b]]),
                                                 alg=PHILOX, dtype=tf.float32)
-            for b in range(batch)
-        ])
-        gumbel = -tf.math.log(-tf.math.log(tf.maximum(noise, TINY)))
-        sampled = tf.argmax(logits / tf.maximum(temperature, 1e-6)[:, None] + gumbel, axis=-1, output_type=tf.int32)
-        return tf.where(temperature > 0, sampled, greedy)
+            for b in range(seed.shape[0])
+        ], axis=0)
 
     def _empty_cache(self, batch: int, cache_size: int):
         shape = [batch, self.n_head, cache_size, self.head_dim]
@@ -292,6 +315,16 @@ class TFGPT2Engine(Engine):
 
     def _traces(self) -> int:
         return self._prefill.experimental_get_tracing_count() + self._decode.experimental_get_tracing_count()
+
+
+def _upper_ones(n: int) -> tf.Tensor:
+    """x @ this = inclusive prefix sums of x (cheaper under XLA on CPU than a long cumsum)."""
+    return tf.linalg.band_part(tf.ones([n, n]), 0, -1)
+
+
+def _count_at_most(cumulative, target):
+    """Per row, how many prefix sums are <= target: the index of the first one above it."""
+    return tf.reduce_sum(tf.cast(cumulative <= target[:, None], tf.int32), axis=1)
 
 
 def use_persistent_compile_cache(directory: Path) -> None:
