@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-# Small shapes: batch buckets 1, 2, 4 and cache buckets 512, 1040.
+# Small shapes: batch buckets 1, 4 and cache buckets 512, 1040.
 ENGINE_OPTIONS = dict(max_batch_size=4, prefill_chunk=16, decode_chunk=16, smallest_cache=512)
 
 

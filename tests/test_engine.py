@@ -30,6 +30,11 @@ def test_prompts_span_the_chunk_boundaries_the_tests_mean_to_cross(engine):
     assert lengths[2] < 16 < lengths[3] and lengths[4] > 32
 
 
+def test_a_smaller_batch_runs_in_the_next_bucket_up(engine, reference):
+    batch = PROMPTS[2:4]  # 2 rows in the batch-4 shape
+    assert engine.generate(rows_for(engine, batch, [12, 12])) == [reference(p, 12) for p in batch]
+
+
 def test_greedy_batch_with_different_lengths_matches_generate_alone(engine, reference):
     batch = PROMPTS[1:]  # 4 rows: one batch of the largest bucket
     out = engine.generate(rows_for(engine, batch, [24] * 4))
@@ -44,8 +49,8 @@ def test_greedy_batch_with_different_max_tokens_matches_generate_alone(engine, r
     out = engine.generate(rows_for(engine, batch, budgets))
     assert out == [reference(p, m) for p, m in zip(batch, budgets)]
     assert [len(o) for o in out] == budgets
-    # Batch 4 -> 2 once the first row is done, 2 -> 1 once the third is.
-    assert engine.compactions - compactions == 2
+    # Batch 4 -> 1 once the third row is done (after 32 steps).
+    assert engine.compactions - compactions == 1
 
 
 def test_rows_that_cannot_share_a_cache_run_in_turn(engine):

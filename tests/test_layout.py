@@ -13,9 +13,11 @@ def row(n_prompt: int, max_tokens: int) -> GenerationRow:
 
 def test_buckets_for_gpt2_window():
     b = Buckets.for_model(context_window=1024, max_batch_size=8, prefill_chunk=16)
-    assert b.batch_sizes == (1, 2, 4, 8)
+    assert b.batch_sizes == (1, 4, 8)
     assert b.cache_sizes == (128, 256, 512, 1040)
-    assert Buckets.for_model(1024, 6, 16, smallest_cache=512).batch_sizes == (1, 2, 4, 6)
+    assert Buckets.for_model(1024, 6, 16, smallest_cache=512).batch_sizes == (1, 4, 6)
+    assert Buckets.for_model(1024, 16, 16).batch_sizes == (1, 4, 8, 16)
+    assert [Buckets.for_model(1024, n, 16).batch_sizes for n in (1, 2, 3)] == [(1,), (1, 2), (1, 3)]
 
 
 def test_layout_left_pads_to_whole_chunks():

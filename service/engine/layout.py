@@ -28,19 +28,22 @@ class Buckets:
     @classmethod
     def for_model(cls, context_window: int, max_batch_size: int, prefill_chunk: int,
                   smallest_cache: int = 128) -> Buckets:
-        """Powers of two up to `max_batch_size`, and cache sizes doubling up to the window.
+        """Batch sizes 1, then powers of two from 4 up to `max_batch_size`; cache sizes doubling
+        from `smallest_cache` up to the window.
 
-        The largest cache holds the window plus one prefill chunk: a prompt is left-padded to
-        whole chunks, so its slots may run up to `prefill_chunk - 1` past its tokens.
+        Each (batch, cache) pair costs a few seconds of compiling at start. Batch 2 is left out:
+        decoding a few rows is bound by reading the weights, so two rows cost about what four
+        do. The largest cache holds the window plus one prefill chunk: a prompt is left-padded
+        to whole chunks, so its slots may run up to `prefill_chunk - 1` past its tokens.
         """
-        batch_sizes = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
+        batch_sizes = {1, max_batch_size} | {2**i for i in range(2, max_batch_size.bit_length()) if 2**i <= max_batch_size}
         caches = []
         size = smallest_cache
         while size < context_window:
             caches.append(size)
             size *= 2
         caches.append(context_window + prefill_chunk)
-        return cls(tuple(batch_sizes), tuple(caches), prefill_chunk)
+        return cls(tuple(sorted(batch_sizes)), tuple(caches), prefill_chunk)
 
     @property
     def max_cache(self) -> int:
