@@ -19,12 +19,13 @@ RUN python3 -m venv "$VIRTUAL_ENV"
 # A fixed UID (overridable at build time) makes file ownership on volumes predictable.
 ARG UID=10001
 
-# The non-root user; /models belongs to it because an empty named volume takes the ownership
-# of the directory it is mounted on, and model-init writes there.
+# The non-root user; /models and /cache belong to it because an empty named volume takes the
+# ownership of the directory it is mounted on: model-init writes the weights to /models, the
+# API its compiled programs to /cache.
 RUN groupadd --gid "${UID}" app \
     && useradd --uid "${UID}" --gid app --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin app \
-    && install -d -o app -g app /models
+    && install -d -o app -g app /models /cache
 
 # `python -m service` and scripts/ resolve from here.
 WORKDIR /app
