@@ -37,5 +37,15 @@ def create_app(settings: Settings, engine_factory: EngineFactory = tensorflow_en
     return app
 
 
+class _QuietHealthChecks(logging.Filter):
+    """Docker's healthcheck asks /health every few seconds; successful answers are not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (len(args) == 5 and args[2] == "/health" and args[4] == 200)
+
+
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # uvicorn's access log records carry (client, method, path, http version, status).
+    logging.getLogger("uvicorn.access").addFilter(_QuietHealthChecks())

@@ -117,3 +117,6 @@ def test_python_m_service_serves_and_stops_cleanly(model_dir, xla_cache, engine,
     # uvicorn shuts down gracefully, then re-raises the signal (exit by SIGTERM, as supervisors expect).
     assert proc.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output
+    assert '"GET /health HTTP/1.1" 503' in output  # warm-up shows in the access log,
+    assert '"GET /health HTTP/1.1" 200' not in output  # healthy checks do not
+    assert '"POST /generate HTTP/1.1" 200' in output
