@@ -16,14 +16,14 @@ Job (JSON): {"framework": "tf"|"pt", "model_dir": str, "weights_dir": str (pt on
 "convert_to": str (tf only, optional), "runs": [{"name", "prompts", "batch_size",
 "max_new_tokens"}]}. Result (JSON): {"framework", "versions", "threads", "logits_check",
 "runs": [{"name", "batch_size", "requests", "new_tokens", "seconds", "tok_per_s",
-"req_per_s", "latencies", "eos_stops", "prompt_tokens", "texts"}]}.
+"req_per_s", "latencies", "eos_stops", "prompt_tokens", "texts", "cpu"}]}.
 
 Greedy only (do_sample=False). Generation stops at end-of-text as the service's does; each
 row's new tokens are counted up to and including its first end-of-text, so the counts are
 the tokens the model really produced, and `eos_stops` says how often that happened.
 
-Only the standard library is imported at module level: the PyTorch venv has no TensorFlow
-and the TensorFlow venv has no torch.
+Only the standard library (and bench.cpu, which uses nothing else) is imported at module
+level: the PyTorch venv has no TensorFlow and the TensorFlow venv has no torch.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from bench.cpu import CpuWindow, own_cpu_seconds
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Nothing is fetched from a hub here; a missing file must fail, not hang on the network.
@@ -147,6 +149,7 @@ class Generator:
         # One untimed call first: the first generate pays for graph tracing and allocation.
         self.generate(prompts[:batch], 2)
         latencies, new_tokens, eos_stops, texts = [], 0, 0, {}
+        window = CpuWindow(own_cpu_seconds).start()
         start = time.perf_counter()
         for i in range(0, len(prompts), batch):
             chunk = prompts[i : i + batch]
@@ -158,6 +161,7 @@ class Generator:
                 eos_stops += bool(row) and row[-1] == self.eos
                 texts.setdefault(prompt, self.tokenizer.decode(row, skip_special_tokens=True))
         seconds = time.perf_counter() - start
+        cpu = window.stop()
         prompt_tokens = [len(self.tokenizer(p)["input_ids"]) for p in dict.fromkeys(prompts)]
         return {
             "name": spec["name"],
@@ -172,6 +176,7 @@ class Generator:
             "eos_stops": eos_stops,
             "prompt_tokens": prompt_tokens,
             "texts": texts,
+            "cpu": cpu,
         }
 
 

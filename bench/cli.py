@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from bench import config, report
+from bench.cpu import CpuWindow, own_cpu_seconds
 from bench.load import run_load
 from bench.server import REPO, Service
 from bench.torch_env import DEFAULT_VENV, ensure_venv
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline_raw.update({f"pt:{r['name']}": r for r in pt_out["runs"]})
 
     phase_load["service"] = round(os.getloadavg()[0], 2)
-    service_env = parse_env(args.service_env)
+    service_env = {**preset.service_env, **parse_env(args.service_env)}
     scenarios: dict[str, dict] = {}
     service_texts: dict[str, set] = {}
     log("starting the service")
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     with Service(model_dir, work / "service.log", service_env, health_timeout=health_timeout) as svc:
         log(f"service healthy after {svc.warmup_seconds:.1f} s on {svc.base_url}")
         metrics = svc.metrics()
-        service = {"warmup_seconds": svc.warmup_seconds, "llm_warmup_seconds": metrics.get("llm_warmup_seconds"),
+        service = {"warmup_seconds": svc.warmup_seconds, "warmup_cpu": svc.warmup_cpu, "llm_warmup_seconds": metrics.get("llm_warmup_seconds"),
                    "env": service_env, "memory_after_warmup": svc.memory(),
                    "compiles_after_warmup_at_ready": metrics.get("llm_compiles_after_warmup_total")}
         # One untimed request first, as each baseline gets one untimed generate: the first
@@ -188,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             before = svc.metrics()
             peak_so_far = max(peak_so_far, svc.memory()["vmhwm_mib"])
             peak_reset = svc.reset_peak()
+            # Ours: the server and this process, which is the load generator.
+            window = CpuWindow(lambda: svc.cpu_seconds() + own_cpu_seconds()).start()
             load = run_load(svc.base_url, scenario.clients, bodies)
+            cpu = window.stop()
             after = svc.metrics()
             memory = svc.memory()
             peak_so_far = max(peak_so_far, memory["vmhwm_mib"])
@@ -196,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             # With the reset, VmHWM is this scenario's own peak; without, the peak since start.
             s["vmhwm_is_scenario_peak"] = peak_reset
             s["vmhwm_since_start_mib"] = peak_so_far
+            s["cpu"] = cpu
             scenarios[scenario.name] = s
             log(f"{scenario.name}: {report._f(s['tok_per_s'])} tok/s, p95 {report._f(s['latency_p95_s'], '.2f')} s, "
                 f"{s['errors']} errors, {s['responses_503']} 503s, VmHWM {s['vmhwm_mib']:.0f} MiB")

@@ -8,6 +8,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.cpu import SHARED_CORES
 from bench.load import LoadResult, percentile
 
 PEAK_RSS_LIMIT_MIB = 1.5e9 / 2**20  # the bar says 1.5 GB; decimal, the stricter reading
@@ -81,6 +82,7 @@ def scenario_result(scenario, load: LoadResult, metrics_before: dict, metrics_af
 def baseline_result(run: dict, framework: str) -> dict:
     lat = run["latencies"]
     return {
+        "cpu": run.get("cpu"),
         "name": run["name"],
         "framework": framework,
         "batch_size": run["batch_size"],
@@ -220,7 +222,8 @@ def markdown(result: dict) -> str:
         f"Service at commit {result.get('revision', {}).get('commit')}"
         + (" with uncommitted changes in service/" if result.get("revision", {}).get("service_dirty") else "")
         + f": warm-up {_f(svc.get('warmup_seconds'))} s to /health ok "
-        f"(llm_warmup_seconds {_f(svc.get('llm_warmup_seconds'))}); environment {svc.get('env') or 'defaults'}.",
+        f"(llm_warmup_seconds {_f(svc.get('llm_warmup_seconds'))}; cores used, ours / others: "
+        f"{_cores(svc.get('warmup_cpu'))}); environment {svc.get('env') or 'defaults'}.",
         "",
         "| bar | measured | target | holds |",
         "| --- | --- | --- | --- |",
@@ -230,15 +233,16 @@ def markdown(result: dict) -> str:
         lines.append(f"| {bar['text']} | {bar['measured']} | {bar['target']} | {holds} |")
     lines += [
         "",
-        "| scenario | clients | requests | new tokens | tok/s | req/s | p50 s | p95 s | 503s | errors | peak RSS MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | clients | requests | new tokens | tok/s | req/s | p50 s | p95 s | 503s | errors | peak RSS MiB "
+        "| cores: ours / others |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in result["scenarios"].values():
         lines.append(
             f"| {s['name']} (T={s['temperature']}) | {s['clients']} | {s['ok']}/{s['requests']} | "
             f"{_f(s['new_tokens'], 'd') if s['new_tokens'] is not None else '–'} | {_f(s['tok_per_s'])} | "
             f"{_f(s['req_per_s'], '.2f')} | {_f(s['latency_p50_s'], '.2f')} | {_f(s['latency_p95_s'], '.2f')} | "
-            f"{s['responses_503']} | {s['errors']} | {_f(s['vmhwm_mib'], '.0f')} |"
+            f"{s['responses_503']} | {s['errors']} | {_f(s['vmhwm_mib'], '.0f')} | {_cores(s.get('cpu'))} |"
         )
     lines.append("")
     lines.append("Peak RSS is the server's VmHWM " + (
@@ -247,15 +251,25 @@ def markdown(result: dict) -> str:
         else "since it started (the reset through /proc/PID/clear_refs was refused)."))
     lines += [
         "",
-        "| baseline (greedy, same prompts and model files) | batch | requests | new tokens | tok/s | req/s | p50 s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| baseline (greedy, same prompts and model files) | batch | requests | new tokens | tok/s | req/s | p50 s "
+        "| cores: ours / others |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     names = {"tf": "naive: TF eager `generate`", "pt": "PyTorch CPU `generate`"}
     for key, b in result["baselines"].items():
         lines.append(
             f"| {names[b['framework']]}, {b['name']} | {b['batch_size']} | {b['requests']} | {b['new_tokens']} | "
-            f"{_f(b['tok_per_s'])} | {_f(b['req_per_s'], '.2f')} | {_f(b['latency_p50_s'], '.2f')} |"
+            f"{_f(b['tok_per_s'])} | {_f(b['req_per_s'], '.2f')} | {_f(b['latency_p50_s'], '.2f')} | "
+            f"{_cores(b.get('cpu'))} |"
         )
+    shared = shared_phases(result)
+    lines.append("")
+    lines.append(
+        "Every phase had the machine to itself (other processes used under "
+        f"{SHARED_CORES} cores)." if not shared else
+        "**Shared machine**: other processes used CPU during " + ", ".join(
+            f"{name} ({cores:.2f} cores)" for name, cores in shared)
+        + "; the ratios that rest on these phases are not reliable.")
     checks = result["checks"]
     lines.append("")
     if result.get("torch"):
@@ -288,6 +302,21 @@ def markdown(result: dict) -> str:
         f"PyTorch batch 8 vs naive TF {_f(ratios.get('torch_b8_vs_naive_tf'), '.1f')}×."
     )
     return "\n".join(lines) + "\n"
+
+
+def _cores(cpu: dict | None) -> str:
+    if not cpu or cpu.get("own_cores") is None:
+        return "–"
+    return f"{cpu['own_cores']:.2f} / {cpu['other_cores']:.2f}"
+
+
+def shared_phases(result: dict) -> list[tuple[str, float]]:
+    """Phases during which other processes used more than SHARED_CORES cores."""
+    phases = [("warm-up", (result["service"].get("warmup_cpu") or {}))]
+    phases += [(name, s.get("cpu") or {}) for name, s in result["scenarios"].items()]
+    phases += [(f"baseline {key}", b.get("cpu") or {}) for key, b in result["baselines"].items()]
+    return [(name, c["other_cores"]) for name, c in phases
+            if c.get("other_cores") is not None and c["other_cores"] > SHARED_CORES]
 
 
 def bars_as_dicts(bars: list[Bar]) -> list[dict]:

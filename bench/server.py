@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.cpu import CpuWindow, own_cpu_seconds, process_cpu_seconds
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -91,6 +93,7 @@ class Service:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
         started = time.monotonic()
+        self._warmup_cpu = CpuWindow(lambda: self.cpu_seconds() + own_cpu_seconds()).start()
         self.proc = subprocess.Popen(
             [self.python, "-m", "service"], cwd=REPO, env=self.env,
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -117,6 +120,7 @@ class Service:
                     statuses.add(r.status_code)
                     if r.status_code == 200 and r.json().get("status") == "ok":
                         self.warmup_seconds = time.monotonic() - started
+                        self.warmup_cpu = self._warmup_cpu.stop()
                         self.health_statuses = sorted(statuses)
                         return
                 except httpx.TransportError:
@@ -136,6 +140,12 @@ class Service:
         hwm = [proc_status_kb(p, "VmHWM") or 0 for p in pids]
         rss = [proc_status_kb(p, "VmRSS") or 0 for p in pids]
         return {"vmhwm_mib": sum(hwm) / 1024, "vmrss_mib": sum(rss) / 1024, "processes": len(pids)}
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by the server process and its children (0 before it starts)."""
+        if self.proc is None:
+            return 0.0
+        return process_cpu_seconds([self.proc.pid] + descendants(self.proc.pid))
 
     def reset_peak(self) -> bool:
         """Reset VmHWM to the current RSS, so the next reading is the peak of what follows.
