@@ -50,6 +50,9 @@ def scenario_result(scenario, load: LoadResult, metrics_before: dict, metrics_af
     if "llm_generated_tokens_total" in metrics_after:
         delta = int(round(metrics_after["llm_generated_tokens_total"] - metrics_before.get("llm_generated_tokens_total", 0)))
     wall = load.wall_seconds
+    batches = None
+    if "llm_batches_total" in metrics_after:
+        batches = int(round(metrics_after["llm_batches_total"] - metrics_before.get("llm_batches_total", 0)))
     return {
         "name": scenario.name,
         "role": scenario.role,
@@ -74,6 +77,9 @@ def scenario_result(scenario, load: LoadResult, metrics_before: dict, metrics_af
         "latency_mean_s": statistics.fmean(latencies) if latencies else None,
         "latency_max_s": max(latencies) if latencies else None,
         "compiles_after_warmup": metrics_after.get("llm_compiles_after_warmup_total"),
+        "batches": batches,
+        # Each request carries one prompt, so this is how full the server's batches were.
+        "prompts_per_batch": len(ok) / batches if batches else None,
         "vmhwm_mib": memory["vmhwm_mib"],
         "vmrss_mib": memory["vmrss_mib"],
     }
@@ -234,15 +240,16 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         "| scenario | clients | requests | new tokens | tok/s | req/s | p50 s | p95 s | 503s | errors | peak RSS MiB "
-        "| cores: ours / others |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| prompts/batch | cores: ours / others |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in result["scenarios"].values():
         lines.append(
             f"| {s['name']} (T={s['temperature']}) | {s['clients']} | {s['ok']}/{s['requests']} | "
             f"{_f(s['new_tokens'], 'd') if s['new_tokens'] is not None else '–'} | {_f(s['tok_per_s'])} | "
             f"{_f(s['req_per_s'], '.2f')} | {_f(s['latency_p50_s'], '.2f')} | {_f(s['latency_p95_s'], '.2f')} | "
-            f"{s['responses_503']} | {s['errors']} | {_f(s['vmhwm_mib'], '.0f')} | {_cores(s.get('cpu'))} |"
+            f"{s['responses_503']} | {s['errors']} | {_f(s['vmhwm_mib'], '.0f')} | "
+            f"{_f(s.get('prompts_per_batch'), '.1f')} | {_cores(s.get('cpu'))} |"
         )
     lines.append("")
     lines.append("Peak RSS is the server's VmHWM " + (
@@ -263,8 +270,10 @@ def markdown(result: dict) -> str:
             f"{_cores(b.get('cpu'))} |"
         )
     shared = shared_phases(result)
+    measured = any((s.get("cpu") or {}).get("other_cores") is not None for s in result["scenarios"].values())
     lines.append("")
     lines.append(
+        "The CPU use of other processes was not recorded in this run." if not measured else
         "Every phase had the machine to itself (other processes used under "
         f"{SHARED_CORES} cores)." if not shared else
         "**Shared machine**: other processes used CPU during " + ", ".join(
