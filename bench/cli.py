@@ -101,6 +101,71 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def request_bodies(scenario: config.Scenario) -> list[dict]:
+    bodies = []
+    for i, prompt in enumerate(scenario.request_prompts()):
+        body = {"prompts": [prompt], "max_tokens": scenario.max_tokens, "temperature": scenario.temperature}
+        if scenario.sampled:
+            body["seed"] = 1000 + i
+        bodies.append(body)
+    return bodies
+
+
+def run_service(preset: config.Preset, model_dir: Path, work: Path, env: dict[str, str],
+                health_timeout: float, phase_load: dict) -> tuple[dict, dict, dict]:
+    """Start the service cold, drive every scenario; return service facts, scenario results and greedy texts."""
+    scenarios: dict[str, dict] = {}
+    service_texts: dict[str, set] = {}
+    log("starting the service")
+    with Service(model_dir, work / "service.log", env, health_timeout=health_timeout) as svc:
+        log(f"service healthy after {svc.warmup_seconds:.1f} s on {svc.base_url}")
+        metrics = svc.metrics()
+        service = {"warmup_seconds": svc.warmup_seconds, "warmup_cpu": svc.warmup_cpu,
+                   "llm_warmup_seconds": metrics.get("llm_warmup_seconds"), "env": env,
+                   "memory_after_warmup": svc.memory(),
+                   "compiles_after_warmup_at_ready": metrics.get("llm_compiles_after_warmup_total")}
+        # One untimed request first, as each baseline gets one untimed generate: the first
+        # answer after /health may still pay for thread pools and lazy allocations.
+        prime = run_load(svc.base_url, 1, [{"prompts": [config.SHORT_PROMPT], "max_tokens": preset.max_tokens,
+                                            "temperature": 0.0}])
+        if prime.outcomes[0].error:
+            raise SystemExit(f"the priming request failed: {prime.outcomes[0].error}\n{svc.log_tail()}")
+        peak_so_far = 0.0
+        for scenario in preset.scenarios:
+            phase_load[scenario.name] = round(os.getloadavg()[0], 2)
+            bodies = request_bodies(scenario)
+            log(f"{scenario.name}: {scenario.clients} clients, {scenario.requests} requests")
+            before = svc.metrics()
+            peak_so_far = max(peak_so_far, svc.memory()["vmhwm_mib"])
+            peak_reset = svc.reset_peak()
+            # Ours: the server and this process, which is the load generator.
+            window = CpuWindow(lambda: svc.cpu_seconds() + own_cpu_seconds()).start()
+            load = run_load(svc.base_url, scenario.clients, bodies)
+            cpu = window.stop()
+            after = svc.metrics()
+            memory = svc.memory()
+            peak_so_far = max(peak_so_far, memory["vmhwm_mib"])
+            s = report.scenario_result(scenario, load, before, after, memory)
+            # With the reset, VmHWM is this scenario's own peak; without, the peak since start.
+            s["vmhwm_is_scenario_peak"] = peak_reset
+            s["vmhwm_since_start_mib"] = peak_so_far
+            s["cpu"] = cpu
+            scenarios[scenario.name] = s
+            log(f"{scenario.name}: {report.fmt(s['tok_per_s'])} tok/s, p95 {report.fmt(s['latency_p95_s'], '.2f')} s, "
+                f"{s['errors']} errors, {s['responses_503']} 503s, VmHWM {s['vmhwm_mib']:.0f} MiB")
+            if not scenario.sampled:
+                for o in load.outcomes:
+                    if o.text is not None:
+                        service_texts.setdefault(o.prompt, set()).add(o.text)
+        final = svc.metrics()
+        service["compiles_after_warmup"] = final.get("llm_compiles_after_warmup_total")
+        service["generated_tokens_total"] = final.get("llm_generated_tokens_total")
+        service["memory_at_end"] = svc.memory()
+        service["vmhwm_since_start_mib"] = max(peak_so_far, service["memory_at_end"]["vmhwm_mib"])
+    log("service stopped")
+    return service, scenarios, service_texts
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the text-generation service "
                                 "against transformers' generate on TensorFlow (naive) and PyTorch.")
@@ -129,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.results_dir / f"{stamp}-{preset.name}"
     work.mkdir(parents=True, exist_ok=True)
     load_before = [round(x, 2) for x in os.getloadavg()]
+    revision = service_revision()  # before the run: the tree may change while it runs
 
     model_dir = ensure_model(args.model_dir, preset.model_shape, args.cache_dir).resolve()
     log(f"preset {preset.name}, model {model_dir}")
@@ -160,60 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
     phase_load["service"] = round(os.getloadavg()[0], 2)
     service_env = {**preset.service_env, **parse_env(args.service_env)}
-    scenarios: dict[str, dict] = {}
-    service_texts: dict[str, set] = {}
-    log("starting the service")
     health_timeout = args.health_timeout or (600.0 if preset.name == "full" else 300.0)
-    with Service(model_dir, work / "service.log", service_env, health_timeout=health_timeout) as svc:
-        log(f"service healthy after {svc.warmup_seconds:.1f} s on {svc.base_url}")
-        metrics = svc.metrics()
-        service = {"warmup_seconds": svc.warmup_seconds, "warmup_cpu": svc.warmup_cpu, "llm_warmup_seconds": metrics.get("llm_warmup_seconds"),
-                   "env": service_env, "memory_after_warmup": svc.memory(),
-                   "compiles_after_warmup_at_ready": metrics.get("llm_compiles_after_warmup_total")}
-        # One untimed request first, as each baseline gets one untimed generate: the first
-        # answer after /health may still pay for thread pools and lazy allocations.
-        prime = run_load(svc.base_url, 1, [{"prompts": [config.SHORT_PROMPT], "max_tokens": preset.max_tokens,
-                                            "temperature": 0.0}])
-        if prime.outcomes[0].error:
-            raise SystemExit(f"the priming request failed: {prime.outcomes[0].error}\n{svc.log_tail()}")
-        peak_so_far = 0.0
-        for scenario in preset.scenarios:
-            phase_load[scenario.name] = round(os.getloadavg()[0], 2)
-            bodies = []
-            for i, prompt in enumerate(scenario.request_prompts()):
-                body = {"prompts": [prompt], "max_tokens": scenario.max_tokens, "temperature": scenario.temperature}
-                if scenario.sampled:
-                    body["seed"] = 1000 + i
-                bodies.append(body)
-            log(f"{scenario.name}: {scenario.clients} clients, {scenario.requests} requests")
-            before = svc.metrics()
-            peak_so_far = max(peak_so_far, svc.memory()["vmhwm_mib"])
-            peak_reset = svc.reset_peak()
-            # Ours: the server and this process, which is the load generator.
-            window = CpuWindow(lambda: svc.cpu_seconds() + own_cpu_seconds()).start()
-            load = run_load(svc.base_url, scenario.clients, bodies)
-            cpu = window.stop()
-            after = svc.metrics()
-            memory = svc.memory()
-            peak_so_far = max(peak_so_far, memory["vmhwm_mib"])
-            s = report.scenario_result(scenario, load, before, after, memory)
-            # With the reset, VmHWM is this scenario's own peak; without, the peak since start.
-            s["vmhwm_is_scenario_peak"] = peak_reset
-            s["vmhwm_since_start_mib"] = peak_so_far
-            s["cpu"] = cpu
-            scenarios[scenario.name] = s
-            log(f"{scenario.name}: {report._f(s['tok_per_s'])} tok/s, p95 {report._f(s['latency_p95_s'], '.2f')} s, "
-                f"{s['errors']} errors, {s['responses_503']} 503s, VmHWM {s['vmhwm_mib']:.0f} MiB")
-            if not scenario.sampled:
-                for o in load.outcomes:
-                    if o.text is not None:
-                        service_texts.setdefault(o.prompt, set()).add(o.text)
-        final = svc.metrics()
-        service["compiles_after_warmup"] = final.get("llm_compiles_after_warmup_total")
-        service["generated_tokens_total"] = final.get("llm_generated_tokens_total")
-        service["memory_at_end"] = svc.memory()
-        service["vmhwm_since_start_mib"] = max(peak_so_far, service["memory_at_end"]["vmhwm_mib"])
-    log("service stopped")
+    service, scenarios, service_texts = run_service(preset, model_dir, work, service_env, health_timeout, phase_load)
 
     baselines = {k: {**report.baseline_result(r, k.split(":")[0]), "texts": r["texts"]} for k, r in baseline_raw.items()}
     bars, ratios = report.compute_bars(scenarios, baselines, service)
@@ -225,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": preset.name,
         "started_at": started_at,
         "machine": report.machine_facts(),
-        "revision": service_revision(),
+        "revision": revision,
         "load_before": load_before,
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "load_at_phase_start": phase_load,

@@ -119,7 +119,7 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def _fmt(x, spec=".2f", suffix=""):
+def fmt_bar(x, spec=".2f", suffix=""):
     return "n/a" if x is None else f"{x:{spec}}{suffix}"
 
 
@@ -156,26 +156,26 @@ def compute_bars(scenarios: dict, baselines: dict, service: dict) -> tuple[list[
     over_ok = None if not over else (over["errors"] == 0 and over["latency_p95_s"] is not None)
     bars = [
         Bar("single_vs_torch_b1", f"{single.get('name')}: tok/s vs PyTorch generate, batch 1",
-            _fmt(ratios["single_vs_torch_b1"], ".2f", "×"), "≥ 1.0×", at_least(ratios["single_vs_torch_b1"], 1.0)),
+            fmt_bar(ratios["single_vs_torch_b1"], ".2f", "×"), "≥ 1.0×", at_least(ratios["single_vs_torch_b1"], 1.0)),
         Bar("batch_vs_torch_b8", f"{batch.get('name')}: total tok/s vs PyTorch generate, batch 8",
-            _fmt(ratios["batch_vs_torch_b8"], ".2f", "×"), "≥ 1.2×", at_least(ratios["batch_vs_torch_b8"], 1.2)),
+            fmt_bar(ratios["batch_vs_torch_b8"], ".2f", "×"), "≥ 1.2×", at_least(ratios["batch_vs_torch_b8"], 1.2)),
         Bar("batch_vs_naive_tf", f"{batch.get('name')}: total tok/s vs naive TF eager generate, one at a time",
-            _fmt(ratios["batch_vs_naive_tf"], ".1f", "×"), "≥ 15×", at_least(ratios["batch_vs_naive_tf"], 15.0)),
+            fmt_bar(ratios["batch_vs_naive_tf"], ".1f", "×"), "≥ 15×", at_least(ratios["batch_vs_naive_tf"], 15.0)),
         Bar("overload_errors", f"{over.get('name')}: no error but intended 503s; p95 reported",
             f"{over.get('errors', 'n/a')} errors, {over.get('responses_503', 'n/a')} 503s, "
-            f"p95 {_fmt(over.get('latency_p95_s'), '.2f', ' s')}", "0 errors", over_ok),
+            f"p95 {fmt_bar(over.get('latency_p95_s'), '.2f', ' s')}", "0 errors", over_ok),
         Bar("overload_throughput", f"{over.get('name')}: total tok/s vs {batch.get('name')}",
-            _fmt(ratios["overload_vs_batch"], ".2f", "×"), "≥ 1.0×", at_least(ratios["overload_vs_batch"], 1.0)),
+            fmt_bar(ratios["overload_vs_batch"], ".2f", "×"), "≥ 1.0×", at_least(ratios["overload_vs_batch"], 1.0)),
         Bar("sampling_cost", f"sampling (T={by_role.get('batch_sampled', {}).get('temperature')}) vs greedy: "
             "time per token, 1 client and batch",
-            f"{_fmt(sc, '.3f', '×')} / {_fmt(sb, '.3f', '×')}", "≤ 1.15×", sampling_holds),
+            f"{fmt_bar(sc, '.3f', '×')} / {fmt_bar(sb, '.3f', '×')}", "≤ 1.15×", sampling_holds),
         Bar("peak_rss", f"server peak RSS (VmHWM) during {over.get('name')}",
-            f"{_fmt(peak, '.0f', ' MiB')} {peak_where} ({_fmt(peak_all, '.0f', ' MiB')} since start, warm-up included)", f"≤ 1.5 GB ({PEAK_RSS_LIMIT_MIB:.0f} MiB)", at_most(peak, PEAK_RSS_LIMIT_MIB)),
+            f"{fmt_bar(peak, '.0f', ' MiB')} {peak_where} ({fmt_bar(peak_all, '.0f', ' MiB')} since start, warm-up included)", f"≤ 1.5 GB ({PEAK_RSS_LIMIT_MIB:.0f} MiB)", at_most(peak, PEAK_RSS_LIMIT_MIB)),
         Bar("warmup", "warm-up: process start to /health ok",
-            _fmt(service.get("warmup_seconds"), ".1f", " s"), f"≤ {WARMUP_LIMIT_S:.0f} s",
+            fmt_bar(service.get("warmup_seconds"), ".1f", " s"), f"≤ {WARMUP_LIMIT_S:.0f} s",
             at_most(service.get("warmup_seconds"), WARMUP_LIMIT_S)),
         Bar("compiles_after_warmup", "llm_compiles_after_warmup_total at the end",
-            _fmt(compiles, ".0f"), "= 0", None if compiles is None else compiles == 0),
+            fmt_bar(compiles, ".0f"), "= 0", None if compiles is None else compiles == 0),
     ]
     return bars, ratios
 
@@ -209,7 +209,7 @@ def consistency_checks(scenarios: dict, baselines: dict, service_texts: dict) ->
     return {"token_counts": tokens, "greedy_texts": texts}
 
 
-def _f(x, spec=".1f"):
+def fmt(x, spec=".1f"):
     return "–" if x is None else f"{x:{spec}}"
 
 
@@ -227,8 +227,8 @@ def markdown(result: dict) -> str:
         f"T={result['temperature']} with a seed per request.",
         f"Service at commit {result.get('revision', {}).get('commit')}"
         + (" with uncommitted changes in service/" if result.get("revision", {}).get("service_dirty") else "")
-        + f": warm-up {_f(svc.get('warmup_seconds'))} s to /health ok "
-        f"(llm_warmup_seconds {_f(svc.get('llm_warmup_seconds'))}; cores used, ours / others: "
+        + f": warm-up {fmt(svc.get('warmup_seconds'))} s to /health ok "
+        f"(llm_warmup_seconds {fmt(svc.get('llm_warmup_seconds'))}; cores used, ours / others: "
         f"{_cores(svc.get('warmup_cpu'))}); environment {svc.get('env') or 'defaults'}.",
         "",
         "| bar | measured | target | holds |",
@@ -246,10 +246,10 @@ def markdown(result: dict) -> str:
     for s in result["scenarios"].values():
         lines.append(
             f"| {s['name']} (T={s['temperature']}) | {s['clients']} | {s['ok']}/{s['requests']} | "
-            f"{_f(s['new_tokens'], 'd') if s['new_tokens'] is not None else '–'} | {_f(s['tok_per_s'])} | "
-            f"{_f(s['req_per_s'], '.2f')} | {_f(s['latency_p50_s'], '.2f')} | {_f(s['latency_p95_s'], '.2f')} | "
-            f"{s['responses_503']} | {s['errors']} | {_f(s['vmhwm_mib'], '.0f')} | "
-            f"{_f(s.get('prompts_per_batch'), '.1f')} | {_cores(s.get('cpu'))} |"
+            f"{fmt(s['new_tokens'], 'd') if s['new_tokens'] is not None else '–'} | {fmt(s['tok_per_s'])} | "
+            f"{fmt(s['req_per_s'], '.2f')} | {fmt(s['latency_p50_s'], '.2f')} | {fmt(s['latency_p95_s'], '.2f')} | "
+            f"{s['responses_503']} | {s['errors']} | {fmt(s['vmhwm_mib'], '.0f')} | "
+            f"{fmt(s.get('prompts_per_batch'), '.1f')} | {_cores(s.get('cpu'))} |"
         )
     lines.append("")
     lines.append("Peak RSS is the server's VmHWM " + (
@@ -266,7 +266,7 @@ def markdown(result: dict) -> str:
     for key, b in result["baselines"].items():
         lines.append(
             f"| {names[b['framework']]}, {b['name']} | {b['batch_size']} | {b['requests']} | {b['new_tokens']} | "
-            f"{_f(b['tok_per_s'])} | {_f(b['req_per_s'], '.2f')} | {_f(b['latency_p50_s'], '.2f')} | "
+            f"{fmt(b['tok_per_s'])} | {fmt(b['req_per_s'], '.2f')} | {fmt(b['latency_p50_s'], '.2f')} | "
             f"{_cores(b.get('cpu'))} |"
         )
     shared = shared_phases(result)
@@ -287,7 +287,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"PyTorch side: torch {t.get('torch')} (CPU build, {t.get('threads')} threads), "
             f"weights converted from tf_model.h5; logits equal to TensorFlow's within "
-            f"{_f(lc.get('max_abs_diff'), '.1e')} (same argmax: {lc.get('same_argmax')}). "
+            f"{fmt(lc.get('max_abs_diff'), '.1e')} (same argmax: {lc.get('same_argmax')}). "
             + (f"Venv created this run in {t['install_seconds']:.0f} s." if t.get("created") else "Venv reused.")
         )
     else:
@@ -306,9 +306,9 @@ def markdown(result: dict) -> str:
         lines.append(f"Greedy texts identical to {names[fw]}: {t['identical']} of {t['prompts']} prompts.")
     ratios = result["ratios"]
     lines.append(
-        f"Other ratios: single vs naive TF {_f(ratios.get('single_vs_naive_tf'), '.1f')}×, "
-        f"batch vs PyTorch batch 1 {_f(ratios.get('batch_vs_torch_b1'), '.2f')}×, "
-        f"PyTorch batch 8 vs naive TF {_f(ratios.get('torch_b8_vs_naive_tf'), '.1f')}×."
+        f"Other ratios: single vs naive TF {fmt(ratios.get('single_vs_naive_tf'), '.1f')}×, "
+        f"batch vs PyTorch batch 1 {fmt(ratios.get('batch_vs_torch_b1'), '.2f')}×, "
+        f"PyTorch batch 8 vs naive TF {fmt(ratios.get('torch_b8_vs_naive_tf'), '.1f')}×."
     )
     return "\n".join(lines) + "\n"
 
