@@ -31,10 +31,11 @@ class TorchEnvError(RuntimeError):
 
 
 def find_python311() -> str:
-    """BENCH_TORCH_PYTHON if set, else a Python 3.11 on PATH or under pyenv."""
-    candidates = [os.environ.get("BENCH_TORCH_PYTHON"), shutil.which("python3.11")]
+    """BENCH_TORCH_PYTHON if set, else pyenv's newest 3.11, else a python3.11 on PATH."""
     root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    candidates = [os.environ.get("BENCH_TORCH_PYTHON")]
     candidates += sorted(glob.glob(f"{root}/versions/3.11*/bin/python3.11"), reverse=True)
+    candidates.append(shutil.which("python3.11"))
     for cand in filter(None, candidates):
         try:
             out = subprocess.run([cand, "-c", "import sys; print(sys.version_info[:2] == (3, 11))"],
