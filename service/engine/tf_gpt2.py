@@ -34,17 +34,6 @@ from service.engine.layout import BatchLayout, Buckets  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-
-class _ExpectedRetracing(logging.Filter):
-    """Warm-up traces one function per shape on purpose; TensorFlow warns of it as a mistake.
-    Programs compiled after warm-up are counted in `compiles_after_warmup` instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "triggered tf.function retracing" not in record.getMessage()
-
-
-tf.get_logger().addFilter(_ExpectedRetracing())
-
 # transformers' TF GPT-2 masks with -1e4 (modeling_tf_gpt2.py); the same value keeps results equal.
 MASKED = -1e4
 PHILOX = 1  # tf.random.Algorithm.PHILOX
@@ -101,11 +90,23 @@ class TFGPT2Engine(Engine):
         self._wpe = transformer.wpe.embeddings
         self._blocks = transformer.h
         self._ln_f = transformer.ln_f
-        # One concrete function (one XLA program) per input shape; tensors only as arguments,
-        # since a Python number would trace a new function per value.
-        self._prefill = tf.function(self._prefill_chunk, jit_compile=True)
-        self._decode = tf.function(self._decode_steps, jit_compile=True)
-        self._traces_at_warmup: int | None = None
+        # Each program is traced once, with the batch and cache sizes left open, and XLA compiles
+        # it once per concrete shape. A trace per shape would keep a graph per shape in memory
+        # (about 20 MB each for DistilGPT2). Tensors only as arguments: a Python number would be
+        # baked into the trace.
+        embd, heads, head_dim = config.n_embd, self.n_head, self.head_dim
+        rows = tf.TensorSpec([None], tf.int32)
+        cache = tf.TensorSpec([None, heads, None, head_dim], tf.float32)
+        caches = tuple((cache, cache) for _ in range(config.n_layer))
+        scalar = tf.TensorSpec([], tf.int32)
+        self._prefill = tf.function(self._prefill_chunk, jit_compile=True, input_signature=[
+            tf.TensorSpec([None, prefill_chunk], tf.int32), scalar, rows, caches])
+        self._decode = tf.function(self._decode_steps, jit_compile=True, input_signature=[
+            tf.TensorSpec([None, 1, embd], tf.float32), scalar, rows, caches,
+            tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.uint64), tf.TensorSpec([None], tf.uint64),
+            rows, rows, tf.TensorSpec([None], tf.bool)])
+        self._shapes: set[tuple[str, int, int]] = set()  # (program, batch, cache) compiled so far
+        self._shapes_at_warmup: int | None = None
         self.compactions = 0  # times finished rows were dropped to a smaller batch shape
 
     # --- Engine interface -------------------------------------------------------------------
@@ -126,19 +127,19 @@ class TFGPT2Engine(Engine):
                 caches = self._empty_cache(batch, cache)
                 pad = tf.zeros([batch], tf.int32)
                 tokens = tf.zeros([batch, self.buckets.prefill_chunk], tf.int32)
-                h, caches = self._prefill(tokens, tf.constant(0), pad, caches)
+                h, caches = self._run_prefill(tokens, 0, pad, caches)
                 zeros_i = tf.zeros([batch], tf.int32)
                 zeros_s = tf.zeros([batch], tf.uint64)
-                self._decode(h, tf.constant(0), pad, caches, tf.zeros([batch]), zeros_s, zeros_s,
-                             zeros_i, zeros_i + 1, tf.ones([batch], tf.bool))
+                self._run_decode(h, 0, pad, caches, tf.zeros([batch]), zeros_s, zeros_s,
+                                 zeros_i, zeros_i + 1, tf.ones([batch], tf.bool))
                 log.info("compiled batch %d x cache %d in %.1f s", batch, cache, time.monotonic() - t0)
-        self._traces_at_warmup = self._traces()
-        log.info("warm-up compiled %d programs in %.1f s", self._traces_at_warmup, time.monotonic() - started)
+        self._shapes_at_warmup = len(self._shapes)
+        log.info("warm-up compiled %d programs in %.1f s", len(self._shapes), time.monotonic() - started)
 
     def compiles_after_warmup(self) -> int:
-        if self._traces_at_warmup is None:
+        if self._shapes_at_warmup is None:
             return 0
-        return self._traces() - self._traces_at_warmup
+        return len(self._shapes) - self._shapes_at_warmup
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[list[int]]:
         results: list[list[int]] = [[] for _ in rows]
@@ -156,7 +157,7 @@ class TFGPT2Engine(Engine):
         caches = self._empty_cache(layout.batch_size, layout.cache_size)
         for start in range(0, layout.prompt_slots, chunk):
             tokens = tf.constant(layout.tokens[:, start:start + chunk])
-            h, caches = self._prefill(tokens, tf.constant(start, tf.int32), pad, caches)
+            h, caches = self._run_prefill(tokens, start, pad, caches)
 
         state = DecodeState(
             h=h, pad=pad, caches=caches,
@@ -194,13 +195,30 @@ class TFGPT2Engine(Engine):
                 self.compactions += 1
 
     def _decode_chunk(self, state: DecodeState, slot: int) -> tuple[np.ndarray, int, DecodeState]:
-        tokens, steps, h, caches, generated, done = self._decode(
-            state.h, tf.constant(slot, tf.int32), state.pad, state.caches, state.temperature,
+        tokens, steps, h, caches, generated, done = self._run_decode(
+            state.h, slot, state.pad, state.caches, state.temperature,
             state.seed, state.stream, state.generated, state.max_new, state.done)
         state = dataclasses.replace(state, h=h, caches=caches, generated=generated, done=done)
         return tokens.numpy(), int(steps), state
 
     # --- Compiled programs ------------------------------------------------------------------
+
+    def _run_prefill(self, tokens, start: int, pad, caches):
+        self._note_shape("prefill", caches)
+        return self._prefill(tokens, tf.constant(start, tf.int32), pad, caches)
+
+    def _run_decode(self, h, slot: int, pad, caches, *rest):
+        self._note_shape("decode", caches)
+        return self._decode(h, tf.constant(slot, tf.int32), pad, caches, *rest)
+
+    def _note_shape(self, program: str, caches) -> None:
+        """XLA compiles a program once per shape, and (batch, cache) fixes every input's shape."""
+        batch, _, cache, _ = caches[0][0].shape
+        shape = (program, batch, cache)
+        if shape not in self._shapes:
+            self._shapes.add(shape)
+            if self._shapes_at_warmup is not None:
+                log.warning("compiling %s for batch %d x cache %d after warm-up", program, batch, cache)
 
     def _prefill_chunk(self, tokens, start, pad, caches):
         """Write one chunk of prompt tokens into the cache; return the last hidden state."""
@@ -208,7 +226,7 @@ class TFGPT2Engine(Engine):
 
     def _decode_steps(self, h, slot, pad, caches, temperature, seed, stream, generated, max_new, done):
         """Up to `decode_chunk` steps: sample from `h`'s logits, record, forward the token."""
-        batch = h.shape[0]
+        batch = tf.shape(h)[0]
         steps = self.decode_chunk
         out = tf.fill([batch, steps], self.eos_id)
 
@@ -234,8 +252,8 @@ class TFGPT2Engine(Engine):
         Row b's prompt starts at slot pad[b]; its positions count from there, and it attends to
         slots from pad[b] up to each token's own.
         """
-        length = tokens.shape[1]
-        cache_size = caches[0][0].shape[2]
+        length = tf.shape(tokens)[1]
+        cache_size = tf.shape(caches[0][0])[2]
         slots = start + tf.range(length)
         positions = tf.clip_by_value(slots[None, :] - pad[:, None], 0, self.context_window - 1)
         keys = tf.range(cache_size)
@@ -275,7 +293,7 @@ class TFGPT2Engine(Engine):
         an int64 seed under XLA, and a row must not depend on its neighbours.
         """
         greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
-        batch, vocab = logits.shape
+        batch, vocab = tf.shape(logits)[0], logits.shape[1]
         n_blocks = -(-vocab // SAMPLE_BLOCK)
 
         def draw():
@@ -303,18 +321,17 @@ class TFGPT2Engine(Engine):
         """One number in [0, 1) per row from the Philox stream (seed, stream + token index)."""
         high = stream + tf.cast(generated, tf.uint64)
         low = tf.zeros([], tf.uint64)
-        return tf.concat([
-            tf.raw_ops.StatelessRandomUniformV2(shape=[1], key=seed[b:b + 1], counter=tf.stack([low, high[b]]),
-                                                alg=PHILOX, dtype=tf.float32)
-            for b in range(seed.shape[0])
-        ], axis=0)
+
+        def one(key_and_high):
+            key, row_high = key_and_high
+            return tf.raw_ops.StatelessRandomUniformV2(shape=[1], key=key[None], counter=tf.stack([low, row_high]),
+                                                       alg=PHILOX, dtype=tf.float32)[0]
+
+        return tf.map_fn(one, (seed, high), fn_output_signature=tf.float32)
 
     def _empty_cache(self, batch: int, cache_size: int):
         shape = [batch, self.n_head, cache_size, self.head_dim]
         return tuple((tf.zeros(shape), tf.zeros(shape)) for _ in self._blocks)
-
-    def _traces(self) -> int:
-        return self._prefill.experimental_get_tracing_count() + self._decode.experimental_get_tracing_count()
 
 
 def _upper_ones(n: int) -> tf.Tensor:
