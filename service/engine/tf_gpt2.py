@@ -13,6 +13,7 @@ Two programs are compiled per (batch size, cache size) bucket:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import math
@@ -134,6 +135,7 @@ class TFGPT2Engine(Engine):
                                  zeros_i, zeros_i + 1, tf.ones([batch], tf.bool))
                 log.info("compiled batch %d x cache %d in %.1f s", batch, cache, time.monotonic() - t0)
         self._shapes_at_warmup = len(self._shapes)
+        _release_free_memory()
         log.info("warm-up compiled %d programs in %.1f s", len(self._shapes), time.monotonic() - started)
 
     def compiles_after_warmup(self) -> int:
@@ -146,6 +148,8 @@ class TFGPT2Engine(Engine):
         for group in self.buckets.split(rows):
             for i, ids in zip(group, self._generate_group([rows[i] for i in group])):
                 results[i] = ids
+        # Without this the resident memory of a busy server grows by about 300 MB (DistilGPT2).
+        _release_free_memory()
         return results
 
     # --- The host side of the loop ----------------------------------------------------------
@@ -342,6 +346,29 @@ def _upper_ones(n: int) -> tf.Tensor:
 def _count_at_most(cumulative, target):
     """Per row, how many prefix sums are <= target: the index of the first one above it."""
     return tf.reduce_sum(tf.cast(cumulative <= target[:, None], tf.int32), axis=1)
+
+
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: leave the allocator as it is
+        return None
+
+
+_LIBC = _glibc()
+if _LIBC is not None:
+    # glibc raises its mmap threshold each time a large buffer is freed, after which buffers of
+    # that size stay on the heap (mallopt(3), M_MMAP_THRESHOLD). A fixed 32 MiB sends caches and
+    # other large per-batch buffers to mmap, returned to the OS when freed; a lower one would
+    # also send XLA's per-step temporaries there, which costs 3x in page faults at batch 8.
+    _LIBC.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (malloc_trim(3)): a batch's or warm-up's buffers
+    would otherwise stay resident."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def use_persistent_compile_cache(directory: Path) -> None:
