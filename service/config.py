@@ -55,9 +55,9 @@ def load_settings() -> Settings:
 
 
 def _describe(error: dict) -> str:
-    name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
     cause = error.get("ctx", {}).get("error")
-    message = str(cause) if isinstance(cause, ModelDirError) else error["msg"]
-    if error["type"] == "missing":
-        message = "is required (set it in the environment)"
-    return f"{name} {message}" if not isinstance(cause, ModelDirError) else message
+    if isinstance(cause, ModelDirError):
+        return str(cause)  # it names the path and what is missing
+    name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+    message = "is required (set it in the environment)" if error["type"] == "missing" else error["msg"]
+    return f"{name} {message}"
