@@ -13,6 +13,7 @@ from service.batcher import Batcher
 from service.config import Settings
 from service.engine import Engine, GenerationRow
 from service.errors import ModelNotReady
+from service.model_files import verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class Runtime:
 
     async def start(self) -> None:
         started = time.monotonic()
+        # Settings checked the files' sizes; the sums (every byte read) are checked once, here.
+        await anyio.to_thread.run_sync(verify_manifest, self.settings.model_dir)
         self.engine = await anyio.to_thread.run_sync(self._engine_factory, self.settings)
         log.info("model loaded from %s in %.1f s", self.settings.model_dir, time.monotonic() - started)
         self._warmup_task = asyncio.create_task(self._warm_up(started), name="warmup")

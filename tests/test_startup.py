@@ -63,6 +63,21 @@ def test_a_file_that_does_not_match_the_manifest_is_refused(tmp_path, model_dir)
     assert "tf_model.h5 does not match manifest.json" in r.stderr
 
 
+def test_a_file_whose_bytes_do_not_match_the_manifest_stops_the_server(tmp_path, model_dir):
+    from service.model_files import write_manifest
+
+    for f in model_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    write_manifest(tmp_path)
+    data = bytearray((tmp_path / "config.json").read_bytes())
+    data[-2] = ord(" ") if data[-2] != ord(" ") else ord("\t")  # same size, other bytes
+    (tmp_path / "config.json").write_bytes(bytes(data))
+    r = run_service({"MODEL_DIR": str(tmp_path), "PORT": str(free_port())})
+    assert r.returncode != 0
+    assert f"model directory {tmp_path}: config.json does not match its sha256 in manifest.json" in r.stderr
+    assert "Application startup failed" in r.stderr
+
+
 def test_bad_numbers_in_the_environment_are_named(model_dir):
     r = run_service({"MODEL_DIR": str(model_dir), "MAX_BATCH_SIZE": "0", "PORT": "http"})
     assert r.returncode == 1
