@@ -23,7 +23,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys; assert sy
   rm -rf "$VENV"
   "$(python310)" -m venv "$VENV"
 fi
-stamp="$VENV/.installed-$(cat requirements.txt requirements-nodeps.txt requirements-dev.txt | sha256sum | cut -c1-16)"
+stamp="$VENV/.installed-$(cat requirements.txt requirements-litert.txt requirements-nodeps.txt requirements-dev.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -r requirements.txt -r requirements-dev.txt
