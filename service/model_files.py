@@ -16,7 +16,10 @@ CONFIG = "config.json"
 WEIGHTS = "tf_model.h5"
 # A GPT-2 tokenizer is either the fast tokenizer's single file or the slow one's pair.
 TOKENIZER_CHOICES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
-# Everything the service may read; the download script fetches exactly these.
+# LiteRT files, made from the TensorFlow weights by scripts/convert_model.py (litert.json last).
+LITERT_META = "litert.json"
+LITERT_FILES = ("gpt2.fp32.tflite", "gpt2.int8.tflite", "embeddings.npy", "positions.npy", LITERT_META)
+# The files downloads fetch; the converter adds LITERT_FILES.
 SERVICE_FILES = (
     CONFIG,
     WEIGHTS,
@@ -60,6 +63,19 @@ def check_model_dir(model_dir: Path) -> None:
                 )
 
 
+def litert_model_file(precision: str) -> str:
+    return f"gpt2.{precision}.tflite"
+
+
+def has_litert_files(model_dir: Path) -> bool:
+    """Whether a conversion finished here: every LiteRT file is present and, where there is a
+    manifest, listed in it (the converter rewrites the manifest last)."""
+    if not all((model_dir / name).is_file() for name in LITERT_FILES):
+        return False
+    manifest = read_manifest(model_dir)
+    return manifest is None or all(name in manifest["files"] for name in LITERT_FILES)
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -95,10 +111,11 @@ def verify_manifest(model_dir: Path) -> None:
 
 
 def write_manifest(model_dir: Path, extra: dict | None = None) -> dict:
-    """Record name, size and sha256 of every service file present; written last by downloads."""
+    """Record name, size and sha256 of every service file present; written last by downloads and
+    by the converter."""
     files = {
         name: {"size": (model_dir / name).stat().st_size, "sha256": sha256_of(model_dir / name)}
-        for name in SERVICE_FILES
+        for name in SERVICE_FILES + LITERT_FILES
         if (model_dir / name).is_file()
     }
     manifest = {**(extra or {}), "files": files}

@@ -1,0 +1,166 @@
+"""Convert a model directory's TensorFlow GPT-2 weights into the LiteRT files the service serves.
+
+    python scripts/convert_model.py --model-dir DIR [--force]
+
+Writes, beside the TensorFlow files: `gpt2.fp32.tflite` and `gpt2.int8.tflite` (signatures
+`prefill` and `decode`; int8 = dynamic-range int8 weights), `embeddings.npy` and `positions.npy`
+(looked up on the host), and `litert.json` (what was converted, from which weights, and the int8
+quality gate's figures and decision). Then it rewrites `manifest.json` with every file's size and
+sha256.
+
+- Idempotent: if `litert.json` records these very weights (sha256 of tf_model.h5 and
+  config.json) and this converter's version, it exits 0 at once (`--force` converts anyway).
+- Atomic: files are written to a temporary folder in DIR and moved into place, `litert.json`
+  last and the manifest after it; the service treats the conversion as done only when the
+  manifest lists every LiteRT file, so an interrupted run never looks complete.
+- A failure exits 1 with one line on stderr.
+
+Compose's model-init runs it after the download; run it yourself for a local model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.model_files import (  # noqa: E402
+    CONFIG,
+    LITERT_FILES,
+    LITERT_META,
+    WEIGHTS,
+    ModelDirError,
+    check_model_dir,
+    has_litert_files,
+    litert_model_file,
+    read_manifest,
+    write_manifest,
+)
+
+CONVERTER_VERSION = 1  # bump when the files' layout or signatures change
+log = logging.getLogger("convert_model")
+
+
+def source_fingerprint(model_dir: Path) -> str:
+    """What the LiteRT files were made from: the weights and the configuration."""
+    digest = hashlib.sha256()
+    for name in (CONFIG, WEIGHTS):
+        with (model_dir / name).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def is_converted(model_dir: Path, fingerprint: str) -> bool:
+    if not has_litert_files(model_dir):
+        return False
+    try:
+        meta = json.loads((model_dir / LITERT_META).read_text())
+    except ValueError:
+        return False
+    return meta.get("source_sha256") == fingerprint and meta.get("converter_version") == CONVERTER_VERSION
+
+
+def convert_model_dir(model_dir: Path, force: bool = False) -> dict:
+    """Convert in place (see the module's docstring); returns litert.json's content."""
+    check_model_dir(model_dir)
+    fingerprint = source_fingerprint(model_dir)
+    if not force and is_converted(model_dir, fingerprint):
+        meta = json.loads((model_dir / LITERT_META).read_text())
+        meta["skipped"] = True
+        return meta
+
+    import numpy as np
+
+    from service.engine import litert_convert, quality
+    from service.engine.litert_gpt2 import Decoder, load_tokenizer
+
+    started = time.monotonic()
+    _ensure_fast_tokenizer(model_dir)
+    weights, shape = litert_convert.load_tf_weights(model_dir)
+    models = litert_convert.convert(weights, shape)
+    eos_id = int(json.loads((model_dir / CONFIG).read_text()).get("eos_token_id", shape.vocab_size - 1))
+
+    tmp = model_dir / ".litert-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for precision, flatbuffer in models.items():
+            (tmp / litert_model_file(precision)).write_bytes(flatbuffer)
+        np.save(tmp / "embeddings.npy", weights["wte"])
+        np.save(tmp / "positions.npy", weights["wpe"])
+        del weights, models
+
+        ids = load_tokenizer(model_dir).encode(quality.TEXT.read_text(), add_special_tokens=False).ids
+        tokens = quality.windows(ids, shape.n_positions)
+        embeddings, positions = np.load(tmp / "embeddings.npy", mmap_mode="r"), np.load(tmp / "positions.npy")
+        decoders = {p: Decoder(tmp / litert_model_file(p), embeddings, positions, len(os.sched_getaffinity(0)))
+                    for p in ("fp32", "int8")}
+        report = quality.compare(decoders["fp32"], decoders["int8"], tokens)
+        del decoders
+
+        meta = {
+            "converter_version": CONVERTER_VERSION,
+            "source_sha256": fingerprint,
+            "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
+            "vocab_size": shape.vocab_size, "n_positions": shape.n_positions, "eos_token_id": eos_id,
+            "models": {p: litert_model_file(p) for p in ("fp32", "int8")},
+            "embeddings": "embeddings.npy", "positions": "positions.npy",
+            "quality": report.as_dict(),
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        (tmp / LITERT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for name in LITERT_FILES:  # LITERT_META is last
+            (tmp / name).replace(model_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    manifest = read_manifest(model_dir) or {}
+    write_manifest(model_dir, extra={k: v for k, v in manifest.items() if k != "files"})
+    return meta
+
+
+def _ensure_fast_tokenizer(model_dir: Path) -> None:
+    """The LiteRT backend reads tokenizer.json alone; a model with only vocab.json + merges.txt
+    gets one, written by transformers from the same files."""
+    if (model_dir / "tokenizer.json").is_file():
+        return
+    from transformers import GPT2TokenizerFast
+
+    GPT2TokenizerFast.from_pretrained(model_dir).backend_tokenizer.save(str(model_dir / "tokenizer.json"))
+
+
+def summary(model_dir: Path, meta: dict) -> str:
+    if meta.get("skipped"):
+        return f"convert_model: {model_dir} already holds LiteRT files for these weights; nothing to do"
+    sizes = ", ".join(f"{p} {(model_dir / f).stat().st_size / 2**20:.0f} MiB" for p, f in meta["models"].items())
+    return f"convert_model: converted {model_dir} in {meta['seconds']} s ({sizes}); {meta['quality']['reason']}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True, type=Path, help="model directory to convert in place")
+    parser.add_argument("--force", action="store_true", help="convert even if already converted")
+    args = parser.parse_args(argv)
+    try:
+        meta = convert_model_dir(args.model_dir, force=args.force)
+    except ModelDirError as exc:
+        print(f"convert_model: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # one line, whatever failed (TensorFlow's errors are of many types)
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"convert_model: converting {args.model_dir} failed: {type(exc).__name__}: {message}", file=sys.stderr)
+        return 1
+    print(summary(args.model_dir, meta), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

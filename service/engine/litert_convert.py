@@ -1,0 +1,179 @@
+"""TensorFlow weights in, LiteRT decoder models out (needs TensorFlow; the LiteRT backend does not).
+
+One `.tflite` file per precision, each with two signatures over the same weights:
+- `prefill`: one prompt (batch 1, any length T) with no cache; returns the logits of its last
+  position and every layer's keys and values for its T positions.
+- `decode`: one new token for each of B rows, attending over a host-owned key/value cache of C
+  slots; returns the logits and each layer's key and value for that token only. The host keeps
+  the cache and writes the new slot itself, so the cache is never copied through a call.
+
+The graph is written here from the weights (not by calling transformers' layers), in shapes
+XNNPACK delegates whole: 2-D matmuls for every weight (a 3-D one stays fp32 under dynamic-range
+quantization and ran 3-7x slower), reshapes with at most one open dimension, no GATHER (token and
+position embeddings are looked up on the host, from `embeddings.npy` and `positions.npy`), and
+the attention mask given as an additive input. The arithmetic is transformers' TF GPT-2: the
+same layer norms, gelu_new, scaled dot-product attention and -1e4 mask.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Gpt2Shape:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    vocab_size: int
+    n_positions: int
+    eps: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class _Decoder(tf.Module):
+    """The two programs over one set of variables (the converter freezes them into the file)."""
+
+    def __init__(self, weights: dict[str, np.ndarray], shape: Gpt2Shape):
+        super().__init__()
+        self.shape = shape
+        self.w = {name: tf.Variable(value, trainable=False, name=name.replace(".", "_"))
+                  for name, value in weights.items()}
+        E, H, D = shape.n_embd, shape.n_head, shape.head_dim
+        kv = [tf.TensorSpec([None, H, None, D], tf.float32, name=f"{kind}_{i}")
+              for i in range(shape.n_layer) for kind in ("key", "value")]
+        self.decode = tf.function(self._decode, input_signature=[
+            tf.TensorSpec([None, 1, E], tf.float32, name="embeds"),
+            tf.TensorSpec([None, 1, 1, None], tf.float32, name="mask"),
+            *kv,
+        ])
+        self.prefill = tf.function(self._prefill, input_signature=[
+            tf.TensorSpec([1, None, E], tf.float32, name="embeds"),
+            tf.TensorSpec([1, 1, None, None], tf.float32, name="mask"),
+        ])
+
+    # --- the two programs ---------------------------------------------------------------------
+
+    def _prefill(self, embeds, mask):
+        """embeds [1, T, E] (token + position embeddings), mask [1, 1, T, T] additive (0 or -1e4)."""
+        x, outputs = embeds, {}
+        for i in range(self.shape.n_layer):
+            q, k, v = self._qkv(i, x, batch=1, length=-1)
+            w = tf.matmul(q, k, transpose_b=True) / math.sqrt(self.shape.head_dim) + mask
+            a = tf.matmul(tf.nn.softmax(w, axis=-1), v)  # [1, H, T, D]
+            x = self._finish_block(i, x, a, batch=1, length=-1)
+            outputs[f"key_{i}"], outputs[f"value_{i}"] = k, v
+        outputs["logits"] = self._logits(x[:, -1:, :])
+        return outputs
+
+    def _decode(self, embeds, mask, *caches):
+        """embeds [B, 1, E]; mask [B, 1, 1, C + 1] additive, the last entry for the new token
+        itself; caches: key_0, value_0, key_1, ... each [B, H, C, D]."""
+        x, outputs = embeds, {}
+        scale = math.sqrt(self.shape.head_dim)
+        for i in range(self.shape.n_layer):
+            k_cache, v_cache = caches[2 * i], caches[2 * i + 1]
+            q, k, v = self._qkv(i, x, batch=-1, length=1)  # [B, H, 1, D]
+            # Scores over the cache and over the new token, then one softmax over both: the
+            # cache is read in place, never concatenated with the new slot.
+            w_cache = tf.matmul(q, k_cache, transpose_b=True) / scale  # [B, H, 1, C]
+            w_new = tf.reduce_sum(q * k, axis=-1, keepdims=True) / scale  # [B, H, 1, 1]
+            p = tf.nn.softmax(tf.concat([w_cache, w_new], axis=-1) + mask, axis=-1)
+            a = tf.matmul(p[..., :-1], v_cache) + p[..., -1:] * v  # [B, H, 1, D]
+            x = self._finish_block(i, x, a, batch=-1, length=1)
+            outputs[f"key_{i}"], outputs[f"value_{i}"] = k, v
+        outputs["logits"] = self._logits(x)
+        return outputs
+
+    # --- GPT-2's pieces -------------------------------------------------------------------------
+
+    def _qkv(self, i, x, batch, length):
+        """Queries, keys, values [B, H, T, D]; exactly one of batch/length is -1 (open)."""
+        E, H, D = self.shape.n_embd, self.shape.n_head, self.shape.head_dim
+        h = self._dense(self._norm(x, f"h{i}.ln_1"), f"h{i}.attn.c_attn")  # [B*T, 3E]
+        q, k, v = tf.split(h, 3, axis=-1)
+        return tuple(tf.transpose(tf.reshape(t, [batch, length, H, D]), [0, 2, 1, 3]) for t in (q, k, v))
+
+    def _finish_block(self, i, x, a, batch, length):
+        E = self.shape.n_embd
+        a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, E])  # merge heads: [B*T, E]
+        x = x + tf.reshape(self._matmul(a, f"h{i}.attn.c_proj"), [batch, length, E])
+        m = _gelu_new(self._dense(self._norm(x, f"h{i}.ln_2"), f"h{i}.mlp.c_fc"))
+        return x + tf.reshape(self._matmul(m, f"h{i}.mlp.c_proj"), [batch, length, E])
+
+    def _logits(self, x):
+        """x [B, 1, E] -> logits [B, V]: the tied LM head as one 2-D matmul."""
+        h = tf.reshape(self._norm(x, "ln_f"), [-1, self.shape.n_embd])
+        return tf.matmul(h, self.w["wte"], transpose_b=True)
+
+    def _norm(self, x, name):
+        mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+        return (x - mean) * tf.math.rsqrt(variance + self.shape.eps) * self.w[f"{name}.gamma"] + self.w[f"{name}.beta"]
+
+    def _dense(self, x, name):
+        return self._matmul(tf.reshape(x, [-1, x.shape[-1]]), name)
+
+    def _matmul(self, x2d, name):
+        """transformers' TFConv1D: x @ W + b, with x already 2-D."""
+        return tf.matmul(x2d, self.w[f"{name}.weight"]) + self.w[f"{name}.bias"]
+
+
+def _gelu_new(x):
+    return 0.5 * x * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * tf.pow(x, 3))))
+
+
+def load_tf_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], Gpt2Shape]:
+    """The weights of a transformers TF GPT-2 checkpoint, by short names, and its shape."""
+    from transformers import TFGPT2LMHeadModel
+
+    from service.engine.tf_gpt2 import _check_supported
+
+    model = TFGPT2LMHeadModel.from_pretrained(model_dir)
+    config = model.config
+    _check_supported(config)
+    t = model.transformer
+    weights = {"wte": t.wte.embeddings.numpy(), "wpe": t.wpe.embeddings.numpy(),
+               "ln_f.gamma": t.ln_f.gamma.numpy(), "ln_f.beta": t.ln_f.beta.numpy()}
+    for i, block in enumerate(t.h):
+        for norm in ("ln_1", "ln_2"):
+            layer = getattr(block, norm)
+            weights[f"h{i}.{norm}.gamma"], weights[f"h{i}.{norm}.beta"] = layer.gamma.numpy(), layer.beta.numpy()
+        for name, layer in (("attn.c_attn", block.attn.c_attn), ("attn.c_proj", block.attn.c_proj),
+                            ("mlp.c_fc", block.mlp.c_fc), ("mlp.c_proj", block.mlp.c_proj)):
+            weights[f"h{i}.{name}.weight"] = layer.weight.numpy()
+            weights[f"h{i}.{name}.bias"] = layer.bias.numpy().reshape(-1)
+    shape = Gpt2Shape(config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.n_positions,
+                      float(config.layer_norm_epsilon))
+    del model
+    return weights, shape
+
+
+def convert(weights: dict[str, np.ndarray], shape: Gpt2Shape) -> dict[str, bytes]:
+    """The decoder as LiteRT flatbuffers: {"fp32": ..., "int8": ...} (int8: dynamic-range weights)."""
+    module = _Decoder({k: v for k, v in weights.items() if k != "wpe"}, shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        # The converter takes several signatures from a SavedModel; their weights are shared.
+        tf.saved_model.save(module, tmp, signatures={
+            "prefill": module.prefill.get_concrete_function(),
+            "decode": module.decode.get_concrete_function(),
+        })
+        out = {}
+        for precision in ("fp32", "int8"):
+            converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["prefill", "decode"])
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no TF ops at run time
+            if precision == "int8":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no dataset: weights only
+            out[precision] = converter.convert()
+    return out

@@ -1,0 +1,264 @@
+"""The LiteRT backend: GPT-2 on TensorFlow Lite's runtime, with no TensorFlow imported.
+
+The model file (made by `scripts/convert_model.py`) has two signatures over one set of weights:
+`prefill` runs one prompt with no cache and returns its keys and values; `decode` runs one token
+for each row of the batch over a key/value cache and returns only that token's keys and values.
+The cache lives in the decode signature's own input tensors, which the host reads and writes
+through numpy views (no copy per call: copying the cache in and out of each call costs more than
+the step itself at batch 8). After each step the host writes the new slot and opens it in the
+additive attention mask.
+
+Every row keeps its own positions (no left padding): a row's prompt fills slots 0..n-1 and each
+new token the next slot, so a prompt is prefilled at its own length and a row's numbers are the
+same whatever shares its batch. Token and position embeddings are looked up on the host (GATHER
+is not delegated to XNNPACK).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+from service.engine.base import Engine, GenerationRow
+from service.model_files import LITERT_META, litert_model_file
+
+log = logging.getLogger(__name__)
+
+MASKED = -1e4  # transformers' TF GPT-2 mask value
+
+
+class Decoder:
+    """One LiteRT model file, and the key/value cache of the batch it decodes.
+
+    Contract: `start_batch(B, C)` makes room for B rows of C slots each, all empty; `prefill(b,
+    ids)` fills row b's first len(ids) slots and returns the logits after its last token;
+    `step(ids)` puts one token per row into each row's next slot and returns the logits after
+    it (rows whose slots are full must not step); `keep(rows)` drops every other row.
+    """
+
+    def __init__(self, model_path: Path, embeddings: np.ndarray, positions: np.ndarray, num_threads: int):
+        self._interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
+        self._runtime = self._interpreter._interpreter  # the wrapper: per-signature views and calls
+        self._embeddings = embeddings
+        self._positions = positions
+        self._prefill = self._signature("prefill")
+        self._decode = self._signature("decode")
+        key = self._decode["inputs"]["key_0"]["shape_signature"]
+        self.n_head, self.head_dim = int(key[1]), int(key[3])
+        self.n_layer = sum(1 for name in self._decode["inputs"] if name.startswith("key_"))
+        self.batch_size = 0
+        self.cache_size = 0
+        self.lengths = np.zeros([0], np.int64)  # filled slots per row
+
+    def _signature(self, name: str) -> dict:
+        runner = self._interpreter.get_signature_runner(name)
+        return {"subgraph": self._runtime.GetSubgraphIndexFromSignature(name),
+                "inputs": runner.get_input_details(), "outputs": runner.get_output_details()}
+
+    # --- the batch's cache -------------------------------------------------------------------
+
+    def start_batch(self, batch_size: int, cache_size: int) -> None:
+        self._resize_decode(batch_size, cache_size)
+        for name in self._cache_names():
+            self._view(self._decode, "inputs", name)[...] = 0  # masked slots must hold finite values
+        mask = self._view(self._decode, "inputs", "mask")
+        mask[...] = MASKED
+        mask[..., cache_size] = 0  # the new token always sees itself
+        self.lengths = np.zeros([batch_size], np.int64)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only these rows (in this order), moving their cache to a smaller batch shape."""
+        rows = list(rows)
+        saved = {name: self._view(self._decode, "inputs", name)[rows] for name in self._cache_names() + ["mask"]}
+        self._resize_decode(len(rows), self.cache_size)
+        for name, value in saved.items():
+            self._view(self._decode, "inputs", name)[...] = value
+        self.lengths = self.lengths[rows]
+
+    def _resize_decode(self, batch_size: int, cache_size: int) -> None:
+        heads, head_dim = self.n_head, self.head_dim
+        shapes = {name: [batch_size, heads, cache_size, head_dim] for name in self._cache_names()}
+        shapes["mask"] = [batch_size, 1, 1, cache_size + 1]
+        shapes["embeds"] = [batch_size, 1, self._embeddings.shape[1]]
+        self._resize(self._decode, shapes)
+        self.batch_size, self.cache_size = batch_size, cache_size
+
+    def _cache_names(self) -> list[str]:
+        return [f"{kind}_{i}" for i in range(self.n_layer) for kind in ("key", "value")]
+
+    # --- the two calls -------------------------------------------------------------------------
+
+    def prefill(self, row: int, ids: Sequence[int]) -> np.ndarray:
+        n = len(ids)
+        if n > self.cache_size:
+            raise ValueError(f"a prompt of {n} tokens does not fit a cache of {self.cache_size} slots")
+        causal = np.triu(np.full([n, n], MASKED, np.float32), k=1)
+        self._resize(self._prefill, {"embeds": [1, n, self._embeddings.shape[1]], "mask": [1, 1, n, n]})
+        self._view(self._prefill, "inputs", "embeds")[0] = self._embed(np.asarray(ids), np.arange(n))
+        self._view(self._prefill, "inputs", "mask")[0, 0] = causal
+        self._invoke(self._prefill)
+        for name in self._cache_names():
+            self._view(self._decode, "inputs", name)[row, :, :n] = self._view(self._prefill, "outputs", name)[0]
+        self._view(self._decode, "inputs", "mask")[row, 0, 0, :n] = 0
+        self.lengths[row] = n
+        return self._view(self._prefill, "outputs", "logits")[0].copy()
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """One token per row (in batch order) -> logits [batch, vocab] (a copy)."""
+        at = self.lengths
+        if at.max(initial=0) >= self.cache_size:
+            raise ValueError("a row's cache is full")
+        self._view(self._decode, "inputs", "embeds")[:, 0] = self._embed(ids, at)
+        self._invoke(self._decode)
+        rows = np.arange(self.batch_size)
+        for name in self._cache_names():
+            self._view(self._decode, "inputs", name)[rows, :, at] = self._view(self._decode, "outputs", name)[:, :, 0]
+        self._view(self._decode, "inputs", "mask")[rows, 0, 0, at] = 0
+        self.lengths = at + 1
+        return self._view(self._decode, "outputs", "logits").copy()
+
+    def _embed(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self._embeddings[ids] + self._positions[positions]
+
+    # --- the interpreter -----------------------------------------------------------------------
+
+    def _resize(self, signature: dict, shapes: dict[str, list[int]]) -> None:
+        """Give inputs new shapes; reallocating moves tensors, so views are taken afresh after."""
+        current = {name: list(self._view(signature, "inputs", name).shape) for name in shapes} \
+            if signature.get("allocated") else {}
+        if current == shapes:
+            return
+        for name, shape in shapes.items():
+            index = signature["inputs"][name]["index"]
+            self._runtime.ResizeInputTensor(index, np.array(shape, np.int32), False, signature["subgraph"])
+        self._runtime.AllocateTensors(signature["subgraph"])
+        signature["allocated"] = True
+
+    def _invoke(self, signature: dict) -> None:
+        self._runtime.Invoke(signature["subgraph"])
+
+    def _view(self, signature: dict, side: str, name: str) -> np.ndarray:
+        """A numpy view of a signature's tensor: valid until that signature is reallocated."""
+        return self._runtime.tensor(self._interpreter, signature[side][name]["index"], signature["subgraph"])
+
+
+class LiteRTGPT2Engine(Engine):
+    """A GPT-2-family model served from the LiteRT files in a model directory."""
+
+    backend = "litert"
+
+    def __init__(self, model_dir: Path, *, precision: str = "auto", max_batch_size: int = 8,
+                 num_threads: int = 0, smallest_cache: int = 128):
+        meta = json.loads((model_dir / LITERT_META).read_text())
+        self.gate = meta["quality"]
+        self.precision = resolve_precision(precision, meta)
+        if precision == "int8" and not self.gate["int8_enabled"]:
+            log.warning("serving int8 although the quality gate rejected it (%s)", self.gate["reason"])
+        self.eos_id = int(meta["eos_token_id"])
+        self.context_window = int(meta["n_positions"])
+        self.max_batch_size = max_batch_size
+        self.cache_sizes = cache_buckets(smallest_cache, self.context_window)
+        self._tokenizer = load_tokenizer(model_dir)
+        # The token embeddings are the LM head's weights too (50257 x 768 floats for GPT-2): mapped,
+        # not read, so only the rows of tokens met are resident.
+        embeddings = np.load(model_dir / meta["embeddings"], mmap_mode="r")
+        positions = np.load(model_dir / meta["positions"])
+        threads = num_threads or len(os.sched_getaffinity(0))
+        self.decoder = Decoder(model_dir / litert_model_file(self.precision), embeddings, positions, threads)
+        self.compactions = 0
+
+    # --- Engine interface -------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids or [self.eos_id]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def warmup(self) -> None:
+        """Pack the weights for XNNPACK (the first call of each signature) with a short batch."""
+        started = time.monotonic()
+        rows = [GenerationRow((self.eos_id,), 2)] * self.max_batch_size
+        self.generate(rows)
+        log.info("warm-up ran %s (%s) in %.1f s", self.backend, self.precision, time.monotonic() - started)
+
+    def generate(self, rows: Sequence[GenerationRow]) -> list[list[int]]:
+        decoder = self.decoder
+        slots = max(len(r.prompt_ids) + r.max_tokens for r in rows)
+        decoder.start_batch(len(rows), next(c for c in self.cache_sizes if c >= slots))
+        outputs: list[list[int]] = [[] for _ in rows]
+        live = list(range(len(rows)))  # the row at each batch position
+        tokens = np.array([self._next_token(rows[i], decoder.prefill(b, rows[i].prompt_ids), 0)
+                           for b, i in enumerate(live)], np.int64)
+        while True:
+            keep = []
+            for b, i in enumerate(live):
+                if tokens[b] == self.eos_id:
+                    continue
+                outputs[i].append(int(tokens[b]))
+                if len(outputs[i]) < rows[i].max_tokens:
+                    keep.append(b)
+            if not keep:
+                return outputs
+            if len(keep) < len(live):
+                # Finished rows stop costing work: the rest move to a smaller batch.
+                decoder.keep(keep)
+                live, tokens = [live[b] for b in keep], tokens[keep]
+                self.compactions += 1
+            logits = decoder.step(tokens)
+            tokens = np.array([self._next_token(rows[i], logits[b], len(outputs[i])) for b, i in enumerate(live)],
+                              np.int64)
+
+    # --- sampling -----------------------------------------------------------------------------
+
+    def _next_token(self, row: GenerationRow, logits: np.ndarray, index: int) -> int:
+        return sample(logits, row.temperature, row.seed, row.stream, index)
+
+
+def sample(logits: np.ndarray, temperature: float, seed: int, stream: int, index: int) -> int:
+    """Greedy where temperature is 0, else a draw from softmax(logits / temperature).
+
+    The draw is inverse-CDF with one uniform number from Philox keyed by (seed, stream) at
+    counter `index` (the token's index in the row), so a row's tokens depend only on its own
+    seed, stream and logits, never on its neighbours.
+    """
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    weights = np.exp(scaled - scaled.max())
+    cumulative = np.cumsum(weights)
+    u = np.random.Generator(np.random.Philox(key=seed + (stream << 64), counter=index)).random()
+    return int(min(np.searchsorted(cumulative, u * cumulative[-1], side="right"), len(logits) - 1))
+
+
+def resolve_precision(precision: str, meta: dict) -> str:
+    if precision == "auto":
+        return "int8" if meta["quality"]["int8_enabled"] else "fp32"
+    return precision
+
+
+def cache_buckets(smallest: int, context_window: int) -> tuple[int, ...]:
+    """Cache sizes doubling from `smallest` up to the context window: attention costs what the
+    allocated cache costs, so a batch takes the smallest that holds its longest row."""
+    sizes, size = [], smallest
+    while size < context_window:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, context_window)
+
+
+def load_tokenizer(model_dir: Path):
+    """GPT-2's byte-level BPE from tokenizer.json, or from vocab.json + merges.txt."""
+    from tokenizers import Tokenizer
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    if (model_dir / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return ByteLevelBPETokenizer(str(model_dir / "vocab.json"), str(model_dir / "merges.txt"))
