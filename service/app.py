@@ -10,10 +10,10 @@ from fastapi import FastAPI
 from service.config import Settings
 from service.errors import register_error_handlers
 from service.routes import create_router
-from service.runtime import EngineFactory, Runtime, tensorflow_engine
+from service.runtime import EngineFactory, Runtime, configured_engine
 
 
-def create_app(settings: Settings, engine_factory: EngineFactory = tensorflow_engine) -> FastAPI:
+def create_app(settings: Settings, engine_factory: EngineFactory = configured_engine) -> FastAPI:
     """Build the app. Nothing is loaded until the lifespan starts (as the server starts)."""
 
     @asynccontextmanager
@@ -28,7 +28,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = tensorflow_en
 
     app = FastAPI(
         title="Local LLM API",
-        summary="Text generation with a GPT-2-family model on the CPU, with TensorFlow and XLA.",
+        summary="Text generation with a GPT-2-family model on the CPU, with TensorFlow Lite (LiteRT) or TensorFlow and XLA.",
         version="0.1.0",
         lifespan=lifespan,
     )

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.model_files import ModelDirError, check_model_dir
+from service.model_files import ModelDirError, check_model_dir, has_litert_files
 
 
 class Settings(BaseSettings):
@@ -16,7 +16,14 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", protected_namespaces=())
 
-    model_dir: Path = Field(description="Directory with config.json, tf_model.h5 and the tokenizer files.")
+    model_dir: Path = Field(description="Directory with config.json, tf_model.h5 and the tokenizer files "
+                            "(and the LiteRT files scripts/convert_model.py adds).")
+    backend: Literal["auto", "litert", "tf"] = Field(
+        "auto", description="litert: TensorFlow Lite's runtime on the converted files; tf: TensorFlow with XLA; "
+        "auto: litert when the model directory holds a finished conversion, else tf.")
+    litert_precision: Literal["auto", "int8", "fp32"] = Field(
+        "auto", description="LiteRT weights: auto takes int8 if the conversion's quality gate passed it, else fp32.")
+    num_threads: int = Field(0, ge=0, le=256, description="LiteRT CPU threads; 0: one per core the process may use.")
     host: str = Field("127.0.0.1", description="Address `python -m service` listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port `python -m service` listens on.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -39,6 +46,20 @@ class Settings(BaseSettings):
         check_model_dir(value)
         return value
 
+    @model_validator(mode="after")
+    def _backend_available(self) -> Settings:
+        if self.backend == "litert" and not has_litert_files(self.model_dir):
+            raise ValueError(f"BACKEND=litert, but {self.model_dir} holds no finished LiteRT conversion; "
+                             f"run: python scripts/convert_model.py --model-dir {self.model_dir}")
+        return self
+
+    @property
+    def serving_backend(self) -> str:
+        """The backend that serves: `backend`, with auto resolved against the model directory."""
+        if self.backend != "auto":
+            return self.backend
+        return "litert" if has_litert_files(self.model_dir) else "tf"
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value):
@@ -56,8 +77,8 @@ def load_settings() -> Settings:
 
 def _describe(error: dict) -> str:
     cause = error.get("ctx", {}).get("error")
-    if isinstance(cause, ModelDirError):
-        return str(cause)  # it names the path and what is missing
+    if isinstance(cause, ModelDirError) or not error["loc"]:
+        return str(cause or error["msg"])  # it names the path and what is missing
     name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
     message = "is required (set it in the environment)" if error["type"] == "missing" else error["msg"]
     return f"{name} {message}"

@@ -20,4 +20,8 @@ def render(runtime: Runtime) -> str:
     lines = []
     for name, kind, help_text, value in samples:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    if engine is not None:
+        lines += ["# HELP llm_backend_info What serves: the backend and the precision of its weights.",
+                  "# TYPE llm_backend_info gauge",
+                  f'llm_backend_info{{backend="{engine.backend}",precision="{engine.precision}"}} 1']
     return "\n".join(lines) + "\n"

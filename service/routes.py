@@ -33,10 +33,13 @@ def create_router(settings: Settings) -> APIRouter:
     @router.get("/health", response_model=HealthResponse,
                 responses={503: {"model": HealthResponse, "description": "Loading, or warm-up failed"}})
     async def health(runtime: RuntimeDep):
-        """200 {"status": "ok"} once the model is warmed up and the batch worker runs; else 503."""
-        if runtime.ready:
-            return {"status": "ok"}
-        return JSONResponse({"status": runtime.status}, status_code=503)
+        """200 {"status": "ok", ...} once the model is warmed up and the batch worker runs; else 503.
+
+        `backend` and `precision` say what serves."""
+        body = {"status": "ok" if runtime.ready else runtime.status}
+        if runtime.engine is not None:
+            body |= {"backend": runtime.engine.backend, "precision": runtime.engine.precision}
+        return JSONResponse(body, status_code=200 if runtime.ready else 503)
 
     @router.post("/generate", response_model=GenerateResponse,
                  responses={422: {"description": "Invalid request, or a prompt too long for the context window"},

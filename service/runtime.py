@@ -20,6 +20,20 @@ log = logging.getLogger(__name__)
 EngineFactory = Callable[[Settings], Engine]
 
 
+def configured_engine(settings: Settings) -> Engine:
+    """The backend the settings choose (BACKEND, with auto resolved against the model directory)."""
+    return {"litert": litert_engine, "tf": tensorflow_engine}[settings.serving_backend](settings)
+
+
+def litert_engine(settings: Settings) -> Engine:
+    """TensorFlow Lite's runtime on the converted files; imports no TensorFlow."""
+    from service.engine.litert_gpt2 import LiteRTGPT2Engine
+
+    return LiteRTGPT2Engine(settings.model_dir, precision=settings.litert_precision,
+                            max_batch_size=settings.max_batch_size, num_threads=settings.num_threads,
+                            smallest_cache=settings.min_cache_size)
+
+
 def tensorflow_engine(settings: Settings) -> Engine:
     """The default backend (imported here so that importing the app does not import TensorFlow)."""
     from service.engine.tf_gpt2 import TFGPT2Engine, use_persistent_compile_cache
@@ -55,7 +69,11 @@ class Runtime:
         # Settings checked the files' sizes; the sums (every byte read) are checked once, here.
         await anyio.to_thread.run_sync(verify_manifest, self.settings.model_dir)
         self.engine = await anyio.to_thread.run_sync(self._engine_factory, self.settings)
-        log.info("model loaded from %s in %.1f s", self.settings.model_dir, time.monotonic() - started)
+        log.info("model loaded from %s in %.1f s: backend %s, precision %s", self.settings.model_dir,
+                 time.monotonic() - started, self.engine.backend, self.engine.precision)
+        gate = getattr(self.engine, "gate", None)
+        if gate is not None:
+            log.info("int8 quality gate at conversion: %s", gate["reason"])
         self._warmup_task = asyncio.create_task(self._warm_up(started), name="warmup")
 
     async def _warm_up(self, started: float) -> None:

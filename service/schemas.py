@@ -23,6 +23,10 @@ class GenerateResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: str = Field(description='"ok" when ready; "loading" during warm-up; "failed" if warm-up failed.')
+    backend: Optional[str] = Field(None, description='What serves: "litert" (TensorFlow Lite) or "tf" (TensorFlow with XLA).')
+    precision: Optional[str] = Field(None, description='The weights served: "int8" or "fp32".')
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok", "backend": "litert", "precision": "int8"}]})
 
 
 def generate_request_model(settings: Settings) -> type[BaseModel]:

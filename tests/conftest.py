@@ -1,8 +1,9 @@
-"""Shared fixtures: a tiny model built once, settings for it, and one warmed-up engine.
+"""Shared fixtures: a tiny model built once, settings for it, and one warmed-up engine per backend.
 
-Compiling is the slow part of these tests, so one TensorFlow engine serves the whole session
-(the HTTP tests hand it to the app factory) and compiled programs persist in a session
-directory.
+`engine` is parametrized over the backends, so every test that uses it (the exactness tests,
+the HTTP tests) runs on TensorFlow/XLA and on LiteRT (fp32: the tiny model's int8 weights fail
+the quality gate). Compiling is the slow part, so one engine per backend serves the whole
+session, and compiled XLA programs persist in a session directory.
 """
 
 from __future__ import annotations
@@ -39,12 +40,49 @@ def xla_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(model_dir, xla_cache):
+def litert_model_dir(model_dir, tmp_path_factory) -> Path:
+    """The tiny model converted to LiteRT by scripts/convert_model.py (a copy: `model_dir` stays
+    TensorFlow-only, so BACKEND=auto resolves to tf there)."""
+    import shutil
+
+    import convert_model
+
+    out = tmp_path_factory.mktemp("tiny-litert") / "model"
+    shutil.copytree(model_dir, out)
+    convert_model.convert_model_dir(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tf_engine(model_dir, xla_cache):
     from service.engine.tf_gpt2 import TFGPT2Engine
 
     engine = TFGPT2Engine(model_dir, **ENGINE_OPTIONS)
     engine.warmup()
     return engine
+
+
+@pytest.fixture(scope="session")
+def litert_engine(litert_model_dir):
+    from service.engine.litert_gpt2 import LiteRTGPT2Engine
+
+    engine = LiteRTGPT2Engine(litert_model_dir, max_batch_size=ENGINE_OPTIONS["max_batch_size"],
+                              smallest_cache=128)
+    engine.warmup()
+    return engine
+
+
+@pytest.fixture(scope="session", params=["tf", "litert"])
+def engine(request):
+    return request.getfixturevalue(f"{request.param}_engine")
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    """transformers' own TF GPT-2 on the tiny model: the reference."""
+    from transformers import TFGPT2LMHeadModel
+
+    return TFGPT2LMHeadModel.from_pretrained(model_dir)
 
 
 @pytest.fixture
@@ -73,14 +111,15 @@ def reference_tokens(model, prompt_ids, max_new_tokens: int, eos_id: int) -> lis
 
 
 @pytest.fixture(scope="session")
-def reference(engine):
+def reference(tf_engine, hf_model):
     """Greedy tokens from transformers' generate for (prompt text, max_tokens), cached."""
     cache: dict[tuple[str, int], list[int]] = {}
 
     def get(prompt: str, max_tokens: int) -> list[int]:
         key = (prompt, max_tokens)
         if key not in cache:
-            cache[key] = reference_tokens(engine.model, engine.encode(prompt), max_tokens, engine.eos_id)
+            ids = tf_engine.encode(prompt)
+            cache[key] = reference_tokens(hf_model, ids, max_tokens, tf_engine.eos_id)
         return cache[key]
 
     return get

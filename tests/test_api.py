@@ -44,9 +44,9 @@ def text_of(engine, tokens):
     return engine.decode(tokens)
 
 
-def test_health_ok(client):
+def test_health_ok(client, engine):
     r = client.get("/health")
-    assert (r.status_code, r.json()) == (200, {"status": "ok"})
+    assert (r.status_code, r.json()) == (200, {"status": "ok", "backend": engine.backend, "precision": "fp32"})
 
 
 def test_greedy_results_are_the_reference_continuations_in_order(client, engine, reference):

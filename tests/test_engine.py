@@ -1,4 +1,6 @@
-"""The compiled decode loop against transformers' own `generate` on the same tiny model."""
+"""Both backends' decode loops against transformers' own `generate` on the same tiny model.
+
+`engine` is parametrized (conftest.py): each test runs on TensorFlow/XLA and on LiteRT fp32."""
 
 import json
 import shutil
@@ -49,18 +51,21 @@ def test_greedy_batch_with_different_max_tokens_matches_generate_alone(engine, r
     out = engine.generate(rows_for(engine, batch, budgets))
     assert out == [reference(p, m) for p, m in zip(batch, budgets)]
     assert [len(o) for o in out] == budgets
-    # Batch 4 -> 1 once the third row is done (after 32 steps).
-    assert engine.compactions - compactions == 1
+    # XLA: batch 4 -> 1 once the third row is done (after 32 steps), compiled shapes being 1 and 4.
+    # LiteRT: 3 -> 2 after the first token, 2 -> 1 after 17 (any batch size runs uncompiled).
+    assert engine.compactions - compactions == {"tf": 1, "litert": 2}[engine.backend]
 
 
-def test_rows_that_cannot_share_a_cache_run_in_turn(engine):
+def test_a_long_prompt_and_a_long_continuation_in_one_request(engine, hf_model):
+    """XLA left-pads rows to one length, so these two cannot share a cache and run in turn;
+    LiteRT keeps each row's own positions and runs them together."""
     long_prompt = "a b c d e f g h " * 100
     ids = engine.encode(long_prompt)[:1000]
     rows = [GenerationRow(tuple(ids), 8), GenerationRow(tuple(engine.encode("x")), 300)]
     out = engine.generate(rows)
-    expect_long = reference_tokens(engine.model, ids, 8, engine.eos_id)
+    expect_long = reference_tokens(hf_model, ids, 8, engine.eos_id)
     assert out[0] == expect_long
-    assert out[1][:20] == reference_tokens(engine.model, engine.encode("x"), 20, engine.eos_id)
+    assert out[1][:20] == reference_tokens(hf_model, engine.encode("x"), 20, engine.eos_id)
     assert len(out[1]) == 300
 
 
@@ -81,10 +86,10 @@ def test_a_tiny_temperature_is_greedy(engine, reference):
     assert out == [reference(PROMPTS[3], 20)]
 
 
-def test_sampling_draws_from_softmax_of_logits_over_temperature(engine):
+def test_sampling_draws_from_softmax_of_logits_over_temperature(engine, hf_model):
     """The first token's empirical distribution over 512 seeds against the model's softmax."""
     ids = engine.encode(PROMPTS[2])
-    logits = engine.model(tf.constant([ids])).logits.numpy()[0, -1].astype(np.float64)
+    logits = hf_model(tf.constant([ids])).logits.numpy()[0, -1].astype(np.float64)
 
     def softmax(t):
         p = np.exp((logits - logits.max()) / t)
@@ -109,33 +114,43 @@ def test_sampling_draws_from_softmax_of_logits_over_temperature(engine):
 
 
 @pytest.fixture(scope="module")
-def eos_model(model_dir, engine, reference, tmp_path_factory):
-    """The tiny model with end-of-text moved to a token its greedy output emits early."""
+def eos_model(litert_model_dir, reference, tmp_path_factory):
+    """The tiny model (with its LiteRT files) with end-of-text moved to a token its greedy output
+    emits early."""
     prompt = PROMPTS[3]
     greedy = reference(prompt, 30)
     position = next(i for i in range(3, 30) if greedy[i] not in greedy[:i])
     stop_token = greedy[position]
     out = tmp_path_factory.mktemp("eos-model")
-    for f in model_dir.iterdir():
-        shutil.copy(f, out / f.name)
-    for name in ("config.json", "generation_config.json"):
+    for f in litert_model_dir.iterdir():
+        if f.is_file() and f.name != "manifest.json":
+            shutil.copy(f, out / f.name)
+    for name in ("config.json", "generation_config.json", "litert.json"):
         data = json.loads((out / name).read_text())
         data["eos_token_id"] = stop_token
         (out / name).write_text(json.dumps(data))
     return out, prompt, greedy[:position], stop_token
 
 
-def test_a_row_stops_at_end_of_text(eos_model, xla_cache):
-    from service.engine.tf_gpt2 import TFGPT2Engine
+def make_engine(backend, path):
+    if backend == "tf":
+        from service.engine.tf_gpt2 import TFGPT2Engine
 
+        return TFGPT2Engine(path, **ENGINE_OPTIONS)
+    from service.engine.litert_gpt2 import LiteRTGPT2Engine
+
+    return LiteRTGPT2Engine(path, max_batch_size=ENGINE_OPTIONS["max_batch_size"])
+
+
+def test_a_row_stops_at_end_of_text(engine, eos_model, hf_model, xla_cache):
     path, prompt, before_stop, stop_token = eos_model
-    engine = TFGPT2Engine(path, **ENGINE_OPTIONS)
-    assert engine.eos_id == stop_token
-    rows = [GenerationRow(tuple(engine.encode(prompt)), 30),
-            GenerationRow(tuple(engine.encode(prompt)), 30, 0.9, 3, 0)]
-    out = engine.generate(rows)
+    eos_engine = make_engine(engine.backend, path)
+    assert eos_engine.eos_id == stop_token
+    rows = [GenerationRow(tuple(eos_engine.encode(prompt)), 30),
+            GenerationRow(tuple(eos_engine.encode(prompt)), 30, 0.9, 3, 0)]
+    out = eos_engine.generate(rows)
     assert out[0] == before_stop
-    assert out[0] == reference_tokens(engine.model, engine.encode(prompt), 30, stop_token)
+    assert out[0] == reference_tokens(hf_model, eos_engine.encode(prompt), 30, stop_token)
     assert stop_token not in out[1]
 
 

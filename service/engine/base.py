@@ -50,6 +50,8 @@ class Engine(ABC):
     """
 
     context_window: int
+    backend: str = "unknown"  # "litert" or "tf": reported by /health and /metrics
+    precision: str = "fp32"
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:

@@ -73,6 +73,8 @@ class DecodeState:
 class TFGPT2Engine(Engine):
     """A GPT-2-family model served from a local directory by the compiled decode loop."""
 
+    backend = "tf"
+
     def __init__(self, model_dir: Path, *, max_batch_size: int = 8, prefill_chunk: int = 16,
                  decode_chunk: int = 16, smallest_cache: int = 128):
         self._tokenizer = GPT2TokenizerFast.from_pretrained(model_dir).backend_tokenizer
