@@ -12,6 +12,7 @@ class FakeEngine(Engine):
     """
 
     context_window = 64
+    backend = "fake"
 
     def __init__(self, fail_with: Exception | None = None):
         self.warmup_gate = threading.Event()

@@ -202,7 +202,7 @@ def test_loading_answers_503_until_warm(model_dir):
     engine.warmup_gate.clear()
     with TestClient(fake_app(model_dir, engine)) as client:
         r = client.get("/health")
-        assert (r.status_code, r.json()) == (503, {"status": "loading"})
+        assert (r.status_code, r.json()) == (503, {"status": "loading", "backend": "fake", "precision": "fp32"})
         r = generate(client, prompts="abc")
         assert (r.status_code, r.json()) == (503, {"detail": "the model is not ready: it is still loading"})
         assert r.headers["retry-after"] == "5"
