@@ -1,0 +1,207 @@
+"""LiteRT: conversion (files, manifest, idempotence, atomicity, errors), the int8 quality gate both
+ways, backend selection, and what is particular to the LiteRT engine (int8, sampling, tokenizer).
+
+The exactness tests against transformers run on LiteRT through the parametrized `engine` fixture
+(test_engine.py, test_api.py)."""
+
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+import convert_model
+from service.config import Settings
+from service.engine import GenerationRow, quality
+from service.engine.litert_gpt2 import LiteRTGPT2Engine, sample
+from service.model_files import LITERT_FILES, LITERT_META, has_litert_files, read_manifest, sha256_of, verify_manifest
+
+
+def copy_model(src, dst, litert=False):
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and (litert or f.name not in LITERT_FILES + ("manifest.json",)):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+# --- conversion -------------------------------------------------------------------------------
+
+def test_conversion_writes_every_file_and_records_it_in_the_manifest(litert_model_dir):
+    manifest = read_manifest(litert_model_dir)
+    for name in LITERT_FILES:
+        assert manifest["files"][name] == {"size": (litert_model_dir / name).stat().st_size,
+                                           "sha256": sha256_of(litert_model_dir / name)}
+    assert "tf_model.h5" in manifest["files"]
+    verify_manifest(litert_model_dir)
+    meta = json.loads((litert_model_dir / LITERT_META).read_text())
+    assert meta["source_sha256"] == convert_model.source_fingerprint(litert_model_dir)
+    assert meta["models"] == {"fp32": "gpt2.fp32.tflite", "int8": "gpt2.int8.tflite"}
+    assert (meta["n_layer"], meta["n_head"], meta["n_embd"], meta["vocab_size"]) == (2, 4, 64, 512)
+    assert not (litert_model_dir / ".litert-tmp").exists()
+
+
+def test_a_second_conversion_of_the_same_weights_does_nothing(litert_model_dir, capsys):
+    before = {name: (litert_model_dir / name).stat().st_mtime_ns for name in LITERT_FILES + ("manifest.json",)}
+    assert convert_model.main(["--model-dir", str(litert_model_dir)]) == 0
+    assert capsys.readouterr().out == (f"convert_model: {litert_model_dir} already holds LiteRT files for these "
+                                       "weights; nothing to do\n")
+    assert before == {name: (litert_model_dir / name).stat().st_mtime_ns for name in before}
+
+
+def test_new_weights_are_converted_again(litert_model_dir, tmp_path):
+    model = copy_model(litert_model_dir, tmp_path / "m", litert=True)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 2e-5}))
+    (model / "manifest.json").unlink()  # as a download of new weights would rewrite it
+    assert not convert_model.is_converted(model, convert_model.source_fingerprint(model))
+    meta = convert_model.convert_model_dir(model)
+    assert "skipped" not in meta and meta["source_sha256"] == convert_model.source_fingerprint(model)
+
+
+def test_an_interrupted_conversion_never_looks_complete(model_dir, tmp_path, monkeypatch, capsys):
+    model = copy_model(model_dir, tmp_path / "m")
+
+    def interrupted(*args):
+        raise RuntimeError("killed halfway")
+
+    monkeypatch.setattr(quality, "compare", interrupted)  # after the .tflite files are written
+    assert convert_model.main(["--model-dir", str(model)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"convert_model: converting {model} failed: RuntimeError: killed halfway\n"
+    assert not has_litert_files(model)
+    assert not any((model / name).exists() for name in LITERT_FILES)
+    assert not (model / ".litert-tmp").exists()
+    assert Settings(model_dir=model).serving_backend == "tf"
+
+
+def test_files_the_manifest_does_not_list_are_not_a_conversion(litert_model_dir, tmp_path):
+    model = copy_model(litert_model_dir, tmp_path / "m", litert=True)
+    manifest = read_manifest(model)
+    del manifest["files"][LITERT_META]
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    assert not has_litert_files(model)
+
+
+def test_a_failure_exits_1_with_one_line(tmp_path, capsys):
+    assert convert_model.main(["--model-dir", str(tmp_path / "nope")]) == 1
+    assert capsys.readouterr().err == f"convert_model: model directory {tmp_path / 'nope'} does not exist\n"
+
+
+# --- the quality gate -------------------------------------------------------------------------
+
+def test_wide_random_weights_fail_the_gate_and_serve_fp32(litert_model_dir, litert_engine):
+    gate = json.loads((litert_model_dir / LITERT_META).read_text())["quality"]
+    assert gate["int8_enabled"] is False
+    assert gate["agreement"] < quality.MIN_AGREEMENT
+    assert gate["reason"].startswith("int8 rejected: top-1 agreement")
+    assert gate["tokens"] == 8 * 511  # eight windows of 512 tokens, each predicting 511
+    assert litert_engine.precision == "fp32"
+
+
+def test_weights_that_quantize_losslessly_pass_the_gate_and_serve_int8(model_dir, tmp_path):
+    """Blocks that pass the residual stream through unchanged (zero weights) and embeddings on an
+    int8 grid: int8 holds the weights exactly, so only activation rounding remains."""
+    import tensorflow as tf
+    from transformers import TFGPT2LMHeadModel
+
+    model_path = copy_model(model_dir, tmp_path / "m")
+    model = TFGPT2LMHeadModel.from_pretrained(model_path)
+    rng = np.random.default_rng(0)
+    for weight in model.weights:
+        if "wte" in weight.name:
+            weight.assign(rng.integers(-127, 128, size=weight.shape) * np.float32(0.1 / 127))
+        elif "/ln_" not in weight.name:
+            weight.assign(tf.zeros(weight.shape))
+    model.save_pretrained(model_path)
+    gate = convert_model.convert_model_dir(model_path)["quality"]
+    assert gate["int8_enabled"] is True, gate
+    assert gate["agreement"] >= quality.MIN_AGREEMENT and gate["perplexity_rise"] < quality.MAX_PERPLEXITY_RISE
+    engine = LiteRTGPT2Engine(model_path, max_batch_size=4)
+    assert engine.precision == "int8"
+    assert LiteRTGPT2Engine(model_path, precision="fp32", max_batch_size=4).precision == "fp32"
+
+
+@pytest.mark.parametrize("agreement, rise, enabled", [
+    (0.98, 0.0299, True), (0.9799, 0.0, False), (1.0, 0.03, False), (0.5, 0.5, False)])
+def test_the_gate_s_thresholds(agreement, rise, enabled):
+    report = quality.judge(agreement, 10.0, 10.0 * (1 + rise), 100)
+    assert report.int8_enabled is enabled
+    assert report.perplexity_rise == pytest.approx(rise)
+
+
+def test_the_gate_text_is_a_few_thousand_tokens(litert_engine):
+    ids = litert_engine.encode(quality.TEXT.read_text())
+    assert len(ids) >= 8 * 512
+    assert quality.windows(ids, 1024).shape == (8, 512)
+    assert quality.windows(ids[:3000], 1024).shape == (8, 375)
+
+
+# --- choosing the backend ---------------------------------------------------------------------
+
+def test_auto_serves_litert_where_converted_and_tf_elsewhere(model_dir, litert_model_dir):
+    assert Settings(model_dir=model_dir).serving_backend == "tf"
+    assert Settings(model_dir=litert_model_dir).serving_backend == "litert"
+    assert Settings(model_dir=litert_model_dir, backend="tf").serving_backend == "tf"
+
+
+def test_litert_without_its_files_is_refused_with_the_command_to_run(model_dir):
+    with pytest.raises(ValidationError) as caught:
+        Settings(model_dir=model_dir, backend="litert")
+    assert f"run: python scripts/convert_model.py --model-dir {model_dir}" in str(caught.value)
+
+
+def test_the_environment_error_is_one_line(model_dir, monkeypatch):
+    from service.config import load_settings
+
+    monkeypatch.setenv("MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("BACKEND", "litert")
+    with pytest.raises(SystemExit) as caught:
+        load_settings()
+    assert str(caught.value) == (f"service: invalid settings: BACKEND=litert, but {model_dir} holds no finished "
+                                 f"LiteRT conversion; run: python scripts/convert_model.py --model-dir {model_dir}")
+
+
+# --- the LiteRT engine ------------------------------------------------------------------------
+
+def test_int8_can_be_forced_and_is_logged(litert_model_dir, caplog):
+    engine = LiteRTGPT2Engine(litert_model_dir, precision="int8", max_batch_size=4)
+    assert engine.precision == "int8"
+    assert "serving int8 although the quality gate rejected it" in caplog.text
+    rows = [GenerationRow(tuple(engine.encode(p)), 20, t, 5, i)
+            for i, (p, t) in enumerate([("def f(x):", 0.0), ("Hello", 0.8), ("", 1.0)])]
+    together = engine.generate(rows)
+    assert all(len(o) <= 20 for o in together) and sum(len(o) for o in together) > 20
+    assert [engine.generate([row])[0] for row in rows] == together  # rows do not depend on neighbours
+
+
+def test_tokenizer_matches_the_tensorflow_backend(litert_engine, tf_engine):
+    text = "naïve café — 日本語 🎉🚀\n\tdef f(x):  return x"
+    assert litert_engine.encode(text) == tf_engine.encode(text)
+    assert litert_engine.decode(litert_engine.encode(text)) == text
+    assert litert_engine.encode("") == [litert_engine.eos_id]
+
+
+def test_sampling_depends_only_on_the_row_s_own_seed_stream_and_index():
+    logits = np.random.default_rng(1).normal(size=300).astype(np.float32)
+    draws = [sample(logits, 1.0, 42, 0, i) for i in range(50)]
+    assert draws == [sample(logits, 1.0, 42, 0, i) for i in range(50)]
+    assert draws != [sample(logits, 1.0, 42, 1, i) for i in range(50)]
+    assert draws != [sample(logits, 1.0, 43, 0, i) for i in range(50)]
+    assert sample(logits, 0.0, 42, 0, 0) == int(np.argmax(logits))
+    assert sample(logits, 1e-4, 42, 0, 0) == int(np.argmax(logits))
+
+
+def test_metrics_name_the_backend_and_precision(litert_model_dir):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(Settings(model_dir=litert_model_dir, max_batch_size=4))) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+        assert client.get("/health").json() == {"status": "ok", "backend": "litert", "precision": "fp32"}
+        assert 'llm_backend_info{backend="litert",precision="fp32"} 1' in client.get("/metrics").text
