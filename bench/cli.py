@@ -1,12 +1,16 @@
 """`python -m bench`: baselines, then the service under load, then the report.
 
 Order of work, one heavy thing at a time so no measurement shares the cores with another:
-1. the model directory (made with scripts/make_test_model.py into the cache if absent);
+1. the model directory (made with scripts/make_test_model.py into the cache if absent), and its
+   LiteRT files (scripts/convert_model.py --model-dir, idempotent) when a LiteRT backend runs;
 2. the PyTorch venv (bench/.venv-torch, made if absent);
-3. the TensorFlow worker: converts the weights for PyTorch, then times the naive baseline;
+3. the TensorFlow worker: converts the weights for PyTorch, then times the naive baseline (only
+   when the TF backend is benchmarked: that baseline backs its bar alone);
 4. the PyTorch worker: checks its logits against TensorFlow's, then times batch 1 and batch 8;
-5. the service: started cold, warm-up timed, each scenario driven over HTTP;
-6. JSON and Markdown into bench/results/ (timestamped, and copied to latest.json / latest.md).
+5. the service, once per backend (--backends), each started cold: warm-up timed, each of that
+   backend's scenarios driven over HTTP, peak memory from process start recorded;
+6. the per-op profile of one int8 batch-8 decode step (bench/profile_step.py), in its own process;
+7. JSON and Markdown into bench/results/ (timestamped, and copied to latest.json / latest.md).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 from bench import config, report
 from bench.cpu import CpuWindow, own_cpu_seconds
 from bench.load import run_load
-from bench.server import REPO, Service
+from bench.server import REPO, Service, parse_labels, parse_metrics
 from bench.torch_env import DEFAULT_VENV, ensure_venv
 
 BENCH = Path(__file__).resolve().parent
@@ -37,6 +41,7 @@ def log(msg: str) -> None:
 
 
 def ensure_model(model_dir: Path | None, shape: str, cache: Path) -> Path:
+    """The TF model to benchmark: the one given, or a random-weight one made in the cache."""
     if model_dir is not None:
         if not (model_dir / "config.json").is_file() or not (model_dir / "tf_model.h5").is_file():
             raise SystemExit(f"{model_dir} has no config.json and tf_model.h5")
@@ -51,6 +56,44 @@ def ensure_model(model_dir: Path | None, shape: str, cache: Path) -> Path:
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.rename(model_dir)
     return model_dir
+
+
+def ensure_litert(model_dir: Path, work: Path) -> dict:
+    """The LiteRT files beside the TF weights: scripts/convert_model.py --model-dir (idempotent:
+    it returns at once when they are there). Returns its time and the int8 gate's verdict."""
+    script = REPO / "scripts" / "convert_model.py"
+    if not script.is_file():
+        raise SystemExit(f"{script} is missing: the LiteRT backends need it (or run with --backends tf)")
+    log(f"LiteRT files: scripts/convert_model.py --model-dir {model_dir}")
+    start = time.monotonic()
+    with (work / "convert_model.log").open("w") as out:
+        proc = subprocess.run([sys.executable, str(script), "--model-dir", str(model_dir)], cwd=REPO,
+                              stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.monotonic() - start
+    if proc.returncode != 0:
+        tail = "\n".join((work / "convert_model.log").read_text(errors="replace").splitlines()[-30:])
+        raise SystemExit(f"scripts/convert_model.py failed ({proc.returncode}):\n{tail}")
+    info: dict = {"seconds": seconds, "files": sorted(p.name for p in model_dir.iterdir()
+                                                      if p.suffix in (".tflite", ".npy") or p.name == "litert.json")}
+    gate_path = model_dir / "litert.json"
+    if gate_path.is_file():
+        gate = json.loads(gate_path.read_text())
+        info["litert_json"] = gate
+        info["gate"] = _gate_summary(gate)
+    log(f"LiteRT files ready after {seconds:.1f} s")
+    return info
+
+
+def _gate_summary(gate: dict) -> dict:
+    """The int8 gate's decision (what LITERT_PRECISION=auto serves) and its reason, from litert.json."""
+    quality = gate.get("quality") or {}
+    decision = None
+    if "int8_enabled" in quality:
+        decision = "int8" if quality["int8_enabled"] else "fp32"
+    figures = [f"{k.replace('_', ' ')} {quality[k]:.4g}" for k in ("agreement", "perplexity_rise")
+               if isinstance(quality.get(k), (int, float))]
+    summary = "; ".join(filter(None, [quality.get("reason"), ", ".join(figures)]))
+    return {"decision": decision, "summary": summary[:300]}
 
 
 def model_summary(model_dir: Path) -> dict:
@@ -111,15 +154,23 @@ def request_bodies(scenario: config.Scenario) -> list[dict]:
     return bodies
 
 
-def run_service(preset: config.Preset, model_dir: Path, work: Path, env: dict[str, str],
-                health_timeout: float, phase_load: dict) -> tuple[dict, dict, dict]:
-    """Start the service cold, drive every scenario; return service facts, scenario results and greedy texts."""
+def run_service(preset: config.Preset, backend: config.Backend, model_dir: Path, work: Path,
+                env: dict[str, str], health_timeout: float, phase_load: dict) -> dict:
+    """Start the service cold with `backend`, drive its scenarios; return the phase's raw results."""
     scenarios: dict[str, dict] = {}
     service_texts: dict[str, set] = {}
-    log("starting the service")
-    with Service(model_dir, work / "service.log", env, health_timeout=health_timeout) as svc:
-        log(f"service healthy after {svc.warmup_seconds:.1f} s on {svc.base_url}")
-        metrics = svc.metrics()
+    env = {**env, **backend.env}
+    log(f"[{backend.name}] starting the service")
+    phase_load[f"{backend.name} service"] = round(os.getloadavg()[0], 2)
+    with Service(model_dir, work / f"service-{backend.name}.log", env, health_timeout=health_timeout) as svc:
+        log(f"[{backend.name}] healthy after {svc.warmup_seconds:.1f} s on {svc.base_url}: {svc.health}")
+        text = svc.metrics_text()
+        metrics = parse_metrics(text)
+        health, backend_info = svc.health or {}, parse_labels(text, "llm_backend_info")
+        served = (health.get("backend"), health.get("precision"))
+        if served[0] != backend.backend or (backend.precision and served[1] != backend.precision):
+            raise SystemExit(f"[{backend.name}] asked for backend={backend.backend} precision={backend.precision} "
+                             f"with {backend.env}, but /health says {health}")
         service = {"warmup_seconds": svc.warmup_seconds, "warmup_cpu": svc.warmup_cpu,
                    "llm_warmup_seconds": metrics.get("llm_warmup_seconds"), "env": env,
                    "memory_after_warmup": svc.memory(),
@@ -131,10 +182,10 @@ def run_service(preset: config.Preset, model_dir: Path, work: Path, env: dict[st
         if prime.outcomes[0].error:
             raise SystemExit(f"the priming request failed: {prime.outcomes[0].error}\n{svc.log_tail()}")
         peak_so_far = 0.0
-        for scenario in preset.scenarios:
-            phase_load[scenario.name] = round(os.getloadavg()[0], 2)
+        for scenario in preset.scenarios_for(backend):
+            phase_load[f"{backend.name} {scenario.name}"] = round(os.getloadavg()[0], 2)
             bodies = request_bodies(scenario)
-            log(f"{scenario.name}: {scenario.clients} clients, {scenario.requests} requests")
+            log(f"[{backend.name}] {scenario.name}: {scenario.clients} clients, {scenario.requests} requests")
             before = svc.metrics()
             peak_so_far = max(peak_so_far, svc.memory()["vmhwm_mib"])
             peak_reset = svc.reset_peak()
@@ -151,8 +202,9 @@ def run_service(preset: config.Preset, model_dir: Path, work: Path, env: dict[st
             s["vmhwm_since_start_mib"] = peak_so_far
             s["cpu"] = cpu
             scenarios[scenario.name] = s
-            log(f"{scenario.name}: {report.fmt(s['tok_per_s'])} tok/s, p95 {report.fmt(s['latency_p95_s'], '.2f')} s, "
-                f"{s['errors']} errors, {s['responses_503']} 503s, VmHWM {s['vmhwm_mib']:.0f} MiB")
+            log(f"[{backend.name}] {scenario.name}: {report.fmt(s['tok_per_s'])} tok/s, "
+                f"p95 {report.fmt(s['latency_p95_s'], '.2f')} s, {s['errors']} errors, {s['responses_503']} 503s, "
+                f"VmHWM {s['vmhwm_mib']:.0f} MiB (since start {peak_so_far:.0f})")
             if not scenario.sampled:
                 for o in load.outcomes:
                     if o.text is not None:
@@ -162,8 +214,38 @@ def run_service(preset: config.Preset, model_dir: Path, work: Path, env: dict[st
         service["generated_tokens_total"] = final.get("llm_generated_tokens_total")
         service["memory_at_end"] = svc.memory()
         service["vmhwm_since_start_mib"] = max(peak_so_far, service["memory_at_end"]["vmhwm_mib"])
-    log("service stopped")
-    return service, scenarios, service_texts
+    log(f"[{backend.name}] service stopped")
+    return {"title": backend.title, "exact_text": backend.exact_text, "health": health,
+            "backend_info": backend_info, "service": service, "scenarios": scenarios, "texts": service_texts}
+
+
+def phase_result(backend: config.Backend, raw: dict, baselines: dict) -> dict:
+    """Bars, ratios and consistency checks of one backend's phase."""
+    texts = raw.pop("texts")
+    bars, ratios = report.compute_bars(backend.name, raw["scenarios"], baselines, raw["service"])
+    checks = report.consistency_checks(
+        raw["scenarios"], baselines, {p: next(iter(t)) for p, t in texts.items() if len(t) == 1})
+    checks["greedy_deterministic"] = {
+        "prompts": len(texts), "same_text_every_request": sum(len(t) == 1 for t in texts.values())}
+    return {**raw, "bars": report.bars_as_dicts(bars), "ratios": ratios, "checks": checks}
+
+
+def run_profile(preset: config.Preset, model_dir: Path, work: Path, args) -> dict:
+    """bench/profile_step.py in its own process (after the service phases, so it shares no cores)."""
+    out_json, out_log = work / "profile.json", work / "profile.log"
+    cmd = [sys.executable, "-m", "bench.profile_step", "--model-dir", str(model_dir), "--precision", "int8",
+           "--batch", str(args.profile_batch), "--cache", str(args.profile_cache), "--json", str(out_json),
+           *preset.profile_args]
+    log(f"per-op profile: {' '.join(cmd[1:])}")
+    with out_log.open("w") as out:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode != 0 or not out_json.is_file():
+        tail = "\n".join(out_log.read_text(errors="replace").splitlines()[-5:])
+        log(f"per-op profile failed ({proc.returncode}); {out_log}")
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    (work / "profile.txt").write_text(out_log.read_text())
+    return json.loads(out_json.read_text())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "against transformers' generate on TensorFlow (naive) and PyTorch.")
     p.add_argument("--preset", choices=("full", "tiny"), default="full",
                    help="full: DistilGPT2 shape, 64 tokens, 1/8/32 clients (default); tiny: a quick end-to-end check")
+    p.add_argument("--backends", default=",".join(config.DEFAULT_BACKENDS), type=config.parse_backends,
+                   help="service backends to benchmark, each in its own cold phase, in this order "
+                   f"(default {','.join(config.DEFAULT_BACKENDS)}); e.g. --backends litert-int8 to bound run time")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-op profile of the int8 decode step")
+    p.add_argument("--profile-batch", type=int, default=8, help="rows in the profiled decode step (default 8)")
+    p.add_argument("--profile-cache", type=int, default=256, help="cache slots in the profiled decode step (default 256)")
     p.add_argument("--model-dir", type=Path, help="model to serve (default: a random-weight model of the "
                    "preset's shape, made in the cache)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="models and converted weights")
@@ -188,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     preset = config.make_preset(args.preset)
+    backends: tuple[config.Backend, ...] = args.backends
+    names = [b.name for b in backends]
     started_at = time.strftime("%Y-%m-%d %H:%M:%S")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.results_dir.mkdir(parents=True, exist_ok=True)
@@ -195,9 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     load_before = [round(x, 2) for x in os.getloadavg()]
     revision = service_revision()  # before the run: the tree may change while it runs
+    command = "./bench/run.sh" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
 
     model_dir = ensure_model(args.model_dir, preset.model_shape, args.cache_dir).resolve()
-    log(f"preset {preset.name}, model {model_dir}")
+    log(f"preset {preset.name}, model {model_dir}, backends {','.join(names)}")
+    litert = ensure_litert(model_dir, work) if any(b.backend == "litert" for b in backends) else None
 
     torch_info = None
     if not args.no_torch:
@@ -206,15 +298,20 @@ def main(argv: list[str] | None = None) -> int:
             + (f" (created in {torch_info['install_seconds']:.0f} s)" if torch_info["created"] else ""))
 
     pt_dir = args.cache_dir / "pt" / weights_key(model_dir)
-    tf_job = {"framework": "tf", "model_dir": str(model_dir), "runs": [r.job() for r in preset.tf_runs]}
+    # The naive TF baseline only backs the TF backend's bar; it is slow, so it runs only then.
+    tf_runs = preset.tf_runs if "tf" in names else ()
+    tf_job = {"framework": "tf", "model_dir": str(model_dir), "runs": [r.job() for r in tf_runs]}
     if torch_info and not (pt_dir / "model.safetensors").is_file():
         tf_job["convert_to"] = str(pt_dir)
     # The 1-minute load average as each phase starts: this machine may be shared, and a busy
     # neighbour shows here before it shows as a slow figure.
     phase_load = {"tf_baseline": round(os.getloadavg()[0], 2)}
-    log("TensorFlow worker: naive eager generate, one request at a time")
-    tf_out = run_worker(sys.executable, tf_job, work, "tf")
-    baseline_raw = {f"tf:{r['name']}": r for r in tf_out["runs"]}
+    tf_out, baseline_raw = {"versions": None}, {}
+    if tf_runs or "convert_to" in tf_job:
+        log("TensorFlow worker: " + ("naive eager generate, one request at a time" if tf_runs
+                                     else "weights for PyTorch only"))
+        tf_out = run_worker(sys.executable, tf_job, work, "tf")
+        baseline_raw = {f"tf:{r['name']}": r for r in tf_out["runs"]}
     if torch_info:
         phase_load["torch_baseline"] = round(os.getloadavg()[0], 2)
         log("PyTorch worker: generate at batch 1 and batch 8")
@@ -223,21 +320,23 @@ def main(argv: list[str] | None = None) -> int:
         pt_out = run_worker(torch_info["python_path"], pt_job, work, "pt")
         torch_info["logits_check"] = pt_out["logits_check"]
         baseline_raw.update({f"pt:{r['name']}": r for r in pt_out["runs"]})
+    baselines = {k: {**report.baseline_result(r, k.split(":")[0]), "texts": r["texts"]} for k, r in baseline_raw.items()}
 
-    phase_load["service"] = round(os.getloadavg()[0], 2)
     service_env = {**preset.service_env, **parse_env(args.service_env)}
     health_timeout = args.health_timeout or (600.0 if preset.name == "full" else 300.0)
-    service, scenarios, service_texts = run_service(preset, model_dir, work, service_env, health_timeout, phase_load)
+    phases = {}
+    for backend in backends:
+        raw = run_service(preset, backend, model_dir, work, service_env, health_timeout, phase_load)
+        phases[backend.name] = phase_result(backend, raw, baselines)
 
-    baselines = {k: {**report.baseline_result(r, k.split(":")[0]), "texts": r["texts"]} for k, r in baseline_raw.items()}
-    bars, ratios = report.compute_bars(scenarios, baselines, service)
-    checks = report.consistency_checks(
-        scenarios, baselines, {p: next(iter(t)) for p, t in service_texts.items() if len(t) == 1})
-    checks["greedy_deterministic"] = {
-        "prompts": len(service_texts), "same_text_every_request": sum(len(t) == 1 for t in service_texts.values())}
+    profile = None
+    if "litert-int8" in names and not args.no_profile:
+        profile = run_profile(preset, model_dir, work, args)
+
     result = {
         "preset": preset.name,
         "started_at": started_at,
+        "command": command,
         "machine": report.machine_facts(),
         "revision": revision,
         "load_before": load_before,
@@ -245,15 +344,16 @@ def main(argv: list[str] | None = None) -> int:
         "load_at_phase_start": phase_load,
         "model": {"shape": preset.model_shape, **model_summary(model_dir)},
         "max_tokens": preset.max_tokens,
+        "long_max_tokens": preset.long_max_tokens,
         "temperature": config.SAMPLING_TEMPERATURE,
+        "backends": names,
+        "litert": litert,
         "tf": {"versions": tf_out["versions"]},
         "torch": torch_info,
-        "service": service,
-        "scenarios": scenarios,
+        "phases": phases,
         "baselines": {k: {kk: vv for kk, vv in v.items() if kk != "texts"} for k, v in baselines.items()},
-        "bars": report.bars_as_dicts(bars),
-        "ratios": ratios,
-        "checks": checks,
+        "bars": [bar for p in phases.values() for bar in p["bars"]],
+        "profile": profile,
     }
     md = report.markdown(result)
     (work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -262,6 +362,6 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(work / src, args.results_dir / name)
     print(md, flush=True)
     log(f"wrote {work / 'result.json'} and {work / 'result.md'} (also {args.results_dir}/latest.*)")
-    if args.strict and any(b.holds is False for b in bars):
+    if args.strict and any(b["holds"] is False for b in result["bars"]):
         return 1
     return 0

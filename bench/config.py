@@ -1,8 +1,13 @@
 """What the benchmark runs: the fixed prompts, the scenarios, the baselines and the bars.
 
 Two presets. `full` is the standing benchmark (DistilGPT2 shape, 64 new tokens, 1/8/32
-clients); `tiny` runs the same scenarios at a size that proves the harness end to end in a
-test (tiny model, 8 new tokens, 1/2/4 clients) and means nothing as a measurement.
+clients, plus 8 identical prompts and a long-context pair with 128 new tokens); `tiny` runs the
+same scenarios at a size that proves the harness end to end in a test (tiny model, 8 new
+tokens, 1/2/4 clients) and means nothing as a measurement.
+
+Each preset is run against up to three service backends (`BACKENDS`), each started cold: LiteRT
+with int8 weights (every scenario; the issue's bars), LiteRT fp32 (the single-client bar and
+exact text) and the TensorFlow/XLA backend (the earlier bars).
 """
 
 from __future__ import annotations
@@ -37,6 +42,81 @@ MIXED_PROMPTS = (
     " may stay open.",
 )
 
+
+# The long-context prompts: paragraphs of English and code, 83 to 125 tokens each with the
+# DistilGPT2-shape test tokenizer. Long prompt i is the 4 paragraphs from i on (wrapping round):
+# 369 to 427 tokens, mean 398 (tests/test_bench.py checks the range with that tokenizer).
+LONG_PARAGRAPHS = (
+    "A request to the service carries one or more prompts, a limit on new tokens and a"
+    " temperature. The server checks each prompt against the context window before it queues"
+    " anything, so a request that cannot be served is refused at once with a clear error,"
+    " instead of failing after it has waited for a batch. Every answer is returned in the order"
+    " of the prompts, whatever rows the prompts happened to share a batch with.\n\n",
+    "def pad_left(rows, width, pad_id):\n"
+    '    """Pad every row on the left to `width` tokens and return the rows with their masks."""\n'
+    "    out, masks = [], []\n"
+    "    for row in rows:\n"
+    "        gap = width - len(row)\n"
+    "        out.append([pad_id] * gap + list(row))\n"
+    "        masks.append([0] * gap + [1] * len(row))\n"
+    "    return out, masks\n\n",
+    "The key and value cache holds, for every layer, the projections of the tokens seen so far."
+    " Each decoding step reads all of it and appends one slot per row, which is why the cost of"
+    " a step grows with the length of the context and why long prompts make batching harder:"
+    " the rows that share a cache must also share its size. A cache of fixed size per bucket keeps"
+    " the shapes the runtime sees to a small known set.\n\n",
+    "class TokenBucket:\n"
+    '    """Allow `rate` events per second on average, with bursts of at most `capacity`."""\n\n'
+    "    def __init__(self, rate, capacity):\n"
+    "        self.rate, self.capacity = rate, capacity\n"
+    "        self.tokens, self.stamp = capacity, time.monotonic()\n\n"
+    "    def take(self):\n"
+    "        now = time.monotonic()\n"
+    "        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)\n"
+    "        self.stamp = now\n"
+    "        return self.tokens >= 1 and self._spend()\n\n",
+    "Quantized weights make each matrix four times smaller, so a step that is bound by reading"
+    " weights from memory runs faster, while the arithmetic on the activations stays in floating"
+    " point. The price is a small change in the numbers, which is measured by how often the"
+    " quantized model picks the same next token as the original. A gate that compares the two"
+    " on held-out text decides which precision the service uses.\n\n",
+    "import json\nfrom pathlib import Path\n\n\n"
+    "def load_settings(path: Path) -> dict:\n"
+    "    with path.open(encoding='utf-8') as f:\n"
+    "        data = json.load(f)\n"
+    "    unknown = set(data) - {'host', 'port', 'workers', 'timeout'}\n"
+    "    if unknown:\n"
+    "        raise ValueError(f'unknown settings: {sorted(unknown)}')\n"
+    "    return {'host': '127.0.0.1', 'port': 8000, 'workers': 1, 'timeout': 30.0, **data}\n\n",
+    "When many clients wait for an answer at the same time, the scheduler decides which rows run"
+    " together. A batch that is too small leaves the cores idle between memory reads; a batch"
+    " that is too large makes every client wait for the slowest row. A short wait before each"
+    " batch lets clients that were answered together come back together, at the cost of a few"
+    " milliseconds for the first client of each batch.\n\n",
+    "for attempt in range(retries):\n"
+    "    try:\n"
+    "        response = client.post('/generate', json=body, timeout=60)\n"
+    "    except ConnectionError as exc:\n"
+    "        log.warning('attempt %d failed: %s', attempt, exc)\n"
+    "        time.sleep(min(2 ** attempt, 30))\n"
+    "        continue\n"
+    "    if response.status_code == 503:\n"
+    "        time.sleep(float(response.headers.get('Retry-After', 1)))\n"
+    "        continue\n"
+    "    break\n\n",
+)
+
+LONG_PARAGRAPHS_PER_PROMPT = 4
+
+
+def long_prompts(paragraphs: int = LONG_PARAGRAPHS_PER_PROMPT) -> tuple[str, ...]:
+    """The 8 long prompts, each `paragraphs` consecutive paragraphs (fixed text, fixed order)."""
+    n = len(LONG_PARAGRAPHS)
+    return tuple("".join(LONG_PARAGRAPHS[(i + j) % n] for j in range(paragraphs)).rstrip() for i in range(n))
+
+
+LONG_PROMPTS = long_prompts()
+
 SAMPLING_TEMPERATURE = 0.8
 
 
@@ -45,7 +125,9 @@ class Scenario:
     """One load pattern against the service: `clients` concurrent clients share `requests`."""
 
     name: str
-    role: str  # what the bars call it: single, single_sampled, batch, batch_sampled, overload
+    # What the bars call it: single, single_sampled, batch, batch_sampled, same (8 identical
+    # prompts), long_single, long_batch, overload.
+    role: str
     clients: int
     requests: int
     prompts: tuple[str, ...]
@@ -65,7 +147,8 @@ class BaselineRun:
     """One baseline measurement: `prompts` in order, `batch_size` at a time, greedy."""
 
     name: str
-    role: str  # single (the short prompt, one at a time), mixed_b1, mixed_b8
+    # short_b1 (the short prompt, one at a time), mixed_b1, mixed_b8, same_b8, long_b1, long_b8
+    role: str
     prompts: tuple[str, ...]
     batch_size: int
     max_new_tokens: int
@@ -80,45 +163,102 @@ class BaselineRun:
 
 
 @dataclass(frozen=True)
+class Backend:
+    """One service configuration, started cold in its own phase: its environment, what /health
+    must then report, and the scenario roles it runs (None: all of them)."""
+
+    name: str
+    title: str
+    env: dict[str, str]
+    backend: str
+    precision: str | None
+    roles: tuple[str, ...] | None
+    # Greedy text must equal the fp32 baselines' token for token (not so for int8 weights,
+    # which change the numbers: int8 is compared on token counts only).
+    exact_text: bool
+
+
+# int8 is forced: on the random-weight bench model the quality gate (litert.json) may reject
+# int8, and LITERT_PRECISION=auto would then serve fp32.
+BACKENDS = {
+    "litert-int8": Backend("litert-int8", "LiteRT int8 (LITERT_PRECISION=int8 forced)",
+                           {"BACKEND": "litert", "LITERT_PRECISION": "int8"}, "litert", "int8", None, False),
+    "litert-fp32": Backend("litert-fp32", "LiteRT fp32", {"BACKEND": "litert", "LITERT_PRECISION": "fp32"},
+                           "litert", "fp32", ("single", "batch"), True),
+    "tf": Backend("tf", "TensorFlow/XLA (BACKEND=tf)", {"BACKEND": "tf"}, "tf", None,
+                  ("single", "single_sampled", "batch", "batch_sampled", "overload"), True),
+}
+DEFAULT_BACKENDS = ("litert-int8", "litert-fp32", "tf")
+
+
+def parse_backends(text: str) -> tuple[Backend, ...]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise ValueError(f"--backends takes a comma-separated list of {', '.join(BACKENDS)}; got {text!r}")
+    return tuple(BACKENDS[n] for n in dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     model_shape: str  # scripts/make_test_model.py --shape
     max_tokens: int
+    long_max_tokens: int
     scenarios: tuple[Scenario, ...]
     tf_runs: tuple[BaselineRun, ...]
     torch_runs: tuple[BaselineRun, ...]
     # Environment the service gets unless --service-env says otherwise.
     service_env: dict[str, str] = field(default_factory=dict)
+    # Extra arguments of bench/profile_step.py (the tiny run only proves that it works).
+    profile_args: tuple[str, ...] = ()
+
+    def scenarios_for(self, backend: Backend) -> tuple[Scenario, ...]:
+        return tuple(s for s in self.scenarios if backend.roles is None or s.role in backend.roles)
 
 
 def make_preset(name: str) -> Preset:
     if name == "full":
-        n, (c1, c8, c32), (r1, r8, r32), single_reps, b8_reps = 64, (1, 8, 32), (8, 64, 128), 3, 2
+        n, n_long, (c1, c8, c32), (r1, r8, r32), single_reps, b8_reps = 64, 128, (1, 8, 32), (8, 64, 128), 3, 2
+        r_long1, r_long8, paragraphs = 4, 16, LONG_PARAGRAPHS_PER_PROMPT
     elif name == "tiny":
-        n, (c1, c8, c32), (r1, r8, r32), single_reps, b8_reps = 8, (1, 2, 4), (2, 8, 8), 1, 1
+        n, n_long, (c1, c8, c32), (r1, r8, r32), single_reps, b8_reps = 8, 8, (1, 2, 4), (2, 8, 8), 1, 1
+        # One paragraph per long prompt: the tiny tokenizer (512 tokens) needs about 2.5 times
+        # as many tokens for the same text.
+        r_long1, r_long8, paragraphs = 2, 8, 1
     else:
         raise ValueError(f"unknown preset {name!r}")
-    short, mixed = (SHORT_PROMPT,), MIXED_PROMPTS
+    short, mixed, same = (SHORT_PROMPT,), MIXED_PROMPTS, (SHORT_PROMPT,) * 8
+    longs = long_prompts(paragraphs)
     t = SAMPLING_TEMPERATURE
     scenarios = (
         Scenario(f"greedy_c{c1}", "single", c1, r1, short, n),
         Scenario(f"sampled_c{c1}", "single_sampled", c1, r1, short, n, t),
         Scenario(f"greedy_c{c8}", "batch", c8, r8, mixed, n),
         Scenario(f"sampled_c{c8}", "batch_sampled", c8, r8, mixed, n, t),
+        Scenario(f"same_c{c8}", "same", c8, r8, same, n),
+        Scenario(f"long_c{c1}", "long_single", c1, r_long1, longs[:2], n_long),
+        Scenario(f"long_c{c8}", "long_batch", c8, r_long8, longs, n_long),
         Scenario(f"greedy_c{c32}", "overload", c32, r32, mixed, n),
     )
-    single = BaselineRun("short_b1", "single", short * single_reps, 1, n)
+    single = BaselineRun("short_b1", "short_b1", short * single_reps, 1, n)
     mixed_b1 = BaselineRun("mixed_b1", "mixed_b1", mixed, 1, n)
-    # The batch-8 baseline always batches 8, as the service's default MAX_BATCH_SIZE does.
+    # The batch-8 baselines always batch 8, as the service's default MAX_BATCH_SIZE does.
     mixed_b8 = BaselineRun("mixed_b8", "mixed_b8", mixed * b8_reps, 8, n)
+    same_b8 = BaselineRun("same_b8", "same_b8", same * b8_reps, 8, n)
+    long_b1 = BaselineRun("long_b1", "long_b1", longs[:2], 1, n_long)
+    long_b8 = BaselineRun("long_b8", "long_b8", longs, 8, n_long)
     return Preset(
         name=name,
         model_shape="distilgpt2" if name == "full" else "tiny",
         max_tokens=n,
+        long_max_tokens=n_long,
         scenarios=scenarios,
+        # The naive TF eager baseline only backs the TF backend's bar (it is slow: 3.5 tok/s).
         tf_runs=(single, mixed_b1),
-        torch_runs=(single, mixed_b1, mixed_b8),
+        torch_runs=(single, mixed_b1, mixed_b8, same_b8, long_b1, long_b8),
         # The tiny run never has more than 4 requests in flight: compiling no batch-8 programs
         # cuts its warm-up by a quarter. The full run keeps the service's defaults.
         service_env={} if name == "full" else {"MAX_BATCH_SIZE": "4"},
+        profile_args=("--repeats", "7") if name == "full" else ("--repeats", "2", "--flush-mib", "8"),
     )

@@ -11,8 +11,10 @@ from pathlib import Path
 from bench.cpu import SHARED_CORES
 from bench.load import LoadResult, percentile
 
-PEAK_RSS_LIMIT_MIB = 1.5e9 / 2**20  # the bar says 1.5 GB; decimal, the stricter reading
+PEAK_RSS_LIMIT_MIB = 1.5e9 / 2**20  # the TF bar says 1.5 GB; decimal, the stricter reading
 WARMUP_LIMIT_S = 90.0
+PEAK_RSS_LIMIT_LITERT_MIB = 400e6 / 2**20  # issue 7: 400 MB, read the same way
+WARMUP_LIMIT_LITERT_S = 10.0
 
 
 def machine_facts() -> dict:
@@ -113,6 +115,7 @@ class Bar:
     measured: str
     target: str
     holds: bool | None  # None: could not be measured in this run
+    phase: str = ""
 
 
 def _ratio(a, b):
@@ -123,73 +126,126 @@ def fmt_bar(x, spec=".2f", suffix=""):
     return "n/a" if x is None else f"{x:{spec}}{suffix}"
 
 
-def compute_bars(scenarios: dict, baselines: dict, service: dict) -> tuple[list[Bar], dict]:
-    """The issue's bars, each with the number it rests on; `baselines` maps 'tf:name' and 'pt:name'."""
+def _at_least(x, limit):
+    return None if x is None else x >= limit
+
+
+def _at_most(x, limit):
+    return None if x is None else x <= limit
+
+
+def compute_ratios(scenarios: dict, baselines: dict) -> dict:
+    """Every ratio the bars and the report use; `baselines` maps 'tf:name' and 'pt:name'."""
     by_role = {s["role"]: s for s in scenarios.values()}
     tps = lambda role: by_role.get(role, {}).get("tok_per_s")  # noqa: E731
     base = lambda key: (baselines.get(key) or {}).get("tok_per_s")  # noqa: E731
-    single, batch, over = by_role.get("single", {}), by_role.get("batch", {}), by_role.get("overload", {})
-    ratios = {
+    return {
         "single_vs_torch_b1": _ratio(tps("single"), base("pt:short_b1")),
         "single_vs_naive_tf": _ratio(tps("single"), base("tf:short_b1")),
         "batch_vs_torch_b8": _ratio(tps("batch"), base("pt:mixed_b8")),
         "batch_vs_torch_b1": _ratio(tps("batch"), base("pt:mixed_b1")),
         "batch_vs_naive_tf": _ratio(tps("batch"), base("tf:mixed_b1")),
+        "same_vs_torch_b8": _ratio(tps("same"), base("pt:same_b8")),
+        "long_single_vs_torch_b1": _ratio(tps("long_single"), base("pt:long_b1")),
+        "long_batch_vs_torch_b8": _ratio(tps("long_batch"), base("pt:long_b8")),
         "overload_vs_batch": _ratio(tps("overload"), tps("batch")),
         "sampling_cost_single": _ratio(tps("single"), tps("single_sampled")),
         "sampling_cost_batch": _ratio(tps("batch"), tps("batch_sampled")),
         "torch_b8_vs_naive_tf": _ratio(base("pt:mixed_b8"), base("tf:mixed_b1")),
+        "torch_b8_vs_b1": _ratio(base("pt:mixed_b8"), base("pt:mixed_b1")),
     }
 
-    def at_least(x, limit):
-        return None if x is None else x >= limit
 
-    def at_most(x, limit):
-        return None if x is None else x <= limit
+def compute_bars(backend: str, scenarios: dict, baselines: dict, service: dict) -> tuple[list[Bar], dict]:
+    """The bars of one backend's phase, each with the number it rests on.
 
+    litert-int8 carries issue 7's bars (plus the sampling and compile bars kept from the
+    first benchmark); litert-fp32 the single-client bar; tf the earlier bars unchanged.
+    """
+    ratios = compute_ratios(scenarios, baselines)
+    by_role = {s["role"]: s for s in scenarios.values()}
+    name = lambda role: by_role.get(role, {}).get("name", role)  # noqa: E731
+    new = lambda role: by_role.get(role, {}).get("max_tokens", "?")  # noqa: E731
+    over = by_role.get("overload", {})
+    over_ok = None if not over else (over["errors"] == 0 and over["latency_p95_s"] is not None)
     sc, sb = ratios["sampling_cost_single"], ratios["sampling_cost_batch"]
     sampling_holds = None if sc is None or sb is None else (sc <= 1.15 and sb <= 1.15)
-    peak = over.get("vmhwm_mib")
-    peak_where = "under that load" if over.get("vmhwm_is_scenario_peak") else "since start"
-    peak_all = service.get("vmhwm_since_start_mib")
     compiles = service.get("compiles_after_warmup")
-    over_ok = None if not over else (over["errors"] == 0 and over["latency_p95_s"] is not None)
-    bars = [
-        Bar("single_vs_torch_b1", f"{single.get('name')}: tok/s vs PyTorch generate, batch 1",
-            fmt_bar(ratios["single_vs_torch_b1"], ".2f", "×"), "≥ 1.0×", at_least(ratios["single_vs_torch_b1"], 1.0)),
-        Bar("batch_vs_torch_b8", f"{batch.get('name')}: total tok/s vs PyTorch generate, batch 8",
-            fmt_bar(ratios["batch_vs_torch_b8"], ".2f", "×"), "≥ 1.2×", at_least(ratios["batch_vs_torch_b8"], 1.2)),
-        Bar("batch_vs_naive_tf", f"{batch.get('name')}: total tok/s vs naive TF eager generate, one at a time",
-            fmt_bar(ratios["batch_vs_naive_tf"], ".1f", "×"), "≥ 15×", at_least(ratios["batch_vs_naive_tf"], 15.0)),
-        Bar("overload_errors", f"{over.get('name')}: no error but intended 503s; p95 reported",
+    warmup = service.get("warmup_seconds")
+
+    def vs(rid, text, target):
+        r = ratios[rid]
+        return Bar(rid, text, fmt_bar(r, ".2f", "×"), f"≥ {target}×", _at_least(r, target))
+
+    overload_bars = [
+        Bar("overload_errors", f"{name('overload')}: no error but intended 503s; p95 reported",
             f"{over.get('errors', 'n/a')} errors, {over.get('responses_503', 'n/a')} 503s, "
             f"p95 {fmt_bar(over.get('latency_p95_s'), '.2f', ' s')}", "0 errors", over_ok),
-        Bar("overload_throughput", f"{over.get('name')}: total tok/s vs {batch.get('name')}",
-            fmt_bar(ratios["overload_vs_batch"], ".2f", "×"), "≥ 1.0×", at_least(ratios["overload_vs_batch"], 1.0)),
-        Bar("sampling_cost", f"sampling (T={by_role.get('batch_sampled', {}).get('temperature')}) vs greedy: "
-            "time per token, 1 client and batch",
-            f"{fmt_bar(sc, '.3f', '×')} / {fmt_bar(sb, '.3f', '×')}", "≤ 1.15×", sampling_holds),
-        Bar("peak_rss", f"server peak RSS (VmHWM) during {over.get('name')}",
-            f"{fmt_bar(peak, '.0f', ' MiB')} {peak_where} ({fmt_bar(peak_all, '.0f', ' MiB')} since start, warm-up included)", f"≤ 1.5 GB ({PEAK_RSS_LIMIT_MIB:.0f} MiB)", at_most(peak, PEAK_RSS_LIMIT_MIB)),
-        Bar("warmup", "warm-up: process start to /health ok",
-            fmt_bar(service.get("warmup_seconds"), ".1f", " s"), f"≤ {WARMUP_LIMIT_S:.0f} s",
-            at_most(service.get("warmup_seconds"), WARMUP_LIMIT_S)),
-        Bar("compiles_after_warmup", "llm_compiles_after_warmup_total at the end",
-            fmt_bar(compiles, ".0f"), "= 0", None if compiles is None else compiles == 0),
+        vs("overload_vs_batch", f"{name('overload')}: total tok/s vs {name('batch')}", 1.0),
     ]
+    sampling_bar = Bar("sampling_cost", f"sampling (T={by_role.get('batch_sampled', {}).get('temperature')}) vs "
+                       "greedy: time per token, 1 client and batch",
+                       f"{fmt_bar(sc, '.3f', '×')} / {fmt_bar(sb, '.3f', '×')}", "≤ 1.15×", sampling_holds)
+    compiles_bar = Bar("compiles_after_warmup", "llm_compiles_after_warmup_total at the end",
+                       fmt_bar(compiles, ".0f"), "= 0", None if compiles is None else compiles == 0)
+    if backend == "litert-int8":
+        peak = service.get("vmhwm_since_start_mib")
+        bars = [
+            vs("single_vs_torch_b1", f"{name('single')}: tok/s vs PyTorch generate, batch 1", 3.0),
+            vs("batch_vs_torch_b8", f"{name('batch')} (mixed prompts): total tok/s vs PyTorch batch 8", 2.0),
+            vs("same_vs_torch_b8", f"{name('same')} (8 identical copies of the short prompt): total tok/s vs "
+               "PyTorch batch 8 on them", 2.0),
+            vs("long_single_vs_torch_b1", f"{name('long_single')} (long prompts, {new('long_single')} new): tok/s "
+               "vs PyTorch batch 1", 2.0),
+            vs("long_batch_vs_torch_b8", f"{name('long_batch')} (long prompts, {new('long_batch')} new): total "
+               "tok/s vs PyTorch batch 8", 1.5),
+            *overload_bars,
+            Bar("peak_rss", f"server peak RSS (VmHWM) from process start, warm-up and {name('overload')} included",
+                fmt_bar(peak, ".0f", " MiB"), f"≤ 400 MB ({PEAK_RSS_LIMIT_LITERT_MIB:.0f} MiB)",
+                _at_most(peak, PEAK_RSS_LIMIT_LITERT_MIB)),
+            Bar("warmup", "warm-up: process start to /health ok", fmt_bar(warmup, ".1f", " s"),
+                f"≤ {WARMUP_LIMIT_LITERT_S:.0f} s", _at_most(warmup, WARMUP_LIMIT_LITERT_S)),
+            sampling_bar,
+            compiles_bar,
+        ]
+    elif backend == "litert-fp32":
+        bars = [vs("single_vs_torch_b1", f"{name('single')}: tok/s vs PyTorch generate, batch 1", 1.0)]
+    else:
+        peak = over.get("vmhwm_mib")
+        peak_where = "under that load" if over.get("vmhwm_is_scenario_peak") else "since start"
+        peak_all = service.get("vmhwm_since_start_mib")
+        bars = [
+            vs("single_vs_torch_b1", f"{name('single')}: tok/s vs PyTorch generate, batch 1", 1.0),
+            vs("batch_vs_torch_b8", f"{name('batch')}: total tok/s vs PyTorch generate, batch 8", 1.2),
+            Bar("batch_vs_naive_tf", f"{name('batch')}: total tok/s vs naive TF eager generate, one at a time",
+                fmt_bar(ratios["batch_vs_naive_tf"], ".1f", "×"), "≥ 15×", _at_least(ratios["batch_vs_naive_tf"], 15.0)),
+            *overload_bars,
+            sampling_bar,
+            Bar("peak_rss", f"server peak RSS (VmHWM) during {name('overload')}",
+                f"{fmt_bar(peak, '.0f', ' MiB')} {peak_where} ({fmt_bar(peak_all, '.0f', ' MiB')} since start, "
+                "warm-up included)", f"≤ 1.5 GB ({PEAK_RSS_LIMIT_MIB:.0f} MiB)", _at_most(peak, PEAK_RSS_LIMIT_MIB)),
+            Bar("warmup", "warm-up: process start to /health ok", fmt_bar(warmup, ".1f", " s"),
+                f"≤ {WARMUP_LIMIT_S:.0f} s", _at_most(warmup, WARMUP_LIMIT_S)),
+            compiles_bar,
+        ]
+    for bar in bars:
+        bar.phase = backend
     return bars, ratios
+
+
+# Which baseline run does the same work as each scenario role (same prompts, same token budget).
+SAME_WORK = {"single": "short_b1", "batch": "mixed_b1", "overload": "mixed_b1", "same": "same_b8",
+             "long_single": "long_b1", "long_batch": "long_b8"}
 
 
 def consistency_checks(scenarios: dict, baselines: dict, service_texts: dict) -> dict:
     """Do the service and the baselines do the same work? Token counts and greedy texts."""
-    by_role = {s["role"]: s for s in scenarios.values()}
-    pairs = [("single", "short_b1"), ("batch", "mixed_b1"), ("overload", "mixed_b1")]
     tokens = []
-    for role, run in pairs:
-        s = by_role.get(role)
+    for s in scenarios.values():
+        run = SAME_WORK.get(s["role"])
         for fw in ("tf", "pt"):
             b = baselines.get(f"{fw}:{run}")
-            if s and b and s.get("tokens_per_request") is not None:
+            if run and b and s.get("tokens_per_request") is not None:
                 tokens.append({
                     "scenario": s["name"], "baseline": f"{fw}:{run}",
                     "service_tokens_per_request": s["tokens_per_request"],
@@ -213,49 +269,73 @@ def fmt(x, spec=".1f"):
     return "–" if x is None else f"{x:{spec}}"
 
 
-def markdown(result: dict) -> str:
-    m, svc, preset = result["machine"], result["service"], result["preset"]
+def _scenario_table(phase: dict) -> list[str]:
     lines = [
-        f"### Benchmark result ({preset}, {result['started_at']})",
-        "",
-        f"Machine: {m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), {m['memory_gib']} GiB, "
-        f"Linux {m['kernel']} {m['machine']}; load average (1/5/15 min) {result['load_before']} before, "
-        f"{result['load_after']} after; 1-min load as each phase began: "
-        + ", ".join(f"{k} {v}" for k, v in result.get("load_at_phase_start", {}).items()) + ".",
-        f"Model: {result['model']['shape']} ({result['model']['summary']}), fp32, random weights, "
-        f"`{result['model']['dir']}`. {result['max_tokens']} new tokens per request; sampled scenarios use "
-        f"T={result['temperature']} with a seed per request.",
-        f"Service at commit {result.get('revision', {}).get('commit')}"
-        + (" with uncommitted changes in service/" if result.get("revision", {}).get("service_dirty") else "")
-        + f": warm-up {fmt(svc.get('warmup_seconds'))} s to /health ok "
-        f"(llm_warmup_seconds {fmt(svc.get('llm_warmup_seconds'))}; cores used, ours / others: "
-        f"{_cores(svc.get('warmup_cpu'))}); environment {svc.get('env') or 'defaults'}.",
-        "",
-        "| bar | measured | target | holds |",
-        "| --- | --- | --- | --- |",
-    ]
-    for bar in result["bars"]:
-        holds = {True: "yes", False: "**no**", None: "n/a"}[bar["holds"]]
-        lines.append(f"| {bar['text']} | {bar['measured']} | {bar['target']} | {holds} |")
-    lines += [
-        "",
         "| scenario | clients | requests | new tokens | tok/s | req/s | p50 s | p95 s | 503s | errors | peak RSS MiB "
         "| prompts/batch | cores: ours / others |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for s in result["scenarios"].values():
+    for s in phase["scenarios"].values():
         lines.append(
-            f"| {s['name']} (T={s['temperature']}) | {s['clients']} | {s['ok']}/{s['requests']} | "
+            f"| {s['name']} (T={s['temperature']}, {s['max_tokens']} new) | {s['clients']} | {s['ok']}/{s['requests']} | "
             f"{fmt(s['new_tokens'], 'd') if s['new_tokens'] is not None else '–'} | {fmt(s['tok_per_s'])} | "
             f"{fmt(s['req_per_s'], '.2f')} | {fmt(s['latency_p50_s'], '.2f')} | {fmt(s['latency_p95_s'], '.2f')} | "
             f"{s['responses_503']} | {s['errors']} | {fmt(s['vmhwm_mib'], '.0f')} | "
             f"{fmt(s.get('prompts_per_batch'), '.1f')} | {_cores(s.get('cpu'))} |"
         )
-    lines.append("")
-    lines.append("Peak RSS is the server's VmHWM " + (
-        "over each scenario alone (reset through /proc/PID/clear_refs before it)."
-        if all(s.get("vmhwm_is_scenario_peak") for s in result["scenarios"].values())
-        else "since it started (the reset through /proc/PID/clear_refs was refused)."))
+    return lines
+
+
+def _served(phase: dict) -> str:
+    h = phase.get("health") or {}
+    info = phase.get("backend_info") or []
+    said = ", ".join(f"{k}={v}" for k, v in h.items() if k != "status") or "no backend field"
+    metric = "; ".join(",".join(f'{k}="{v}"' for k, v in i.items()) for i in info) or "none"
+    return f"/health said {said} (llm_backend_info: {metric})"
+
+
+def markdown(result: dict) -> str:
+    m, preset = result["machine"], result["preset"]
+    phases = result["phases"]
+    revision = result.get("revision", {})
+    litert = result.get("litert") or {}
+    lines = [
+        f"#### Benchmark result ({preset}, {result['started_at']})",
+        "",
+        f"Command: `{result.get('command', './bench/run.sh')}`. "
+        f"Service at commit {revision.get('commit')}"
+        + (" with uncommitted changes in service/" if revision.get("service_dirty") else "") + ".",
+        f"Machine: {m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), {m['memory_gib']} GiB, "
+        f"Linux {m['kernel']} {m['machine']}; load average (1/5/15 min) {result['load_before']} before, "
+        f"{result['load_after']} after; 1-min load as each phase began: "
+        + ", ".join(f"{k} {v}" for k, v in result.get("load_at_phase_start", {}).items()) + ".",
+        f"Model: {result['model']['shape']} ({result['model']['summary']}), random fp32 weights, "
+        f"`{result['model']['dir']}`. {result['max_tokens']} new tokens per request "
+        f"({result.get('long_max_tokens')} in the long-context scenarios); sampled scenarios use "
+        f"T={result['temperature']} with a seed per request.",
+    ]
+    if litert:
+        gate = litert.get("gate") or {}
+        lines.append(
+            f"LiteRT files: `scripts/convert_model.py --model-dir` took {fmt(litert.get('seconds'))} s"
+            + (f"; its int8 gate decided {gate.get('decision')!r}" if gate.get("decision") is not None else "")
+            + (f" ({gate.get('summary')})" if gate.get("summary") else "") + ".")
+    lines.append("Each backend ran in its own phase, started cold: " + "; ".join(
+        f"**{name}** ({_served(p)}; warm-up {fmt(p['service'].get('warmup_seconds'))} s; "
+        f"peak RSS since start {fmt(p['service'].get('vmhwm_since_start_mib'), '.0f')} MiB; "
+        f"environment {p['service'].get('env') or 'defaults'})" for name, p in phases.items()) + ".")
+    lines += ["", "| backend | bar | measured | target | holds |", "| --- | --- | --- | --- | --- |"]
+    for name, phase in phases.items():
+        for bar in phase["bars"]:
+            holds = {True: "yes", False: "**no**", None: "n/a"}[bar["holds"]]
+            lines.append(f"| {name} | {bar['text']} | {bar['measured']} | {bar['target']} | {holds} |")
+    for name, phase in phases.items():
+        lines += ["", f"{phase['title']}:", ""] + _scenario_table(phase)
+    every_reset = all(s.get("vmhwm_is_scenario_peak") for p in phases.values() for s in p["scenarios"].values())
+    lines += ["", "Peak RSS per scenario is the server's VmHWM " + (
+        "over that scenario alone (reset through /proc/PID/clear_refs before it); the peak since start "
+        "is the largest reading before any reset and of every scenario."
+        if every_reset else "since it started (the reset through /proc/PID/clear_refs was refused).")]
     lines += [
         "",
         "| baseline (greedy, same prompts and model files) | batch | requests | new tokens | tok/s | req/s | p50 s "
@@ -263,14 +343,15 @@ def markdown(result: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     names = {"tf": "naive: TF eager `generate`", "pt": "PyTorch CPU `generate`"}
-    for key, b in result["baselines"].items():
+    for b in result["baselines"].values():
         lines.append(
-            f"| {names[b['framework']]}, {b['name']} | {b['batch_size']} | {b['requests']} | {b['new_tokens']} | "
-            f"{fmt(b['tok_per_s'])} | {fmt(b['req_per_s'], '.2f')} | {fmt(b['latency_p50_s'], '.2f')} | "
-            f"{_cores(b.get('cpu'))} |"
+            f"| {names[b['framework']]}, {b['name']} ({b['max_new_tokens']} new) | {b['batch_size']} | {b['requests']} | "
+            f"{b['new_tokens']} | {fmt(b['tok_per_s'])} | {fmt(b['req_per_s'], '.2f')} | "
+            f"{fmt(b['latency_p50_s'], '.2f')} | {_cores(b.get('cpu'))} |"
         )
     shared = shared_phases(result)
-    measured = any((s.get("cpu") or {}).get("other_cores") is not None for s in result["scenarios"].values())
+    measured = any((s.get("cpu") or {}).get("other_cores") is not None
+                   for p in phases.values() for s in p["scenarios"].values())
     lines.append("")
     lines.append(
         "The CPU use of other processes was not recorded in this run." if not measured else
@@ -279,7 +360,6 @@ def markdown(result: dict) -> str:
         "**Shared machine**: other processes used CPU during " + ", ".join(
             f"{name} ({cores:.2f} cores)" for name, cores in shared)
         + "; the ratios that rest on these phases are not reliable.")
-    checks = result["checks"]
     lines.append("")
     if result.get("torch"):
         t = result["torch"]
@@ -292,24 +372,38 @@ def markdown(result: dict) -> str:
         )
     else:
         lines.append("PyTorch baseline skipped (--no-torch): its bars read n/a.")
-    counts = checks["token_counts"]
-    if counts:
-        equal = all(c["equal"] for c in counts)
+    eos = sum(b["eos_stops"] for b in result["baselines"].values())
+    for name, phase in phases.items():
+        checks = phase["checks"]
+        counts = checks["token_counts"]
+        if counts:
+            lines.append(
+                f"{name}: new tokens per request vs baselines "
+                + ("equal everywhere" if all(c["equal"] for c in counts) else "**differ**: " + ", ".join(
+                    f"{c['scenario']} {c['service_tokens_per_request']:.2f} vs {c['baseline']} "
+                    f"{c['baseline_tokens_per_request']:.2f}" for c in counts if not c["equal"]))
+                + f" (end-of-text stops in baselines: {eos}).")
+        expect = "must be" if phase.get("exact_text") else "not expected for int8 weights; informational"
+        for fw, t in checks["greedy_texts"].items():
+            lines.append(f"{name}: greedy texts identical to {names[fw]}: {t['identical']} of {t['prompts']} prompts "
+                         f"({expect}).")
+        det = checks.get("greedy_deterministic") or {}
+        if det:
+            lines.append(f"{name}: each prompt got one greedy text in every request, whatever its batch: "
+                         f"{det['same_text_every_request']} of {det['prompts']} prompts.")
+        r = phase["ratios"]
         lines.append(
-            "New tokens per request, service vs baselines: "
-            + ("equal everywhere" if equal else "**differ**: " + ", ".join(
-                f"{c['scenario']} {c['service_tokens_per_request']:.2f} vs {c['baseline']} "
-                f"{c['baseline_tokens_per_request']:.2f}" for c in counts if not c["equal"]))
-            + f" (end-of-text stops in baselines: {sum(b['eos_stops'] for b in result['baselines'].values())})."
-        )
-    for fw, t in checks["greedy_texts"].items():
-        lines.append(f"Greedy texts identical to {names[fw]}: {t['identical']} of {t['prompts']} prompts.")
-    ratios = result["ratios"]
-    lines.append(
-        f"Other ratios: single vs naive TF {fmt(ratios.get('single_vs_naive_tf'), '.1f')}×, "
-        f"batch vs PyTorch batch 1 {fmt(ratios.get('batch_vs_torch_b1'), '.2f')}×, "
-        f"PyTorch batch 8 vs naive TF {fmt(ratios.get('torch_b8_vs_naive_tf'), '.1f')}×."
-    )
+            f"{name}, other ratios: single vs naive TF {fmt(r.get('single_vs_naive_tf'), '.1f')}×, "
+            f"{'mixed c8 vs PyTorch batch 8 ' + fmt(r.get('batch_vs_torch_b8'), '.2f') + '×, ' if name == 'litert-fp32' else ''}"
+            f"mixed c8 vs PyTorch batch 1 {fmt(r.get('batch_vs_torch_b1'), '.2f')}×.")
+    ratios = next(iter(phases.values()))["ratios"] if phases else {}
+    lines.append(f"Baselines: PyTorch batch 8 vs batch 1 {fmt(ratios.get('torch_b8_vs_b1'), '.2f')}×, "
+                 f"PyTorch batch 8 vs naive TF {fmt(ratios.get('torch_b8_vs_naive_tf'), '.1f')}×.")
+    profile = result.get("profile")
+    if profile and profile.get("table"):
+        lines += ["", profile["title"], "", *profile["table"], "", *profile.get("notes", [])]
+    elif profile and profile.get("error"):
+        lines += ["", f"Per-op profile failed: {profile['error']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -321,8 +415,10 @@ def _cores(cpu: dict | None) -> str:
 
 def shared_phases(result: dict) -> list[tuple[str, float]]:
     """Phases during which other processes used more than SHARED_CORES cores."""
-    phases = [("warm-up", (result["service"].get("warmup_cpu") or {}))]
-    phases += [(name, s.get("cpu") or {}) for name, s in result["scenarios"].items()]
+    phases = []
+    for name, p in result["phases"].items():
+        phases.append((f"{name} warm-up", p["service"].get("warmup_cpu") or {}))
+        phases += [(f"{name} {sname}", s.get("cpu") or {}) for sname, s in p["scenarios"].items()]
     phases += [(f"baseline {key}", b.get("cpu") or {}) for key, b in result["baselines"].items()]
     return [(name, c["other_cores"]) for name, c in phases
             if c.get("other_cores") is not None and c["other_cores"] > SHARED_CORES]

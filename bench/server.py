@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,6 +45,16 @@ def parse_metrics(text: str) -> dict[str, float]:
             continue
         values[name_part] = values.get(name_part, 0.0) + value
     return values
+
+
+def parse_labels(text: str, metric: str) -> list[dict[str, str]]:
+    """The label sets of `metric` in Prometheus text, e.g. llm_backend_info{backend="litert"}."""
+    found = []
+    for line in text.splitlines():
+        if line.startswith(metric + "{"):
+            body = line[len(metric) + 1:].rsplit("}", 1)[0]
+            found.append(dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', body)))
+    return found
 
 
 def proc_status_kb(pid: int, field: str) -> int | None:
@@ -88,6 +99,7 @@ class Service:
         self.health_timeout = health_timeout
         self.proc: subprocess.Popen | None = None
         self.warmup_seconds: float | None = None
+        self.health: dict | None = None  # the body of the first /health that said ok
 
     def __enter__(self) -> "Service":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +132,7 @@ class Service:
                     statuses.add(r.status_code)
                     if r.status_code == 200 and r.json().get("status") == "ok":
                         self.warmup_seconds = time.monotonic() - started
+                        self.health = r.json()
                         self.warmup_cpu = self._warmup_cpu.stop()
                         self.health_statuses = sorted(statuses)
                         return
@@ -128,11 +141,14 @@ class Service:
                 time.sleep(0.1)
         raise ServiceError(f"service not healthy after {self.health_timeout:.0f} s:\n{self.log_tail()}")
 
-    def metrics(self) -> dict[str, float]:
+    def metrics_text(self) -> str:
         r = httpx.get(self.base_url + "/metrics", timeout=30.0)
         if r.status_code != 200:
             raise ServiceError(f"GET /metrics answered {r.status_code}")
-        return parse_metrics(r.text)
+        return r.text
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(self.metrics_text())
 
     def memory(self) -> dict:
         """VmHWM (peak resident) and VmRSS of the server process and any children, in MiB."""
