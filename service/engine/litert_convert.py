@@ -1,8 +1,10 @@
 """TensorFlow weights in, LiteRT decoder models out (needs TensorFlow; the LiteRT backend does not).
 
 One `.tflite` file per precision, each with two signatures over the same weights:
-- `prefill`: one prompt (batch 1, any length T) with no cache; returns the logits of its last
-  position and every layer's keys and values for its T positions.
+- `prefill`: one prompt (batch 1, any length T) with no cache; returns every layer's keys and
+  values for its T positions, and no logits: the host prefills all of a prompt but its last
+  token, which enters through `decode` with the rest of the batch. So the LM head (a third of
+  DistilGPT2's int8 weights) is not in this signature, and XNNPACK packs it once, not twice.
 - `decode`: one new token for each of B rows, attending over a host-owned key/value cache of C
   slots; returns the logits and each layer's key and value for that token only. The host keeps
   the cache and writes the new slot itself, so the cache is never copied through a call.
@@ -71,11 +73,12 @@ class _Decoder(tf.Module):
         x, outputs = embeds, {}
         for i in range(self.shape.n_layer):
             q, k, v = self._qkv(i, x, batch=1, length=-1)
+            outputs[f"key_{i}"], outputs[f"value_{i}"] = k, v
+            if i == self.shape.n_layer - 1:
+                break  # the last block's output feeds only the logits, which prefill does not make
             w = tf.matmul(q, k, transpose_b=True) / math.sqrt(self.shape.head_dim) + mask
             a = tf.matmul(tf.nn.softmax(w, axis=-1), v)  # [1, H, T, D]
             x = self._finish_block(i, x, a, batch=1, length=-1)
-            outputs[f"key_{i}"], outputs[f"value_{i}"] = k, v
-        outputs["logits"] = self._logits(x[:, -1:, :])
         return outputs
 
     def _decode(self, embeds, mask, *caches):

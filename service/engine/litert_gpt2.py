@@ -16,6 +16,7 @@ is not delegated to XNNPACK).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -32,19 +33,21 @@ from service.model_files import LITERT_META, litert_model_file
 log = logging.getLogger(__name__)
 
 MASKED = -1e4  # transformers' TF GPT-2 mask value
+MADV_DONTNEED = 4
 
 
 class Decoder:
     """One LiteRT model file, and the key/value cache of the batch it decodes.
 
     Contract: `start_batch(B, C)` makes room for B rows of C slots each, all empty; `prefill(b,
-    ids)` fills row b's first len(ids) slots and returns the logits after its last token;
-    `step(ids)` puts one token per row into each row's next slot and returns the logits after
-    it (rows whose slots are full must not step); `keep(rows)` drops every other row.
+    ids)` fills row b's first len(ids) slots (no logits: a prompt's last token goes through
+    `step`); `step(ids)` puts one token per row into each row's next slot and returns the logits
+    after it (no row's slots may be full); `keep(rows)` drops every other row.
     """
 
     def __init__(self, model_path: Path, embeddings: np.ndarray, positions: np.ndarray, num_threads: int):
-        self._interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
+        self._model_path = model_path.resolve()
+        self._interpreter = Interpreter(model_path=str(self._model_path), num_threads=num_threads)
         self._runtime = self._interpreter._interpreter  # the wrapper: per-signature views and calls
         self._embeddings = embeddings
         self._positions = positions
@@ -95,8 +98,10 @@ class Decoder:
 
     # --- the two calls -------------------------------------------------------------------------
 
-    def prefill(self, row: int, ids: Sequence[int]) -> np.ndarray:
+    def prefill(self, row: int, ids: Sequence[int]) -> None:
         n = len(ids)
+        if n == 0:
+            return
         if n > self.cache_size:
             raise ValueError(f"a prompt of {n} tokens does not fit a cache of {self.cache_size} slots")
         causal = np.triu(np.full([n, n], MASKED, np.float32), k=1)
@@ -108,7 +113,6 @@ class Decoder:
             self._view(self._decode, "inputs", name)[row, :, :n] = self._view(self._prefill, "outputs", name)[0]
         self._view(self._decode, "inputs", "mask")[row, 0, 0, :n] = 0
         self.lengths[row] = n
-        return self._view(self._prefill, "outputs", "logits")[0].copy()
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         """One token per row (in batch order) -> logits [batch, vocab] (a copy)."""
@@ -128,6 +132,15 @@ class Decoder:
         return self._embeddings[ids] + self._positions[positions]
 
     # --- the interpreter -----------------------------------------------------------------------
+
+    def release_file_pages(self) -> int:
+        """Drop this process's resident pages of the mapped model file; returns bytes released.
+
+        The runtime maps the .tflite file and XNNPACK packs its weights into memory of its own at
+        the first allocation, after which the mapped pages are read only if a call needs them
+        again (they then fault back in from the file). Without this, the int8 model's weights are
+        resident twice (madvise(2), MADV_DONTNEED on a read-only file mapping)."""
+        return _drop_mapped_pages(self._model_path)
 
     def _resize(self, signature: dict, shapes: dict[str, list[int]]) -> None:
         """Give inputs new shapes; reallocating moves tensors, so views are taken afresh after."""
@@ -183,11 +196,14 @@ class LiteRTGPT2Engine(Engine):
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def warmup(self) -> None:
-        """Pack the weights for XNNPACK (the first call of each signature) with a short batch."""
+        """Run a short batch through both signatures (XNNPACK packs the weights on first use), then
+        let go of the model file's pages, which the packed copy has replaced."""
         started = time.monotonic()
-        rows = [GenerationRow((self.eos_id,), 2)] * self.max_batch_size
+        rows = [GenerationRow((self.eos_id, self.eos_id), 2)] * self.max_batch_size
         self.generate(rows)
-        log.info("warm-up ran %s (%s) in %.1f s", self.backend, self.precision, time.monotonic() - started)
+        released = self.decoder.release_file_pages()
+        log.info("warm-up ran %s (%s) in %.1f s; %.0f MiB of mapped model file released", self.backend,
+                 self.precision, time.monotonic() - started, released / 2**20)
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[list[int]]:
         decoder = self.decoder
@@ -195,9 +211,13 @@ class LiteRTGPT2Engine(Engine):
         decoder.start_batch(len(rows), next(c for c in self.cache_sizes if c >= slots))
         outputs: list[list[int]] = [[] for _ in rows]
         live = list(range(len(rows)))  # the row at each batch position
-        tokens = np.array([self._next_token(rows[i], decoder.prefill(b, rows[i].prompt_ids), 0)
-                           for b, i in enumerate(live)], np.int64)
+        for b, row in enumerate(rows):
+            decoder.prefill(b, row.prompt_ids[:-1])
+        tokens = np.array([row.prompt_ids[-1] for row in rows], np.int64)  # each prompt's last token
         while True:
+            logits = decoder.step(tokens)
+            tokens = np.array([self._next_token(rows[i], logits[b], len(outputs[i])) for b, i in enumerate(live)],
+                              np.int64)
             keep = []
             for b, i in enumerate(live):
                 if tokens[b] == self.eos_id:
@@ -212,14 +232,28 @@ class LiteRTGPT2Engine(Engine):
                 decoder.keep(keep)
                 live, tokens = [live[b] for b in keep], tokens[keep]
                 self.compactions += 1
-            logits = decoder.step(tokens)
-            tokens = np.array([self._next_token(rows[i], logits[b], len(outputs[i])) for b, i in enumerate(live)],
-                              np.int64)
 
     # --- sampling -----------------------------------------------------------------------------
 
     def _next_token(self, row: GenerationRow, logits: np.ndarray, index: int) -> int:
         return sample(logits, row.temperature, row.seed, row.stream, index)
+
+
+def _drop_mapped_pages(path: Path) -> int:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:  # not Linux: nothing to release
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
+                released += end - start
+    return released
 
 
 def sample(logits: np.ndarray, temperature: float, seed: int, stream: int, index: int) -> int:

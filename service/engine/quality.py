@@ -51,13 +51,11 @@ def teacher_forced(decoder: Decoder, tokens: np.ndarray) -> tuple[np.ndarray, np
     """Per predicted position: the model's top-1 token and its log-probability of the true one."""
     rows, width = tokens.shape
     decoder.start_batch(rows, width)
-    logits = np.stack([decoder.prefill(b, tokens[b, :1]) for b in range(rows)])
     top, logprob = [], []
-    for t in range(1, width):
+    for t in range(width - 1):
+        logits = decoder.step(tokens[:, t])  # predicts token t + 1
         top.append(np.argmax(logits, axis=-1))
-        logprob.append(_log_softmax(logits)[np.arange(rows), tokens[:, t]])
-        if t < width - 1:
-            logits = decoder.step(tokens[:, t])
+        logprob.append(_log_softmax(logits)[np.arange(rows), tokens[:, t + 1]])
     return np.stack(top, axis=1), np.stack(logprob, axis=1)
 
 
