@@ -81,7 +81,7 @@ def convert_model_dir(model_dir: Path, force: bool = False) -> dict:
     import numpy as np
 
     from service.engine import litert_convert, quality
-    from service.engine.litert_gpt2 import Decoder, load_tokenizer
+    from service.engine.litert_gpt2 import Decoder, Rows, load_tokenizer
 
     started = time.monotonic()
     _ensure_fast_tokenizer(model_dir)
@@ -101,7 +101,7 @@ def convert_model_dir(model_dir: Path, force: bool = False) -> dict:
 
         ids = load_tokenizer(model_dir).encode(quality.TEXT.read_text(), add_special_tokens=False).ids
         tokens = quality.windows(ids, shape.n_positions)
-        embeddings, positions = np.load(tmp / "embeddings.npy", mmap_mode="r"), np.load(tmp / "positions.npy")
+        embeddings, positions = Rows(tmp / "embeddings.npy"), np.load(tmp / "positions.npy")
         decoders = {p: Decoder(tmp / litert_model_file(p), embeddings, positions, len(os.sched_getaffinity(0)))
                     for p in ("fp32", "int8")}
         report = quality.compare(decoders["fp32"], decoders["int8"], tokens)

@@ -45,7 +45,7 @@ class Decoder:
     after it (no row's slots may be full); `keep(rows)` drops every other row.
     """
 
-    def __init__(self, model_path: Path, embeddings: np.ndarray, positions: np.ndarray, num_threads: int):
+    def __init__(self, model_path: Path, embeddings: Rows, positions: np.ndarray, num_threads: int):
         self._model_path = model_path.resolve()
         self._interpreter = Interpreter(model_path=str(self._model_path), num_threads=num_threads)
         self._runtime = self._interpreter._interpreter  # the wrapper: per-signature views and calls
@@ -128,7 +128,7 @@ class Decoder:
         self.lengths = at + 1
         return self._view(self._decode, "outputs", "logits").copy()
 
-    def _embed(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _embed(self, ids: Sequence[int], positions: np.ndarray) -> np.ndarray:
         return self._embeddings[ids] + self._positions[positions]
 
     # --- the interpreter -----------------------------------------------------------------------
@@ -179,9 +179,7 @@ class LiteRTGPT2Engine(Engine):
         self.max_batch_size = max_batch_size
         self.cache_sizes = cache_buckets(smallest_cache, self.context_window)
         self._tokenizer = load_tokenizer(model_dir)
-        # The token embeddings are the LM head's weights too (50257 x 768 floats for GPT-2): mapped,
-        # not read, so only the rows of tokens met are resident.
-        embeddings = np.load(model_dir / meta["embeddings"], mmap_mode="r")
+        embeddings = Rows(model_dir / meta["embeddings"])
         positions = np.load(model_dir / meta["positions"])
         threads = num_threads or len(os.sched_getaffinity(0))
         self.decoder = Decoder(model_dir / litert_model_file(self.precision), embeddings, positions, threads)
@@ -278,14 +276,41 @@ def resolve_precision(precision: str, meta: dict) -> str:
     return precision
 
 
-def cache_buckets(smallest: int, context_window: int) -> tuple[int, ...]:
-    """Cache sizes doubling from `smallest` up to the context window: attention costs what the
-    allocated cache costs, so a batch takes the smallest that holds its longest row."""
-    sizes, size = [], smallest
-    while size < context_window:
-        sizes.append(size)
-        size *= 2
-    return (*sizes, context_window)
+def cache_buckets(step: int, context_window: int) -> tuple[int, ...]:
+    """Cache sizes in multiples of `step` up to the context window: attention costs what the
+    allocated cache costs, so a batch takes the smallest that holds its longest row. Nothing is
+    compiled per size, so the steps can be fine (a 528-slot batch gets 640 slots, not 1024)."""
+    return (*range(step, context_window, step), context_window)
+
+
+class Rows:
+    """Rows of a 2-D .npy file, read on demand with pread(2).
+
+    The token embeddings are GPT-2's LM head too (50257 x 768 floats, 150 MB): only the rows of
+    the tokens met are read, and none stay resident (a memory map's read-ahead kept tens of MB
+    of neighbouring rows resident after a few hundred random tokens)."""
+
+    def __init__(self, path: Path):
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            shape, fortran_order, self.dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                                else np.lib.format.read_array_header_2_0(f))
+            self._offset = f.tell()
+        if len(shape) != 2 or fortran_order:
+            raise ValueError(f"{path} does not hold a 2-D C-ordered array")
+        self.shape = shape
+        self._row_bytes = shape[1] * self.dtype.itemsize
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __getitem__(self, ids: Sequence[int]) -> np.ndarray:
+        out = np.empty([len(ids), self.shape[1]], self.dtype)
+        for k, i in enumerate(ids):
+            out[k] = np.frombuffer(os.pread(self._fd, self._row_bytes, self._offset + int(i) * self._row_bytes),
+                                   self.dtype)
+        return out
+
+    def __del__(self):
+        os.close(self._fd)
 
 
 def load_tokenizer(model_dir: Path):
