@@ -37,7 +37,7 @@ class Settings(BaseSettings):
 
     prefill_chunk: int = Field(16, ge=1, le=1024, description="Prompt tokens per compiled prefill call.")
     decode_chunk: int = Field(16, ge=1, le=256, description="Decode steps per compiled call.")
-    min_cache_size: int = Field(128, ge=16, description="Smallest cache bucket, in tokens; buckets double up to the context window.")
+    min_cache_size: int = Field(128, ge=16, description="Smallest cache bucket, in tokens; tf buckets double up to the context window, LiteRT's are its multiples.")
     xla_cache_dir: Path | None = Field(None, description="Directory where compiled programs persist across restarts.")
 
     @field_validator("model_dir")
