@@ -300,7 +300,8 @@ def summarize(result: dict, top: int = 12) -> dict:
         top_lines.append(f"| {o['index']} | {o['op']} | {w} | {out} | {o['ms']:.3f} |")
     title = (f"Per-op profile of one `decode` step of `{Path(result['model']).name}`, batch {b}, cache {c} slots "
              "(`python -m bench.profile_step`):")
-    return {"title": title, "table": table, "top": top_lines, "notes": notes, "step_ms": step, "op_sum_ms": total,
+    return {"title": title, "batch": b, "cache": c, "table": table, "top": top_lines, "notes": notes,
+            "step_ms": step, "step_cold_ms": result["step_cold_ms"], "op_sum_ms": total,
             "op_sum_hot_ms": total_hot,
             "by_type": {k: {"count": len(v), "ms": sum(o["ms"] for o in v)} for k, v in rows}}
 

@@ -399,11 +399,11 @@ def markdown(result: dict) -> str:
     ratios = next(iter(phases.values()))["ratios"] if phases else {}
     lines.append(f"Baselines: PyTorch batch 8 vs batch 1 {fmt(ratios.get('torch_b8_vs_b1'), '.2f')}×, "
                  f"PyTorch batch 8 vs naive TF {fmt(ratios.get('torch_b8_vs_naive_tf'), '.1f')}×.")
-    profile = result.get("profile")
-    if profile and profile.get("table"):
-        lines += ["", profile["title"], "", *profile["table"], "", *profile.get("notes", [])]
-    elif profile and profile.get("error"):
-        lines += ["", f"Per-op profile failed: {profile['error']}"]
+    for profile in result.get("profiles") or []:
+        if profile.get("table"):
+            lines += ["", profile["title"], "", *profile["table"], "", *profile.get("notes", [])]
+        elif profile.get("error"):
+            lines += ["", f"Per-op profile (cache {profile.get('cache')}) failed: {profile['error']}"]
     return "\n".join(lines) + "\n"
 
 

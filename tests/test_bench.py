@@ -186,3 +186,4 @@ def test_tiny_run_profiles_the_int8_decode_step(tiny_result):
     assert any(k.startswith("FULLY_CONNECTED") for k in profile["by_type"])
     assert "BATCH_MATMUL" in profile["by_type"]
     assert "Per-op profile" in tiny_result["_markdown"]
+    assert [p.get("cache") for p in tiny_result["profiles"]] == [256, 640]
