@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,17 +54,18 @@ class Decoder:
         self._positions = positions
         self._prefill = self._signature("prefill")
         self._decode = self._signature("decode")
-        key = self._decode["inputs"]["key_0"]["shape_signature"]
+        key = self._runtime.TensorSizeSignature(self._decode.inputs["key_0"], self._decode.subgraph)
         self.n_head, self.head_dim = int(key[1]), int(key[3])
-        self.n_layer = sum(1 for name in self._decode["inputs"] if name.startswith("key_"))
+        self.n_layer = sum(1 for name in self._decode.inputs if name.startswith("key_"))
         self.batch_size = 0
         self.cache_size = 0
         self.lengths = np.zeros([0], np.int64)  # filled slots per row
 
-    def _signature(self, name: str) -> dict:
+    def _signature(self, name: str) -> _Signature:
         runner = self._interpreter.get_signature_runner(name)
-        return {"subgraph": self._runtime.GetSubgraphIndexFromSignature(name),
-                "inputs": runner.get_input_details(), "outputs": runner.get_output_details()}
+        return _Signature(self._runtime.GetSubgraphIndexFromSignature(name),
+                          {n: d["index"] for n, d in runner.get_input_details().items()},
+                          {n: d["index"] for n, d in runner.get_output_details().items()})
 
     # --- the batch's cache -------------------------------------------------------------------
 
@@ -142,24 +144,33 @@ class Decoder:
         resident twice (madvise(2), MADV_DONTNEED on a read-only file mapping)."""
         return _drop_mapped_pages(self._model_path)
 
-    def _resize(self, signature: dict, shapes: dict[str, list[int]]) -> None:
+    def _resize(self, signature: _Signature, shapes: dict[str, list[int]]) -> None:
         """Give inputs new shapes; reallocating moves tensors, so views are taken afresh after."""
-        current = {name: list(self._view(signature, "inputs", name).shape) for name in shapes} \
-            if signature.get("allocated") else {}
-        if current == shapes:
+        if signature.shapes == shapes:
             return
         for name, shape in shapes.items():
-            index = signature["inputs"][name]["index"]
-            self._runtime.ResizeInputTensor(index, np.array(shape, np.int32), False, signature["subgraph"])
-        self._runtime.AllocateTensors(signature["subgraph"])
-        signature["allocated"] = True
+            self._runtime.ResizeInputTensor(signature.inputs[name], np.array(shape, np.int32), False,
+                                            signature.subgraph)
+        self._runtime.AllocateTensors(signature.subgraph)
+        signature.shapes = shapes
 
-    def _invoke(self, signature: dict) -> None:
-        self._runtime.Invoke(signature["subgraph"])
+    def _invoke(self, signature: _Signature) -> None:
+        self._runtime.Invoke(signature.subgraph)
 
-    def _view(self, signature: dict, side: str, name: str) -> np.ndarray:
+    def _view(self, signature: _Signature, side: str, name: str) -> np.ndarray:
         """A numpy view of a signature's tensor: valid until that signature is reallocated."""
-        return self._runtime.tensor(self._interpreter, signature[side][name]["index"], signature["subgraph"])
+        index = (signature.inputs if side == "inputs" else signature.outputs)[name]
+        return self._runtime.tensor(self._interpreter, index, signature.subgraph)
+
+
+@dataclass
+class _Signature:
+    """A signature's subgraph, its tensors' indices by name, and the input shapes allocated."""
+
+    subgraph: int
+    inputs: dict[str, int]
+    outputs: dict[str, int]
+    shapes: dict[str, list[int]] | None = None
 
 
 class LiteRTGPT2Engine(Engine):
