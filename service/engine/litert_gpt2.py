@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MASKED = -1e4  # transformers' TF GPT-2 mask value
 MADV_DONTNEED = 4
+SAMPLE_BLOCK = 256  # vocabulary entries per block in the sampling search
 
 
 class Decoder:
@@ -270,15 +271,25 @@ def sample(logits: np.ndarray, temperature: float, seed: int, stream: int, index
 
     The draw is inverse-CDF with one uniform number from Philox keyed by (seed, stream) at
     counter `index` (the token's index in the row), so a row's tokens depend only on its own
-    seed, stream and logits, never on its neighbours.
+    seed, stream and logits, never on its neighbours. The search goes by blocks of the vocabulary
+    (their sums, then within the chosen block), as in the TF backend: a running sum over all
+    50257 entries cost 0.4 ms a row, several times the rest of the draw.
     """
     if temperature <= 0:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    weights = np.exp(scaled - scaled.max())
-    cumulative = np.cumsum(weights)
+    x = logits / np.float32(temperature)
+    x -= x.max()
+    weights = np.exp(x)
+    blocks = np.concatenate([weights, np.zeros(-len(weights) % SAMPLE_BLOCK, np.float32)]).reshape(-1, SAMPLE_BLOCK)
+    block_sums = blocks.sum(axis=1, dtype=np.float64)
+    cumulative = np.cumsum(block_sums)
     u = np.random.Generator(np.random.Philox(key=seed + (stream << 64), counter=index)).random()
-    return int(min(np.searchsorted(cumulative, u * cumulative[-1], side="right"), len(logits) - 1))
+    target = u * cumulative[-1]
+    block = min(int(np.searchsorted(cumulative, target, side="right")), len(cumulative) - 1)
+    within = np.cumsum(blocks[block], dtype=np.float64) + (cumulative[block] - block_sums[block])
+    # Rounding can put the target past the block's last token: take that token then.
+    last = int(np.flatnonzero(blocks[block])[-1])
+    return block * SAMPLE_BLOCK + min(int(np.searchsorted(within, target, side="right")), last)
 
 
 def resolve_precision(precision: str, meta: dict) -> str:
