@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from bench import config, report
-from bench.cpu import CpuWindow, own_cpu_seconds
+from bench.cpu import SHARED_CORES, CpuWindow, own_cpu_seconds
 from bench.load import run_load
 from bench.server import REPO, Service, parse_labels, parse_metrics
 from bench.torch_env import DEFAULT_VENV, ensure_venv
@@ -155,7 +155,7 @@ def request_bodies(scenario: config.Scenario) -> list[dict]:
 
 
 def run_service(preset: config.Preset, backend: config.Backend, model_dir: Path, work: Path,
-                env: dict[str, str], health_timeout: float, phase_load: dict) -> dict:
+                env: dict[str, str], health_timeout: float, phase_load: dict, retries: int) -> dict:
     """Start the service cold with `backend`, drive its scenarios; return the phase's raw results."""
     scenarios: dict[str, dict] = {}
     service_texts: dict[str, set] = {}
@@ -185,30 +185,42 @@ def run_service(preset: config.Preset, backend: config.Backend, model_dir: Path,
         for scenario in preset.scenarios_for(backend):
             phase_load[f"{backend.name} {scenario.name}"] = round(os.getloadavg()[0], 2)
             bodies = request_bodies(scenario)
-            log(f"[{backend.name}] {scenario.name}: {scenario.clients} clients, {scenario.requests} requests")
-            before = svc.metrics()
-            peak_so_far = max(peak_so_far, svc.memory()["vmhwm_mib"])
-            peak_reset = svc.reset_peak()
-            # Ours: the server and this process, which is the load generator.
-            window = CpuWindow(lambda: svc.cpu_seconds() + own_cpu_seconds()).start()
-            load = run_load(svc.base_url, scenario.clients, bodies)
-            cpu = window.stop()
-            after = svc.metrics()
-            memory = svc.memory()
-            peak_so_far = max(peak_so_far, memory["vmhwm_mib"])
-            s = report.scenario_result(scenario, load, before, after, memory)
-            # With the reset, VmHWM is this scenario's own peak; without, the peak since start.
-            s["vmhwm_is_scenario_peak"] = peak_reset
-            s["vmhwm_since_start_mib"] = peak_so_far
-            s["cpu"] = cpu
-            scenarios[scenario.name] = s
-            log(f"[{backend.name}] {scenario.name}: {report.fmt(s['tok_per_s'])} tok/s, "
-                f"p95 {report.fmt(s['latency_p95_s'], '.2f')} s, {s['errors']} errors, {s['responses_503']} 503s, "
-                f"VmHWM {s['vmhwm_mib']:.0f} MiB (since start {peak_so_far:.0f})")
-            if not scenario.sampled:
-                for o in load.outcomes:
-                    if o.text is not None:
-                        service_texts.setdefault(o.prompt, set()).add(o.text)
+            best, attempts = None, 0
+            # A scenario during which other processes took CPU is measured again (this machine
+            # may be shared); the least shared attempt is kept and counted in `attempts`.
+            while attempts == 0 or (best["cpu"]["other_cores"] or 0) > SHARED_CORES and attempts <= retries:
+                if attempts:
+                    log(f"[{backend.name}] {scenario.name}: other processes used {best['cpu']['other_cores']:.2f} "
+                        "cores; again")
+                log(f"[{backend.name}] {scenario.name}: {scenario.clients} clients, {scenario.requests} requests")
+                before = svc.metrics()
+                peak_so_far = max(peak_so_far, svc.memory()["vmhwm_mib"])
+                peak_reset = svc.reset_peak()
+                # Ours: the server and this process, which is the load generator.
+                window = CpuWindow(lambda: svc.cpu_seconds() + own_cpu_seconds()).start()
+                load = run_load(svc.base_url, scenario.clients, bodies)
+                cpu = window.stop()
+                after = svc.metrics()
+                memory = svc.memory()
+                peak_so_far = max(peak_so_far, memory["vmhwm_mib"])
+                s = report.scenario_result(scenario, load, before, after, memory)
+                # With the reset, VmHWM is this scenario's own peak; without, the peak since start.
+                s["vmhwm_is_scenario_peak"] = peak_reset
+                s["cpu"] = cpu
+                attempts += 1
+                log(f"[{backend.name}] {scenario.name}: {report.fmt(s['tok_per_s'])} tok/s, "
+                    f"p95 {report.fmt(s['latency_p95_s'], '.2f')} s, {s['errors']} errors, {s['responses_503']} 503s, "
+                    f"VmHWM {s['vmhwm_mib']:.0f} MiB (since start {peak_so_far:.0f}), "
+                    f"cores ours/others {cpu['own_cores']}/{cpu['other_cores']}")
+                if not scenario.sampled:
+                    for o in load.outcomes:
+                        if o.text is not None:
+                            service_texts.setdefault(o.prompt, set()).add(o.text)
+                if best is None or (cpu["other_cores"] or 0) < (best["cpu"]["other_cores"] or 0):
+                    best = s
+            best["attempts"] = attempts
+            best["vmhwm_since_start_mib"] = peak_so_far
+            scenarios[scenario.name] = best
         final = svc.metrics()
         service["compiles_after_warmup"] = final.get("llm_compiles_after_warmup_total")
         service["generated_tokens_total"] = final.get("llm_generated_tokens_total")
@@ -276,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra environment for the service, e.g. MAX_BATCH_SIZE=8 (repeatable)")
     p.add_argument("--health-timeout", type=float, help="seconds to wait for /health ok "
                    "(default: 600 for full, 300 for tiny)")
+    p.add_argument("--retries-when-shared", type=int, help="measure a baseline run or scenario again, up to this "
+                   f"many times, while other processes use more than {SHARED_CORES} cores during it; the least "
+                   "shared attempt counts (default: 2 for full, 0 for tiny)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a bar does not hold")
     return p
 
@@ -304,10 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"PyTorch venv ready: torch {torch_info['torch']}, {torch_info['threads']} threads"
             + (f" (created in {torch_info['install_seconds']:.0f} s)" if torch_info["created"] else ""))
 
+    retries = args.retries_when_shared if args.retries_when_shared is not None else preset.retries_when_shared
     pt_dir = args.cache_dir / "pt" / weights_key(model_dir)
     # The naive TF baseline only backs the TF backend's bar; it is slow, so it runs only then.
     tf_runs = preset.tf_runs if "tf" in names else ()
-    tf_job = {"framework": "tf", "model_dir": str(model_dir), "runs": [r.job() for r in tf_runs]}
+    tf_job = {"framework": "tf", "model_dir": str(model_dir), "runs": [r.job() for r in tf_runs],
+              "retries_when_shared": retries}
     if torch_info and not (pt_dir / "model.safetensors").is_file():
         tf_job["convert_to"] = str(pt_dir)
     # The 1-minute load average as each phase starts: this machine may be shared, and a busy
@@ -323,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         phase_load["torch_baseline"] = round(os.getloadavg()[0], 2)
         log("PyTorch worker: generate at batch 1 and batch 8")
         pt_job = {"framework": "pt", "model_dir": str(model_dir), "weights_dir": str(pt_dir),
-                  "runs": [r.job() for r in preset.torch_runs]}
+                  "runs": [r.job() for r in preset.torch_runs], "retries_when_shared": retries}
         pt_out = run_worker(torch_info["python_path"], pt_job, work, "pt")
         torch_info["logits_check"] = pt_out["logits_check"]
         baseline_raw.update({f"pt:{r['name']}": r for r in pt_out["runs"]})
@@ -333,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     health_timeout = args.health_timeout or (600.0 if preset.name == "full" else 300.0)
     phases = {}
     for backend in backends:
-        raw = run_service(preset, backend, model_dir, work, service_env, health_timeout, phase_load)
+        raw = run_service(preset, backend, model_dir, work, service_env, health_timeout, phase_load, retries)
         phases[backend.name] = phase_result(backend, raw, baselines)
 
     profiles = []
@@ -353,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": preset.max_tokens,
         "long_max_tokens": preset.long_max_tokens,
         "temperature": config.SAMPLING_TEMPERATURE,
+        "retries_when_shared": retries,
         "backends": names,
         "litert": litert,
         "tf": {"versions": tf_out["versions"]},

@@ -212,6 +212,8 @@ class Preset:
     service_env: dict[str, str] = field(default_factory=dict)
     # Extra arguments of bench/profile_step.py (the tiny run only proves that it works).
     profile_args: tuple[str, ...] = ()
+    # How often a measurement shared with other processes is taken again (see cli.py).
+    retries_when_shared: int = 0
 
     def scenarios_for(self, backend: Backend) -> tuple[Scenario, ...]:
         return tuple(s for s in self.scenarios if backend.roles is None or s.role in backend.roles)
@@ -261,4 +263,5 @@ def make_preset(name: str) -> Preset:
         # cuts its warm-up by a quarter. The full run keeps the service's defaults.
         service_env={} if name == "full" else {"MAX_BATCH_SIZE": "4"},
         profile_args=("--repeats", "7") if name == "full" else ("--repeats", "2", "--flush-mib", "8"),
+        retries_when_shared=2 if name == "full" else 0,
     )

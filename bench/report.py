@@ -105,6 +105,7 @@ def baseline_result(run: dict, framework: str) -> dict:
         "latency_p50_s": percentile(lat, 50),
         "latency_p95_s": percentile(lat, 95),
         "prompt_tokens": run["prompt_tokens"],
+        "attempts": run.get("attempts", 1),
     }
 
 
@@ -116,6 +117,8 @@ class Bar:
     target: str
     holds: bool | None  # None: could not be measured in this run
     phase: str = ""
+    # A measurement it rests on shared the machine with other processes: not to be trusted.
+    shared: bool = False
 
 
 def _ratio(a, b):
@@ -156,6 +159,19 @@ def compute_ratios(scenarios: dict, baselines: dict) -> dict:
     }
 
 
+# The measurements each ratio rests on: scenario roles, and baselines as 'fw:name'.
+RATIO_PARTS = {
+    "single_vs_torch_b1": ("single", "pt:short_b1"),
+    "batch_vs_torch_b8": ("batch", "pt:mixed_b8"),
+    "batch_vs_naive_tf": ("batch", "tf:mixed_b1"),
+    "same_vs_torch_b8": ("same", "pt:same_b8"),
+    "long_single_vs_torch_b1": ("long_single", "pt:long_b1"),
+    "long_batch_vs_torch_b8": ("long_batch", "pt:long_b8"),
+    "overload_vs_batch": ("overload", "batch"),
+    "sampling_cost": ("single", "single_sampled", "batch", "batch_sampled"),
+}
+
+
 def compute_bars(backend: str, scenarios: dict, baselines: dict, service: dict) -> tuple[list[Bar], dict]:
     """The bars of one backend's phase, each with the number it rests on.
 
@@ -173,9 +189,15 @@ def compute_bars(backend: str, scenarios: dict, baselines: dict, service: dict) 
     compiles = service.get("compiles_after_warmup")
     warmup = service.get("warmup_seconds")
 
+    def shared(*parts) -> bool:
+        """Whether any of these scenario roles or baseline keys ('pt:...') ran beside other work."""
+        cpus = [(baselines.get(p) if ":" in p else by_role.get(p)) or {} for p in parts]
+        return any(((c.get("cpu") or {}).get("other_cores") or 0) > SHARED_CORES for c in cpus)
+
     def vs(rid, text, target):
         r = ratios[rid]
-        return Bar(rid, text, fmt_bar(r, ".2f", "×"), f"≥ {target}×", _at_least(r, target))
+        return Bar(rid, text, fmt_bar(r, ".2f", "×"), f"≥ {target}×", _at_least(r, target),
+                   shared=shared(*RATIO_PARTS.get(rid, ())))
 
     overload_bars = [
         Bar("overload_errors", f"{name('overload')}: no error but intended 503s; p95 reported",
@@ -185,7 +207,8 @@ def compute_bars(backend: str, scenarios: dict, baselines: dict, service: dict) 
     ]
     sampling_bar = Bar("sampling_cost", f"sampling (T={by_role.get('batch_sampled', {}).get('temperature')}) vs "
                        "greedy: time per token, 1 client and batch",
-                       f"{fmt_bar(sc, '.3f', '×')} / {fmt_bar(sb, '.3f', '×')}", "≤ 1.15×", sampling_holds)
+                       f"{fmt_bar(sc, '.3f', '×')} / {fmt_bar(sb, '.3f', '×')}", "≤ 1.15×", sampling_holds,
+                       shared=shared(*RATIO_PARTS["sampling_cost"]))
     compiles_bar = Bar("compiles_after_warmup", "llm_compiles_after_warmup_total at the end",
                        fmt_bar(compiles, ".0f"), "= 0", None if compiles is None else compiles == 0)
     if backend == "litert-int8":
@@ -218,7 +241,8 @@ def compute_bars(backend: str, scenarios: dict, baselines: dict, service: dict) 
             vs("single_vs_torch_b1", f"{name('single')}: tok/s vs PyTorch generate, batch 1", 1.0),
             vs("batch_vs_torch_b8", f"{name('batch')}: total tok/s vs PyTorch generate, batch 8", 1.2),
             Bar("batch_vs_naive_tf", f"{name('batch')}: total tok/s vs naive TF eager generate, one at a time",
-                fmt_bar(ratios["batch_vs_naive_tf"], ".1f", "×"), "≥ 15×", _at_least(ratios["batch_vs_naive_tf"], 15.0)),
+                fmt_bar(ratios["batch_vs_naive_tf"], ".1f", "×"), "≥ 15×", _at_least(ratios["batch_vs_naive_tf"], 15.0),
+                shared=shared(*RATIO_PARTS["batch_vs_naive_tf"])),
             *overload_bars,
             sampling_bar,
             Bar("peak_rss", f"server peak RSS (VmHWM) during {name('overload')}",
@@ -328,6 +352,8 @@ def markdown(result: dict) -> str:
     for name, phase in phases.items():
         for bar in phase["bars"]:
             holds = {True: "yes", False: "**no**", None: "n/a"}[bar["holds"]]
+            if bar.get("shared"):
+                holds += " (shared: unreliable)"
             lines.append(f"| {name} | {bar['text']} | {bar['measured']} | {bar['target']} | {holds} |")
     for name, phase in phases.items():
         lines += ["", f"{phase['title']}:", ""] + _scenario_table(phase)
@@ -349,6 +375,12 @@ def markdown(result: dict) -> str:
             f"{b['new_tokens']} | {fmt(b['tok_per_s'])} | {fmt(b['req_per_s'], '.2f')} | "
             f"{fmt(b['latency_p50_s'], '.2f')} | {_cores(b.get('cpu'))} |"
         )
+    again = [f"{name} {s['name']} ({s['attempts']})" for name, p in phases.items() for s in p["scenarios"].values()
+             if s.get("attempts", 1) > 1]
+    again += [f"baseline {key} ({b['attempts']})" for key, b in result["baselines"].items() if b.get("attempts", 1) > 1]
+    if again:
+        lines += ["", "Measured more than once because other processes used the CPU (attempts; the least shared one "
+                  "counts): " + ", ".join(again) + "."]
     shared = shared_phases(result)
     measured = any((s.get("cpu") or {}).get("other_cores") is not None
                    for p in phases.values() for s in p["scenarios"].values())
@@ -426,3 +458,23 @@ def shared_phases(result: dict) -> list[tuple[str, float]]:
 
 def bars_as_dicts(bars: list[Bar]) -> list[dict]:
     return [asdict(b) for b in bars]
+
+
+def rerender(result: dict) -> dict:
+    """Bars and checks computed again from a result.json's measurements (for a report change)."""
+    for name, phase in result["phases"].items():
+        bars, ratios = compute_bars(name, phase["scenarios"], result["baselines"], phase["service"])
+        phase["bars"], phase["ratios"] = bars_as_dicts(bars), ratios
+    result["bars"] = [bar for p in result["phases"].values() for bar in p["bars"]]
+    return result
+
+
+if __name__ == "__main__":
+    # python -m bench.report RESULT.json: rewrite its bars and print its Markdown again.
+    import json
+    import sys
+
+    path = Path(sys.argv[1])
+    data = rerender(json.loads(path.read_text()))
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(markdown(data), end="")
