@@ -212,7 +212,9 @@ def compute_bars(backend: str, scenarios: dict, baselines: dict, service: dict) 
     compiles_bar = Bar("compiles_after_warmup", "llm_compiles_after_warmup_total at the end",
                        fmt_bar(compiles, ".0f"), "= 0", None if compiles is None else compiles == 0)
     if backend == "litert-int8":
-        peak = service.get("vmhwm_since_start_mib")
+        # The peak from process start through the 32 clients (the long-context scenarios run after).
+        peak = over.get("vmhwm_since_start_mib")
+        peak_end = service.get("vmhwm_since_start_mib")
         bars = [
             vs("single_vs_torch_b1", f"{name('single')}: tok/s vs PyTorch generate, batch 1", 3.0),
             vs("batch_vs_torch_b8", f"{name('batch')} (mixed prompts): total tok/s vs PyTorch batch 8", 2.0),
@@ -223,8 +225,10 @@ def compute_bars(backend: str, scenarios: dict, baselines: dict, service: dict) 
             vs("long_batch_vs_torch_b8", f"{name('long_batch')} (long prompts, {new('long_batch')} new): total "
                "tok/s vs PyTorch batch 8", 1.5),
             *overload_bars,
-            Bar("peak_rss", f"server peak RSS (VmHWM) from process start, warm-up and {name('overload')} included",
-                fmt_bar(peak, ".0f", " MiB"), f"≤ 400 MB ({PEAK_RSS_LIMIT_LITERT_MIB:.0f} MiB)",
+            Bar("peak_rss", f"server peak RSS (VmHWM) from process start through {name('overload')}, warm-up "
+                "included",
+                f"{fmt_bar(peak, '.0f', ' MiB')} (after the long-context scenarios: {fmt_bar(peak_end, '.0f', ' MiB')})",
+                f"≤ 400 MB ({PEAK_RSS_LIMIT_LITERT_MIB:.0f} MiB)",
                 _at_most(peak, PEAK_RSS_LIMIT_LITERT_MIB)),
             Bar("warmup", "warm-up: process start to /health ok", fmt_bar(warmup, ".1f", " s"),
                 f"≤ {WARMUP_LIMIT_LITERT_S:.0f} s", _at_most(warmup, WARMUP_LIMIT_LITERT_S)),
