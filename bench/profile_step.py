@@ -221,11 +221,7 @@ def profile(model_path: Path, model_dir: Path, batch: int, cache: int, threads: 
         entry["weights"] = weights
         entry["out_shape"] = shapes.get(int(op.outputs[0])) if len(op.outputs) else None
         try:
-            content, feeds = cutter.build(sg_index, k, shapes)
-            one = Interpreter(model_content=content, num_threads=threads)
-            one.allocate_tensors()
-            for detail, original in zip(one.get_input_details(), feeds):
-                one.set_tensor(detail["index"], values[original])
+            one = _one_op_interpreter(Interpreter, cutter, sg_index, k, shapes, values, threads)
             raw = _median_invoke_ms(one._interpreter.Invoke, repeats, flush)  # noqa: SLF001
             entry["ms"] = max(raw - overhead_ms, 0.0)
             hot = _median_invoke_ms(one._interpreter.Invoke, repeats)  # noqa: SLF001
@@ -239,6 +235,16 @@ def profile(model_path: Path, model_dir: Path, batch: int, cache: int, threads: 
             "invoke_overhead_ms": overhead_ms, "invoke_overhead_hot_ms": overhead_hot_ms, "ops": ops}
 
 
+def _one_op_interpreter(Interpreter, cutter: OneOpModels, sg_index: int, k: int, shapes, values, threads):
+    """Op k of the subgraph as a model of its own, allocated and fed its captured inputs."""
+    content, feeds = cutter.build(sg_index, k, shapes)
+    one = Interpreter(model_content=content, num_threads=threads)
+    one.allocate_tensors()
+    for detail, original in zip(one.get_input_details(), feeds):
+        one.set_tensor(detail["index"], values[original])
+    return one
+
+
 def _empty_invoke_ms(Interpreter, cutter: OneOpModels, sg_index: int, shapes, values, threads, repeats, flush) -> float:
     """Invoke cost of the cheapest one-op model we can cut (a RESHAPE if there is one)."""
     sg = cutter.model.subgraphs[sg_index]
@@ -246,11 +252,7 @@ def _empty_invoke_ms(Interpreter, cutter: OneOpModels, sg_index: int, shapes, va
     best = None
     for k in candidates[:3]:
         try:
-            content, feeds = cutter.build(sg_index, k, shapes)
-            one = Interpreter(model_content=content, num_threads=threads)
-            one.allocate_tensors()
-            for detail, original in zip(one.get_input_details(), feeds):
-                one.set_tensor(detail["index"], values[original])
+            one = _one_op_interpreter(Interpreter, cutter, sg_index, k, shapes, values, threads)
             ms = _median_invoke_ms(one._interpreter.Invoke, repeats, flush)  # noqa: SLF001
             best = ms if best is None else min(best, ms)
         except Exception:  # noqa: BLE001
