@@ -78,7 +78,8 @@ def load_settings() -> Settings:
 def _describe(error: dict) -> str:
     cause = error.get("ctx", {}).get("error")
     if isinstance(cause, ModelDirError) or not error["loc"]:
-        return str(cause or error["msg"])  # it names the path and what is missing
+        # The model directory's problem (the path and what is missing), or one across settings.
+        return str(cause or error["msg"])
     name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
     message = "is required (set it in the environment)" if error["type"] == "missing" else error["msg"]
     return f"{name} {message}"

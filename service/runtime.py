@@ -35,7 +35,7 @@ def litert_engine(settings: Settings) -> Engine:
 
 
 def tensorflow_engine(settings: Settings) -> Engine:
-    """The default backend (imported here so that importing the app does not import TensorFlow)."""
+    """TensorFlow with XLA (imported here, so that importing the app imports no TensorFlow)."""
     from service.engine.tf_gpt2 import TFGPT2Engine, use_persistent_compile_cache
 
     if settings.xla_cache_dir is not None:
@@ -71,9 +71,6 @@ class Runtime:
         self.engine = await anyio.to_thread.run_sync(self._engine_factory, self.settings)
         log.info("model loaded from %s in %.1f s: backend %s, precision %s", self.settings.model_dir,
                  time.monotonic() - started, self.engine.backend, self.engine.precision)
-        gate = getattr(self.engine, "gate", None)
-        if gate is not None:
-            log.info("int8 quality gate at conversion: %s", gate["reason"])
         self._warmup_task = asyncio.create_task(self._warm_up(started), name="warmup")
 
     async def _warm_up(self, started: float) -> None:

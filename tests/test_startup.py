@@ -144,3 +144,5 @@ def test_python_m_service_serves_and_stops_cleanly(backend, request, xla_cache, 
     assert ('"GET /health HTTP/1.1" 503' in output) == ((503, "loading") in seen)
     assert '"GET /health HTTP/1.1" 200' not in output  # healthy checks do not
     assert '"POST /generate HTTP/1.1" 200' in output
+    if backend == "litert":  # the API logs the conversion's int8 decision at start
+        assert "int8 quality gate at conversion: int8 rejected: top-1 agreement" in output

@@ -182,10 +182,11 @@ class LiteRTGPT2Engine(Engine):
     def __init__(self, model_dir: Path, *, precision: str = "auto", max_batch_size: int = 8,
                  num_threads: int = 0, smallest_cache: int = 128):
         meta = json.loads((model_dir / LITERT_META).read_text())
-        self.gate = meta["quality"]
+        gate = meta["quality"]
         self.precision = resolve_precision(precision, meta)
-        if precision == "int8" and not self.gate["int8_enabled"]:
-            log.warning("serving int8 although the quality gate rejected it (%s)", self.gate["reason"])
+        log.info("int8 quality gate at conversion: %s", gate["reason"])
+        if precision == "int8" and not gate["int8_enabled"]:
+            log.warning("serving int8 although the quality gate rejected it (%s)", gate["reason"])
         self.eos_id = int(meta["eos_token_id"])
         self.context_window = int(meta["n_positions"])
         self.max_batch_size = max_batch_size
