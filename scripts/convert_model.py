@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import shutil
 import sys
@@ -42,21 +41,18 @@ from service.model_files import (  # noqa: E402
     has_litert_files,
     litert_model_file,
     read_manifest,
+    sha256_of,
     write_manifest,
 )
 
 CONVERTER_VERSION = 2  # bump when the files' layout or signatures change
-log = logging.getLogger("convert_model")
 
 
 def source_fingerprint(model_dir: Path) -> str:
-    """What the LiteRT files were made from: the weights and the configuration."""
-    digest = hashlib.sha256()
-    for name in (CONFIG, WEIGHTS):
-        with (model_dir / name).open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """What the LiteRT files were made from: the weights and the configuration (a sha256 of
+    their sha256 sums)."""
+    sums = " ".join(sha256_of(model_dir / name) for name in (CONFIG, WEIGHTS))
+    return hashlib.sha256(sums.encode()).hexdigest()
 
 
 def is_converted(model_dir: Path, fingerprint: str) -> bool:
