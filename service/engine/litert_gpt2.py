@@ -227,8 +227,8 @@ class LiteRTGPT2Engine(Engine):
         tokens = np.array([row.prompt_ids[-1] for row in rows], np.int64)  # each prompt's last token
         while True:
             logits = decoder.step(tokens)
-            tokens = np.array([self._next_token(rows[i], logits[b], len(outputs[i])) for b, i in enumerate(live)],
-                              np.int64)
+            tokens = np.array([sample(logits[b], rows[i].temperature, rows[i].seed, rows[i].stream, len(outputs[i]))
+                               for b, i in enumerate(live)], np.int64)
             keep = []
             for b, i in enumerate(live):
                 if tokens[b] == self.eos_id:
@@ -243,11 +243,6 @@ class LiteRTGPT2Engine(Engine):
                 decoder.keep(keep)
                 live, tokens = [live[b] for b in keep], tokens[keep]
                 self.compactions += 1
-
-    # --- sampling -----------------------------------------------------------------------------
-
-    def _next_token(self, row: GenerationRow, logits: np.ndarray, index: int) -> int:
-        return sample(logits, row.temperature, row.seed, row.stream, index)
 
 
 def _drop_mapped_pages(path: Path) -> int:
@@ -337,10 +332,8 @@ class Rows:
 
 
 def load_tokenizer(model_dir: Path):
-    """GPT-2's byte-level BPE from tokenizer.json, or from vocab.json + merges.txt."""
+    """GPT-2's byte-level BPE from tokenizer.json (the converter writes one where a model has only
+    vocab.json + merges.txt)."""
     from tokenizers import Tokenizer
-    from tokenizers.implementations import ByteLevelBPETokenizer
 
-    if (model_dir / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    return ByteLevelBPETokenizer(str(model_dir / "vocab.json"), str(model_dir / "merges.txt"))
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
