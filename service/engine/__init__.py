@@ -1,5 +1,5 @@
-"""Generation engines: the backend-neutral interface and its TensorFlow implementation."""
+"""Generation engines: the backend-neutral interface, and its LiteRT and TensorFlow implementations."""
 
-from service.engine.base import Engine, GenerationRow, PromptTooLong
+from service.engine.base import DecodeBatch, Engine, FinishReason, GenerationRow, PromptTooLong, RowUpdate
 
-__all__ = ["Engine", "GenerationRow", "PromptTooLong"]
+__all__ = ["DecodeBatch", "Engine", "FinishReason", "GenerationRow", "PromptTooLong", "RowUpdate"]

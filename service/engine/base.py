@@ -7,8 +7,11 @@ surface, so that a LiteRT backend can stand beside the TensorFlow one.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["eos_token", "length"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,49 @@ class GenerationRow:
     stream: int = 0
 
 
+@dataclass(frozen=True)
+class RowUpdate:
+    """What one decode call produced for one row: its new tokens (end-of-text excluded), and why
+    it stopped if it did ("eos_token": it generated end-of-text; "length": it reached max_tokens)."""
+
+    key: Hashable
+    tokens: list[int]
+    finish: FinishReason | None = None
+
+
+class DecodeBatch(ABC):
+    """The rows being decoded together and their key/value cache: TGI's `Batch`, as a value that
+    the scheduler drives between decode calls (service/scheduler.py).
+
+    Contract (one thread at a time calls it):
+    - `extend(entries)` prefills rows `(key, GenerationRow)` into the batch; they take part from the
+      next `step`. Keys are the caller's and unique within the batch.
+    - `step()` runs one decode call and returns one `RowUpdate` per row, in the batch's order: one
+      or more new tokens each (a backend may run several steps per call), and a finish reason for
+      the rows that ended. Finished rows must be filtered out before the next `step`.
+    - `filter(keys)` keeps only the rows with these keys (finished or cancelled rows leave).
+    - A row's tokens are the same whatever shares the batch, or joins or leaves it, and whenever
+      it joins: greedy rows decode as the model does on their prompt alone, and sampled rows draw
+      from their own (seed, stream) stream indexed by the token's position in the row.
+    """
+
+    @property
+    @abstractmethod
+    def keys(self) -> list[Hashable]: ...
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @abstractmethod
+    def extend(self, entries: Sequence[tuple[Hashable, GenerationRow]]) -> None: ...
+
+    @abstractmethod
+    def step(self) -> list[RowUpdate]: ...
+
+    @abstractmethod
+    def filter(self, keys: Sequence[Hashable]) -> None: ...
+
+
 class PromptTooLong(ValueError):
     """A prompt's tokens plus `max_tokens` exceed the model's context window."""
 
@@ -41,15 +87,17 @@ class PromptTooLong(ValueError):
 
 
 class Engine(ABC):
-    """Turns batches of rows into token ids.
+    """Turns rows into token ids, through batches the scheduler extends and filters per call.
 
     Contract: `encode` and `check_fits` are cheap and may be called from the event loop;
-    `warmup` compiles every shape `generate` can meet, so no call after it compiles;
-    `generate` is called from one worker thread at a time and returns, for each row in order,
-    the new token ids without the end-of-text token.
+    `warmup` compiles every shape a batch of up to `max_batch_size` rows can meet, so no call
+    after it compiles; `new_batch` and the batches it makes are used from one worker thread at a
+    time. `generate` runs rows to their end in one batch and returns, for each row in order, the
+    new token ids without the end-of-text token.
     """
 
     context_window: int
+    max_batch_size: int  # most rows a batch holds (the scheduler never extends past it)
     backend: str = "unknown"  # "litert" or "tf": reported by /health and /metrics
     precision: str = "fp32"
 
@@ -64,7 +112,21 @@ class Engine(ABC):
     def warmup(self) -> None: ...
 
     @abstractmethod
-    def generate(self, rows: Sequence[GenerationRow]) -> list[list[int]]: ...
+    def new_batch(self) -> DecodeBatch:
+        """An empty batch: rows enter it through `extend`."""
+
+    def generate(self, rows: Sequence[GenerationRow]) -> list[list[int]]:
+        outputs: list[list[int]] = [[] for _ in rows]
+        batch = self.new_batch()
+        batch.extend(list(enumerate(rows)))
+        while len(batch):
+            finished = set()
+            for update in batch.step():
+                outputs[update.key] += update.tokens
+                if update.finish is not None:
+                    finished.add(update.key)
+            batch.filter([k for k in batch.keys if k not in finished])
+        return outputs
 
     def compiles_after_warmup(self) -> int:
         """How many programs were compiled after warm-up ended (the goal is 0)."""
