@@ -1,10 +1,9 @@
-"""Batch layout and buckets: pure Python, no model."""
+"""Buckets: pure Python, no model."""
 
-import numpy as np
 import pytest
 
 from service.engine.base import GenerationRow
-from service.engine.layout import BatchLayout, Buckets
+from service.engine.layout import Buckets
 
 
 def row(n_prompt: int, max_tokens: int) -> GenerationRow:
@@ -20,34 +19,16 @@ def test_buckets_for_gpt2_window():
     assert [Buckets.for_model(1024, n, 16).batch_sizes for n in (1, 2, 3)] == [(1,), (1, 2), (1, 3)]
 
 
-def test_layout_left_pads_to_whole_chunks():
-    buckets = Buckets((1, 2, 4), (128, 1040), prefill_chunk=4)
-    layout = BatchLayout.build([row(3, 10), row(6, 5), row(1, 2)], buckets, pad_id=99)
-    assert (layout.batch_size, layout.prompt_slots, layout.cache_size) == (4, 8, 128)
-    assert layout.tokens.tolist() == [
-        [99, 99, 99, 99, 99, 1, 2, 3],
-        [99, 99, 1, 2, 3, 4, 5, 6],
-        [99, 99, 99, 99, 99, 99, 99, 1],
-        [99] * 8,  # filler row
-    ]
-    assert layout.pad.tolist() == [5, 2, 7, 7]
-    assert layout.column([0.5, 1.0, 0.0], 0.0, np.float32).tolist() == [0.5, 1.0, 0.0, 0.0]
-
-
-def test_cache_bucket_counts_padding_and_new_tokens():
+def test_a_row_needs_its_whole_prefill_chunks_and_a_slot_a_token():
     buckets = Buckets.for_model(1024, 8, 16)
-    assert BatchLayout.build([row(16, 112)], buckets, 0).cache_size == 128
-    assert BatchLayout.build([row(17, 96)], buckets, 0).cache_size == 128  # 32 + 96
-    assert BatchLayout.build([row(17, 97)], buckets, 0).cache_size == 256
+    assert buckets.prompt_slots(1) == 16 and buckets.prompt_slots(16) == 16 and buckets.prompt_slots(17) == 32
+    assert buckets.slots_needed(row(17, 96)) == 113  # no padding in front: 17 + 96
+    assert buckets.slots_needed(row(17, 1)) == 32  # the right-padded last chunk
+    assert buckets.cache_bucket(buckets.slots_needed(row(17, 111))) == 128
+    assert buckets.cache_bucket(buckets.slots_needed(row(17, 112))) == 256
     # A prompt that fills the window but for one token still fits the largest bucket.
-    assert BatchLayout.build([row(1000, 24)], buckets, 0).cache_size == 1040
-
-
-def test_split_separates_rows_that_do_not_fit_one_cache():
-    buckets = Buckets.for_model(1024, 4, 16)
-    rows = [row(1000, 10), row(5, 1000), row(5, 10), row(3, 3), row(3, 3), row(3, 3), row(3, 3)]
-    # 1008 + 1000 slots can't share a cache; then batches are capped at 4 rows.
-    assert buckets.split(rows) == [[0], [1, 2, 3, 4], [5, 6]]
+    assert buckets.cache_bucket(buckets.slots_needed(row(1023, 1))) == 1040
+    assert buckets.cache_bucket(buckets.slots_needed(row(1000, 24))) == 1040
 
 
 def test_batch_bucket_rounds_up():

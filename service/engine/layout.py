@@ -1,18 +1,16 @@
-"""Where a batch's rows sit in the compiled shapes: pure Python, testable without a model.
+"""Which compiled shape a batch runs in: pure Python, testable without a model.
 
-Every compiled program has a fixed shape (batch size x cache slots), so a batch is padded up
-to the nearest bucket. Prompts are left-padded to a whole number of prefill chunks, so that
-all rows' last prompt tokens share one cache slot and every decode step writes one slot for
-the whole batch.
+Every compiled program has a fixed shape (batch size x cache slots), so a batch is padded up to
+the nearest bucket: filler rows that start finished, and cache slots no row reaches yet. Rows
+are not padded to one length: each row keeps its own slots and positions, so a row joins or
+leaves a running batch without moving the others, and the batch's cache bucket only has to hold
+its most demanding row.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-
-import numpy as np
 
 from service.engine.base import GenerationRow
 
@@ -33,8 +31,9 @@ class Buckets:
 
         Each (batch, cache) pair costs a few seconds of compiling at start. Batch 2 is left out:
         decoding a few rows is bound by reading the weights, so two rows cost about what four
-        do. The largest cache holds the window plus one prefill chunk: a prompt is left-padded
-        to whole chunks, so its slots may run up to `prefill_chunk - 1` past its tokens.
+        do. The largest cache holds the window plus one prefill chunk: a prompt is prefilled in
+        whole chunks, the last one right-padded, so its slots may run up to `prefill_chunk - 1`
+        past its tokens.
         """
         batch_sizes = {1, max_batch_size} | {2**i for i in range(2, max_batch_size.bit_length()) if 2**i <= max_batch_size}
         caches = []
@@ -55,60 +54,12 @@ class Buckets:
     def cache_bucket(self, slots: int) -> int:
         return next(s for s in self.cache_sizes if s >= slots)
 
-    def prompt_slots(self, longest_prompt: int) -> int:
-        return math.ceil(longest_prompt / self.prefill_chunk) * self.prefill_chunk
+    def prompt_slots(self, prompt_tokens: int) -> int:
+        """Slots a prompt's prefill writes: whole chunks."""
+        return math.ceil(prompt_tokens / self.prefill_chunk) * self.prefill_chunk
 
-    def slots_needed(self, rows: Sequence[GenerationRow]) -> int:
-        """Cache slots for these rows together: padded prompts, then one slot a new token."""
-        longest = max(len(r.prompt_ids) for r in rows)
-        return self.prompt_slots(longest) + max(r.max_tokens for r in rows)
-
-    def split(self, rows: Sequence[GenerationRow]) -> list[list[int]]:
-        """Indices of rows, in order, grouped so each group fits the largest shapes.
-
-        A long prompt with few new tokens and a short prompt with many may each fit the
-        context window and still not fit one cache together; they then run one after the other.
-        """
-        groups: list[list[int]] = []
-        for i, row in enumerate(rows):
-            if groups:
-                candidate = [rows[j] for j in groups[-1]] + [row]
-                if len(candidate) <= self.batch_sizes[-1] and self.slots_needed(candidate) <= self.max_cache:
-                    groups[-1].append(i)
-                    continue
-            groups.append([i])
-        return groups
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """A group of rows laid out for one compiled shape.
-
-    `tokens[b]` is row b's prompt, left-padded with `pad_id` to `prompt_slots`; `pad[b]` is the
-    number of padding slots in front of it. Rows past `len(rows)` are fillers that start
-    finished.
-    """
-
-    rows: tuple[GenerationRow, ...]
-    batch_size: int
-    cache_size: int
-    prompt_slots: int
-    tokens: np.ndarray
-    pad: np.ndarray
-
-    @classmethod
-    def build(cls, rows: Sequence[GenerationRow], buckets: Buckets, pad_id: int) -> BatchLayout:
-        batch = buckets.batch_bucket(len(rows))
-        prompt_slots = buckets.prompt_slots(max(len(r.prompt_ids) for r in rows))
-        cache = buckets.cache_bucket(buckets.slots_needed(rows))
-        tokens = np.full((batch, prompt_slots), pad_id, dtype=np.int32)
-        pad = np.full((batch,), prompt_slots - 1, dtype=np.int32)
-        for b, row in enumerate(rows):
-            n = len(row.prompt_ids)
-            tokens[b, prompt_slots - n:] = row.prompt_ids
-            pad[b] = prompt_slots - n
-        return cls(tuple(rows), batch, cache, prompt_slots, tokens, pad)
-
-    def column(self, values: Sequence, filler, dtype) -> np.ndarray:
-        """One value a row, fillers included, as an array of `batch_size`."""
-        return np.array(list(values) + [filler] * (self.batch_size - len(values)), dtype=dtype)
+    def slots_needed(self, row: GenerationRow) -> int:
+        """Cache slots a row needs from joining to its end: its prefill's whole chunks, and one
+        slot a token (its prompt's, then each new one's) up to `max_tokens`."""
+        n = len(row.prompt_ids)
+        return max(self.prompt_slots(n), n + row.max_tokens)

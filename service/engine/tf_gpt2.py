@@ -1,14 +1,25 @@
-"""The TensorFlow backend: GPT-2 prefill and decode over a fixed-shape key/value cache, XLA-compiled.
+"""The TensorFlow backend: GPT-2 over fixed-shape key/value caches, XLA-compiled, batched continuously.
 
 transformers supplies the model (TFGPT2LMHeadModel: its layers and weights). This module owns
 the loop around it: the cache, attention over the cache, sampling and stopping. transformers'
 own `generate` can't give per-row sampling parameters, streaming or a second backend under XLA.
 
-Two programs are compiled per (batch size, cache size) bucket:
-- prefill: one chunk of `prefill_chunk` prompt tokens into the cache;
-- decode: up to `decode_chunk` steps of sample-then-forward in one call, so Python's per-call
-  cost is paid once per chunk. Inside a call the cache is a loop variable updated in place
-  with dynamic-update-slice; it is copied once per call, not once per step.
+A batch is extended and filtered between decode calls (continuous batching, as in TGI and vLLM).
+Rows are not padded to a common length: a row's prompt fills cache slots 0..n-1 at positions
+0..n-1 and each new token the row's next slot, and a row attends to its own filled slots only.
+So a row can join a running batch without moving the others, and its numbers are the same
+whatever shares the batch.
+
+Two programs are compiled, each once per shape:
+- prefill, at batch 1 for each cache size: one chunk of `prefill_chunk` tokens of one joining
+  row's prompt. The last chunk is right-padded: under the causal mask padding never reaches a
+  real token, and the slots it fills stay masked until decode overwrites them. The row's cache
+  and the hidden state of its last real token then enter the batch through eager ops (pad,
+  gather, concat, scatter), which compile nothing.
+- decode, at each (batch size, cache size): up to `decode_chunk` steps of sample-then-forward in
+  one call, so Python's per-call cost is paid once per chunk. Inside a call the cache is a loop
+  variable, each row's new key and value scattered in place into its own next slot; it is
+  copied once per call, not once per step.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,8 +41,8 @@ from tensorflow.compiler.tf2xla.python import xla  # noqa: E402
 from transformers import GPT2TokenizerFast, TFGPT2LMHeadModel  # noqa: E402
 from transformers.tf_utils import stable_softmax  # noqa: E402
 
-from service.engine.base import Engine, GenerationRow  # noqa: E402
-from service.engine.layout import BatchLayout, Buckets  # noqa: E402
+from service.engine.base import DecodeBatch, Engine, FinishReason, GenerationRow, RowUpdate  # noqa: E402
+from service.engine.layout import Buckets  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -41,33 +52,168 @@ PHILOX = 1  # tf.random.Algorithm.PHILOX
 SAMPLE_BLOCK = 256  # vocabulary entries per block in the two-level sampling search
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeState:
-    """Everything the decode program carries for a batch, one entry a batch position."""
+@dataclasses.dataclass
+class _Row:
+    """A row in a batch: the caller's key, its work, and how far it has got."""
 
-    h: tf.Tensor
-    pad: tf.Tensor
-    caches: tuple
-    temperature: tf.Tensor
-    seed: tf.Tensor
-    stream: tf.Tensor
-    generated: tf.Tensor
-    max_new: tf.Tensor
-    done: tf.Tensor
+    key: Hashable
+    work: GenerationRow
+    produced: int = 0  # new tokens so far; the row's filled slots are its prompt's plus these
+    finish: FinishReason | None = None
 
     @property
-    def batch_size(self) -> int:
-        return int(self.h.shape[0])
+    def length(self) -> int:
+        return len(self.work.prompt_ids) + self.produced
 
-    def select(self, positions: list[int], batch_size: int) -> DecodeState:
-        """Keep these batch positions, padded to `batch_size` with finished copies of the first."""
-        index = tf.constant(positions + [positions[0]] * (batch_size - len(positions)))
-        done = np.ones([batch_size], np.bool_)
-        done[: len(positions)] = self.done.numpy()[positions]
-        taken = {f.name: tf.gather(getattr(self, f.name), index)
-                 for f in dataclasses.fields(self) if f.name not in ("caches", "done")}
-        caches = tuple((tf.gather(k, index), tf.gather(v, index)) for k, v in self.caches)
-        return DecodeState(**taken, caches=caches, done=tf.constant(done))
+
+class TFDecodeBatch(DecodeBatch):
+    """Rows decoded together by a `TFGPT2Engine`; `DecodeBatch` states the contract.
+
+    Position b of the compiled shapes holds `_rows[b]`, or None: a filler, or a row that left
+    while the rest still needed this shape. Those positions run marked done, and a joining row
+    takes one. The shapes are the smallest buckets holding the rows, so a leaving row moves the
+    rest to smaller ones when they fit (counted in the engine's `compactions`), and a joining
+    row may move them to larger ones.
+    """
+
+    def __init__(self, engine: TFGPT2Engine):
+        self._engine = engine
+        self._rows: list[_Row | None] = []
+        self._h = None  # [batch, 1, embd]: the hidden state each row's next token is sampled from
+        self._caches: tuple = ()  # per layer (keys, values), each [batch, heads, cache, head_dim]
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return [r.key for r in self._rows if r is not None]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(batch size, cache size) of the compiled programs this batch runs; (0, 0) when empty."""
+        if not self._caches:
+            return 0, 0
+        batch, _, cache, _ = self._caches[0][0].shape
+        return int(batch), int(cache)
+
+    def extend(self, entries: Sequence[tuple[Hashable, GenerationRow]]) -> None:
+        if not entries:
+            return
+        engine = self._engine
+        joining = [_Row(key, work) for key, work in entries]
+        live = [r for r in self._rows if r is not None]
+        keys = [r.key for r in live + joining]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a key joining the batch is already in it")
+        if len(keys) > engine.max_batch_size:
+            raise ValueError(f"{len(keys)} rows exceed max_batch_size={engine.max_batch_size}")
+        for r in joining:
+            if not r.work.prompt_ids or engine.buckets.slots_needed(r.work) > engine.buckets.max_cache:
+                raise ValueError(f"row {r.key!r} does not fit the largest cache")
+        prefilled = [engine.prefill_row(r.work.prompt_ids) for r in joining]
+        shape = self._shape_for(live + joining)
+        if shape == self.shape:
+            self._fill_free_positions(joining, prefilled)
+        else:
+            self._move(shape, joining, prefilled)
+
+    def step(self) -> list[RowUpdate]:
+        rows = self._rows
+        if not any(r is not None and r.finish is None for r in rows):
+            return [RowUpdate(r.key, [], r.finish) for r in rows if r is not None]
+        running = [r if r is not None and r.finish is None else None for r in rows]
+        tokens, steps, self._h, self._caches = self._engine.decode_call(self._h, self._caches, running)
+        eos = self._engine.eos_id
+        updates = []
+        for b, r in enumerate(rows):
+            if r is None:
+                continue
+            new: list[int] = []
+            for token in tokens[b, :steps] if r.finish is None else ():
+                if token == eos:
+                    r.finish = "eos_token"
+                    break
+                new.append(int(token))
+                r.produced += 1
+                if r.produced >= r.work.max_tokens:
+                    r.finish = "length"
+                    break
+            updates.append(RowUpdate(r.key, new, r.finish))
+        return updates
+
+    def filter(self, keys: Sequence[Hashable]) -> None:
+        kept = set(keys)
+        missing = kept - set(self.keys)
+        if missing:
+            raise KeyError(f"not in the batch: {sorted(map(repr, missing))}")
+        self._rows = [r if r is not None and r.key in kept else None for r in self._rows]
+        live = [r for r in self._rows if r is not None]
+        if not live:
+            self._rows, self._h, self._caches = [], None, ()
+            _release_free_memory()
+            return
+        batch, cache = self._shape_for(live)
+        if (batch, cache) != self.shape:
+            # The rows left stop paying for the ones that went: move them to a smaller shape.
+            self._move((batch, cache), [], [])
+            self._engine.compactions += 1
+            _release_free_memory()
+
+    def _shape_for(self, rows: list[_Row]) -> tuple[int, int]:
+        buckets = self._engine.buckets
+        return (buckets.batch_bucket(len(rows)),
+                buckets.cache_bucket(max(buckets.slots_needed(r.work) for r in rows)))
+
+    def _fill_free_positions(self, joining: list[_Row], prefilled: list) -> None:
+        """Joining rows take free positions of the current shape (one copy of the cache)."""
+        _, cache = self.shape
+        free = [b for b, r in enumerate(self._rows) if r is None][: len(joining)]
+        index = tf.constant([[b] for b in free], tf.int32)
+        self._h = tf.tensor_scatter_nd_update(self._h, index, tf.concat([h for h, _ in prefilled], 0))
+        self._caches = tuple(
+            tuple(tf.tensor_scatter_nd_update(old, index, tf.concat([_fit(c[layer][kv], cache) for _, c in prefilled], 0))
+                  for kv, old in enumerate(pair))
+            for layer, pair in enumerate(self._caches))
+        for b, r in zip(free, joining):
+            self._rows[b] = r
+
+    def _move(self, shape: tuple[int, int], joining: list[_Row], prefilled: list) -> None:
+        """Rebuild the batch at `shape`: the rows staying first, then the joining ones, then
+        fillers (zeros: masked slots must hold finite values)."""
+        batch, cache = shape
+        stay = [b for b, r in enumerate(self._rows) if r is not None]
+        fillers = batch - len(stay) - len(joining)
+        index = tf.constant(stay, tf.int32)
+        whole = stay == list(range(len(self._rows)))  # every old position stays, in order
+
+        def assemble(old, new_parts, fit):
+            parts = []
+            if stay:
+                parts.append(fit(old if whole else tf.gather(old, index)))
+            parts += [fit(p) for p in new_parts]
+            if fillers:
+                parts.append(tf.zeros([fillers, *parts[0].shape[1:]]))
+            return tf.concat(parts, 0) if len(parts) > 1 else parts[0]
+
+        same = lambda x: x  # noqa: E731
+        self._h = assemble(self._h, [h for h, _ in prefilled], same)
+        caches = []
+        for layer in range(len(self._engine._blocks)):
+            pair = []
+            for kv in range(2):
+                old = self._caches[layer][kv] if self._caches else None
+                pair.append(assemble(old, [c[layer][kv] for _, c in prefilled], lambda x: _fit(x, cache)))
+            caches.append(tuple(pair))
+        self._caches = tuple(caches)
+        self._rows = [self._rows[b] for b in stay] + joining + [None] * fillers
+
+
+def _fit(cache, size: int):
+    """A cache [rows, heads, slots, head_dim] cut or zero-padded to `size` slots."""
+    have = cache.shape[2]
+    if have == size:
+        return cache
+    if have > size:
+        return cache[:, :, :size]
+    return tf.pad(cache, [[0, 0], [0, 0], [0, size - have], [0, 0]])
 
 
 class TFGPT2Engine(Engine):
@@ -83,6 +229,7 @@ class TFGPT2Engine(Engine):
         _check_supported(config)
         self.eos_id = int(config.eos_token_id)
         self.context_window = int(config.n_positions)
+        self.max_batch_size = max_batch_size
         self.head_dim = config.n_embd // config.n_head
         self.n_head = config.n_head
         self.decode_chunk = decode_chunk
@@ -101,16 +248,15 @@ class TFGPT2Engine(Engine):
         rows = tf.TensorSpec([None], tf.int32)
         cache = tf.TensorSpec([None, heads, None, head_dim], tf.float32)
         caches = tuple((cache, cache) for _ in range(config.n_layer))
-        scalar = tf.TensorSpec([], tf.int32)
         self._prefill = tf.function(self._prefill_chunk, jit_compile=True, input_signature=[
-            tf.TensorSpec([None, prefill_chunk], tf.int32), scalar, rows, caches])
+            tf.TensorSpec([1, prefill_chunk], tf.int32), tf.TensorSpec([], tf.int32), caches])
         self._decode = tf.function(self._decode_steps, jit_compile=True, input_signature=[
-            tf.TensorSpec([None, 1, embd], tf.float32), scalar, rows, caches,
+            tf.TensorSpec([None, 1, embd], tf.float32), rows, caches,
             tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.uint64), tf.TensorSpec([None], tf.uint64),
             rows, rows, tf.TensorSpec([None], tf.bool)])
         self._shapes: set[tuple[str, int, int]] = set()  # (program, batch, cache) compiled so far
         self._shapes_at_warmup: int | None = None
-        self.compactions = 0  # times finished rows were dropped to a smaller batch shape
+        self.compactions = 0  # times rows leaving moved a batch to a smaller shape
 
     # --- Engine interface -------------------------------------------------------------------
 
@@ -122,20 +268,18 @@ class TFGPT2Engine(Engine):
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def warmup(self) -> None:
-        """Compile prefill and decode for every bucket, so no request compiles."""
+        """Compile prefill for every cache size and decode for every (batch, cache) pair, so
+        no join or leave compiles."""
         started = time.monotonic()
-        for batch in self.buckets.batch_sizes:
-            for cache in self.buckets.cache_sizes:
-                t0 = time.monotonic()
-                caches = self._empty_cache(batch, cache)
-                pad = tf.zeros([batch], tf.int32)
-                tokens = tf.zeros([batch, self.buckets.prefill_chunk], tf.int32)
-                h, caches = self._run_prefill(tokens, 0, pad, caches)
-                zeros_i = tf.zeros([batch], tf.int32)
-                zeros_s = tf.zeros([batch], tf.uint64)
-                self._run_decode(h, 0, pad, caches, tf.zeros([batch]), zeros_s, zeros_s,
-                                 zeros_i, zeros_i + 1, tf.ones([batch], tf.bool))
-                log.info("compiled batch %d x cache %d in %.1f s", batch, cache, time.monotonic() - t0)
+        chunk = self.buckets.prefill_chunk
+        for cache in self.buckets.cache_sizes:
+            t0 = time.monotonic()
+            self._run_prefill(tf.zeros([1, chunk], tf.int32), 0, self._empty_cache(1, cache))
+            for batch in self.buckets.batch_sizes:
+                self.decode_call(tf.zeros([batch, 1, self.model.config.n_embd]), self._empty_cache(batch, cache),
+                            [None] * batch)
+            log.info("compiled cache %d (prefill and %d batch sizes) in %.1f s", cache,
+                     len(self.buckets.batch_sizes), time.monotonic() - t0)
         self._shapes_at_warmup = len(self._shapes)
         _release_free_memory()
         log.info("warm-up compiled %d programs in %.1f s", len(self._shapes), time.monotonic() - started)
@@ -145,77 +289,44 @@ class TFGPT2Engine(Engine):
             return 0
         return len(self._shapes) - self._shapes_at_warmup
 
-    def generate(self, rows: Sequence[GenerationRow]) -> list[list[int]]:
-        results: list[list[int]] = [[] for _ in rows]
-        for group in self.buckets.split(rows):
-            for i, ids in zip(group, self._generate_group([rows[i] for i in group])):
-                results[i] = ids
-        # Without this the resident memory of a busy server grows by about 300 MB (DistilGPT2).
-        _release_free_memory()
-        return results
+    def new_batch(self) -> TFDecodeBatch:
+        return TFDecodeBatch(self)
 
-    # --- The host side of the loop ----------------------------------------------------------
+    # --- The host side of the two programs ----------------------------------------------------
 
-    def _generate_group(self, rows: Sequence[GenerationRow]) -> list[list[int]]:
-        layout = BatchLayout.build(rows, self.buckets, self.eos_id)
-        chunk = self.buckets.prefill_chunk
-        pad = tf.constant(layout.pad)
-        caches = self._empty_cache(layout.batch_size, layout.cache_size)
-        for start in range(0, layout.prompt_slots, chunk):
-            tokens = tf.constant(layout.tokens[:, start:start + chunk])
-            h, caches = self._run_prefill(tokens, start, pad, caches)
+    def prefill_row(self, prompt_ids: Sequence[int]):
+        """One prompt alone into a cache of its own: (hidden state of its last token [1, 1, embd],
+        caches [1, heads, cache, head_dim]), the cache the smallest bucket its chunks fit."""
+        n, chunk = len(prompt_ids), self.buckets.prefill_chunk
+        slots = self.buckets.prompt_slots(n)
+        tokens = np.full([1, slots], self.eos_id, np.int32)
+        tokens[0, :n] = prompt_ids
+        caches = self._empty_cache(1, self.buckets.cache_bucket(slots))
+        for start in range(0, slots, chunk):
+            x, caches = self._run_prefill(tf.constant(tokens[:, start:start + chunk]), start, caches)
+        last = n - 1 - (slots - chunk)  # the last real token's place in the last chunk
+        return x[:, last:last + 1], caches
 
-        state = DecodeState(
-            h=h, pad=pad, caches=caches,
-            temperature=tf.constant(layout.column([r.temperature for r in rows], 0.0, np.float32)),
-            seed=tf.constant(layout.column([r.seed for r in rows], 0, np.uint64)),
-            stream=tf.constant(layout.column([r.stream << 32 for r in rows], 0, np.uint64)),
-            generated=tf.zeros([layout.batch_size], tf.int32),
-            max_new=tf.constant(layout.column([r.max_tokens for r in rows], 1, np.int32)),
-            done=tf.constant(layout.column([False] * len(rows), True, np.bool_)),
-        )
-        outputs: list[list[int]] = [[] for _ in rows]
-        finished = [False] * len(rows)
-        live = list(range(len(rows)))  # the row at each batch position
-        slot = layout.prompt_slots
-        while True:
-            tokens, steps, state = self._decode_chunk(state, slot)
-            slot += steps
-            for b, r in enumerate(live):
-                for token in tokens[b, :steps]:
-                    if finished[r]:
-                        break
-                    if token == self.eos_id:
-                        finished[r] = True
-                        break
-                    outputs[r].append(int(token))
-                    finished[r] = len(outputs[r]) >= rows[r].max_tokens
-            keep = [b for b, r in enumerate(live) if not finished[r]]
-            if not keep:
-                return outputs
-            smaller = self.buckets.batch_bucket(len(keep))
-            if smaller < state.batch_size:
-                # Finished rows stop costing work: move the rest to a smaller compiled shape.
-                state = state.select(keep, smaller)
-                live = [live[b] for b in keep]
-                self.compactions += 1
+    def decode_call(self, h, caches, rows: Sequence[_Row | None]):
+        """One decode call over a batch whose position b holds `rows[b]` (None: skip it).
+        Returns (tokens [batch, decode_chunk] as numpy, steps run, h, caches)."""
+        def column(value, filler, dtype):
+            return tf.constant(np.array([filler if r is None else value(r) for r in rows], dtype))
 
-    def _decode_chunk(self, state: DecodeState, slot: int) -> tuple[np.ndarray, int, DecodeState]:
-        tokens, steps, h, caches, generated, done = self._run_decode(
-            state.h, slot, state.pad, state.caches, state.temperature,
-            state.seed, state.stream, state.generated, state.max_new, state.done)
-        state = dataclasses.replace(state, h=h, caches=caches, generated=generated, done=done)
-        return tokens.numpy(), int(steps), state
-
-    # --- Compiled programs ------------------------------------------------------------------
-
-    def _run_prefill(self, tokens, start: int, pad, caches):
-        self._note_shape("prefill", caches)
-        return self._prefill(tokens, tf.constant(start, tf.int32), pad, caches)
-
-    def _run_decode(self, h, slot: int, pad, caches, *rest):
         self._note_shape("decode", caches)
-        return self._decode(h, tf.constant(slot, tf.int32), pad, caches, *rest)
+        tokens, steps, h, caches = self._decode(
+            h, column(lambda r: r.length, 0, np.int32), caches,
+            column(lambda r: r.work.temperature, 0.0, np.float32),
+            column(lambda r: r.work.seed, 0, np.uint64),
+            column(lambda r: r.work.stream << 32, 0, np.uint64),
+            column(lambda r: r.produced, 0, np.int32),
+            column(lambda r: r.work.max_tokens, 1, np.int32),
+            column(lambda r: False, True, np.bool_))
+        return tokens.numpy(), int(steps), h, caches
+
+    def _run_prefill(self, tokens, start: int, caches):
+        self._note_shape("prefill", caches)
+        return self._prefill(tokens, tf.constant(start, tf.int32), caches)
 
     def _note_shape(self, program: str, caches) -> None:
         """XLA compiles a program once per shape, and (batch, cache) fixes every input's shape."""
@@ -226,60 +337,72 @@ class TFGPT2Engine(Engine):
             if self._shapes_at_warmup is not None:
                 log.warning("compiling %s for batch %d x cache %d after warm-up", program, batch, cache)
 
-    def _prefill_chunk(self, tokens, start, pad, caches):
-        """Write one chunk of prompt tokens into the cache; return the last hidden state."""
-        return self._forward(tokens, start, pad, caches)
+    # --- Compiled programs ------------------------------------------------------------------
 
-    def _decode_steps(self, h, slot, pad, caches, temperature, seed, stream, generated, max_new, done):
-        """Up to `decode_chunk` steps: sample from `h`'s logits, record, forward the token."""
+    def _prefill_chunk(self, tokens, start, caches):
+        """One chunk of one prompt into cache slots start..start+chunk-1; returns the chunk's
+        hidden states [1, chunk, embd]."""
+        at = tf.stack([0, 0, start, 0])
+        return self._forward(tokens, start[None], caches, lambda cache, new: xla.dynamic_update_slice(cache, new, at))
+
+    def _decode_steps(self, h, length, caches, temperature, seed, stream, generated, max_new, done):
+        """Up to `decode_chunk` steps: sample from `h`'s logits, record, forward the token into
+        each row's next slot (`length`, its filled slots). Rows marked done only ride along."""
         batch = tf.shape(h)[0]
         steps = self.decode_chunk
         out = tf.fill([batch, steps], self.eos_id)
 
-        def running(i, h, slot, caches, generated, done, out):
+        def running(i, h, length, caches, generated, done, out):
             return (i < steps) & ~tf.reduce_all(done)
 
-        def step(i, h, slot, caches, generated, done, out):
+        def step(i, h, length, caches, generated, done, out):
             token = self._sample(self._logits(h), temperature, seed, stream, generated)
             token = tf.where(done, self.eos_id, token)
             out = xla.dynamic_update_slice(out, token[:, None], tf.stack([0, i]))
             generated += tf.cast(~done, tf.int32)
             done = done | (token == self.eos_id) | (generated >= max_new)
-            h, caches = self._forward(token[:, None], slot, pad, caches)
-            return i + 1, h, slot + 1, caches, generated, done, out
+            h, caches = self._forward(token[:, None], length, caches, self._write_at(length))
+            # A finished row's slot does not advance: its cache must not run past its bucket.
+            return i + 1, h, length + tf.cast(~done, tf.int32), caches, generated, done, out
 
-        i, h, _, caches, generated, done, out = tf.while_loop(
-            running, step, (tf.constant(0), h, slot, caches, generated, done, out))
-        return out, i, h, caches, generated, done
+        i, h, _, caches, _, _, out = tf.while_loop(
+            running, step, (tf.constant(0), h, length, caches, generated, done, out))
+        return out, i, h, caches
 
-    def _forward(self, tokens, start, pad, caches):
-        """Run tokens [batch, T] placed at cache slots start..start+T-1 through every block.
+    def _write_at(self, length):
+        """Writes one new key or value per row, [batch, heads, 1, head_dim], at the row's own slot."""
+        def write(cache, new):
+            batch = tf.shape(cache)[0]
+            rows = tf.repeat(tf.range(batch), self.n_head)
+            heads = tf.tile(tf.range(self.n_head), [batch])
+            index = tf.stack([rows, heads, tf.repeat(length, self.n_head)], axis=1)
+            return tf.tensor_scatter_nd_update(cache, index, tf.reshape(new, [-1, self.head_dim]))
+        return write
 
-        Row b's prompt starts at slot pad[b]; its positions count from there, and it attends to
-        slots from pad[b] up to each token's own.
-        """
+    def _forward(self, tokens, first, caches, write):
+        """Run tokens [batch, T] through every block; row b's tokens go to cache slots (and
+        positions) first[b]..first[b]+T-1, written by `write(cache, new)`. Each token attends to
+        its row's slots up to its own. Returns the hidden states [batch, T, embd]."""
         length = tf.shape(tokens)[1]
         cache_size = tf.shape(caches[0][0])[2]
-        slots = start + tf.range(length)
-        positions = tf.clip_by_value(slots[None, :] - pad[:, None], 0, self.context_window - 1)
-        keys = tf.range(cache_size)
-        visible = (keys[None, None, :] >= pad[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
+        slots = first[:, None] + tf.range(length)[None, :]
+        # A right-padded chunk's padding may run past the window: its positions are never used.
+        positions = tf.minimum(slots, self.context_window - 1)
+        visible = tf.range(cache_size)[None, None, :] <= slots[:, :, None]
         visible = visible[:, None]  # [batch, 1 (heads), T, cache]
         x = tf.gather(self._wte, tokens) + tf.gather(self._wpe, positions)
         updated = []
         for block, (k_cache, v_cache) in zip(self._blocks, caches):
-            x, k_cache, v_cache = self._block(block, x, k_cache, v_cache, start, visible)
+            x, k_cache, v_cache = self._block(block, x, k_cache, v_cache, write, visible)
             updated.append((k_cache, v_cache))
-        return x[:, -1:], tuple(updated)  # [batch, 1, embd]: the layers keep their built rank
+        return x, tuple(updated)
 
-    def _block(self, block, x, k_cache, v_cache, start, visible):
+    def _block(self, block, x, k_cache, v_cache, write, visible):
         """transformers' TFBlock with attention over the fixed cache instead of a growing one."""
         attn = block.attn
         q, k, v = tf.split(attn.c_attn(block.ln_1(x)), 3, axis=2)
         q, k, v = attn.split_heads(q), attn.split_heads(k), attn.split_heads(v)
-        at = tf.stack([0, 0, start, 0])
-        k_cache = xla.dynamic_update_slice(k_cache, k, at)
-        v_cache = xla.dynamic_update_slice(v_cache, v, at)
+        k_cache, v_cache = write(k_cache, k), write(v_cache, v)
         w = tf.matmul(q, k_cache, transpose_b=True) / math.sqrt(self.head_dim)
         w = stable_softmax(tf.where(visible, w, MASKED), axis=-1)
         x = x + attn.c_proj(attn.merge_heads(tf.matmul(w, v_cache)))
