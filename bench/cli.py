@@ -8,7 +8,8 @@ Order of work, one heavy thing at a time so no measurement shares the cores with
    when the TF backend is benchmarked: that baseline backs its bar alone);
 4. the PyTorch worker: checks its logits against TensorFlow's, then times batch 1 and batch 8;
 5. the service, once per backend (--backends), each started cold: warm-up timed, each of that
-   backend's scenarios driven over HTTP, peak memory from process start recorded;
+   backend's scenarios driven over HTTP, then its streaming scenarios (bench/stream.py), peak
+   memory from process start recorded;
 6. the per-op profile of one int8 batch-8 decode step (bench/profile_step.py), in its own process;
 7. JSON and Markdown into bench/results/ (timestamped, and copied to latest.json / latest.md).
 """
@@ -16,6 +17,7 @@ Order of work, one heavy thing at a time so no measurement shares the cores with
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import os
@@ -25,10 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench import config, report
+from bench import config, report, stream
 from bench.cpu import SHARED_CORES, CpuWindow, own_cpu_seconds
 from bench.load import run_load
-from bench.server import REPO, Service, parse_labels, parse_metrics
+from bench.server import REPO, Service, histogram_window, parse_labels, parse_metrics
 from bench.torch_env import DEFAULT_VENV, ensure_venv
 
 BENCH = Path(__file__).resolve().parent
@@ -185,13 +187,9 @@ def run_service(preset: config.Preset, backend: config.Backend, model_dir: Path,
         for scenario in preset.scenarios_for(backend):
             phase_load[f"{backend.name} {scenario.name}"] = round(os.getloadavg()[0], 2)
             bodies = request_bodies(scenario)
-            best, attempts = None, 0
-            # A scenario during which other processes took CPU is measured again (this machine
-            # may be shared); the least shared attempt is kept and counted in `attempts`.
-            while attempts == 0 or (best["cpu"]["other_cores"] or 0) > SHARED_CORES and attempts <= retries:
-                if attempts:
-                    log(f"[{backend.name}] {scenario.name}: other processes used {best['cpu']['other_cores']:.2f} "
-                        "cores; again")
+
+            def attempt() -> dict:
+                nonlocal peak_so_far
                 log(f"[{backend.name}] {scenario.name}: {scenario.clients} clients, {scenario.requests} requests")
                 before = svc.metrics()
                 peak_so_far = max(peak_so_far, svc.memory()["vmhwm_mib"])
@@ -207,7 +205,6 @@ def run_service(preset: config.Preset, backend: config.Backend, model_dir: Path,
                 # With the reset, VmHWM is this scenario's own peak; without, the peak since start.
                 s["vmhwm_is_scenario_peak"] = peak_reset
                 s["cpu"] = cpu
-                attempts += 1
                 log(f"[{backend.name}] {scenario.name}: {report.fmt(s['tok_per_s'])} tok/s, "
                     f"p95 {report.fmt(s['latency_p95_s'], '.2f')} s, {s['errors']} errors, {s['responses_503']} 503s, "
                     f"VmHWM {s['vmhwm_mib']:.0f} MiB (since start {peak_so_far:.0f}), "
@@ -216,11 +213,12 @@ def run_service(preset: config.Preset, backend: config.Backend, model_dir: Path,
                     for o in load.outcomes:
                         if o.text is not None:
                             service_texts.setdefault(o.prompt, set()).add(o.text)
-                if best is None or (cpu["other_cores"] or 0) < (best["cpu"]["other_cores"] or 0):
-                    best = s
-            best["attempts"] = attempts
+                return s
+
+            best = least_shared(attempt, retries, f"[{backend.name}] {scenario.name}")
             best["vmhwm_since_start_mib"] = peak_so_far
             scenarios[scenario.name] = best
+        streams = run_stream_scenarios(svc, preset.stream_scenarios_for(backend), backend.name, phase_load, retries)
         final = svc.metrics()
         service["compiles_after_warmup"] = final.get("llm_compiles_after_warmup_total")
         service["generated_tokens_total"] = final.get("llm_generated_tokens_total")
@@ -228,13 +226,92 @@ def run_service(preset: config.Preset, backend: config.Backend, model_dir: Path,
         service["vmhwm_since_start_mib"] = max(peak_so_far, service["memory_at_end"]["vmhwm_mib"])
     log(f"[{backend.name}] service stopped")
     return {"title": backend.title, "exact_text": backend.exact_text, "health": health,
-            "backend_info": backend_info, "service": service, "scenarios": scenarios, "texts": service_texts}
+            "backend_info": backend_info, "service": service, "scenarios": scenarios,
+            "stream_scenarios": streams, "texts": service_texts}
+
+
+def least_shared(measure, retries: int, label: str) -> dict:
+    """`measure()` once, and again while other processes took CPU during it (this machine may be
+    shared), up to `retries` more times; the least shared result, its `attempts` counted."""
+    best, attempts = None, 0
+    while attempts == 0 or (best["cpu"]["other_cores"] or 0) > SHARED_CORES and attempts <= retries:
+        if attempts:
+            log(f"{label}: other processes used {best['cpu']['other_cores']:.2f} cores; again")
+        s = measure()
+        attempts += 1
+        if best is None or (s["cpu"]["other_cores"] or 0) < (best["cpu"]["other_cores"] or 0):
+            best = s
+    best["attempts"] = attempts
+    return best
+
+
+# The server's histograms and counters of issue 8, read over each streaming measurement.
+STREAM_HISTOGRAMS = {"ttft": "llm_time_to_first_token_seconds", "tpot": "llm_time_per_output_token_seconds",
+                     "queue_wait": "llm_queue_wait_seconds"}
+
+
+def measure_stream(svc: Service, drive) -> dict:
+    """`drive(base_url)` (a coroutine function from bench.stream) in a CPU window, with the
+    server's token count, histograms and cancelled rows over the same window."""
+    before = svc.metrics_text()
+    window = CpuWindow(lambda: svc.cpu_seconds() + own_cpu_seconds()).start()
+    s = asyncio.run(drive(svc.base_url))
+    s["cpu"] = window.stop()
+    after = svc.metrics_text()
+    m0, m1 = parse_metrics(before), parse_metrics(after)
+
+    def delta(metric):
+        return int(round(m1[metric] - m0.get(metric, 0.0))) if metric in m1 else None
+
+    s["new_tokens_server"] = delta("llm_generated_tokens_total")
+    s["rows_cancelled"] = delta("llm_rows_cancelled_total")
+    s["server"] = {key: histogram_window(before, after, metric) for key, metric in STREAM_HISTOGRAMS.items()}
+    return s
+
+
+def run_stream_scenarios(svc: Service, scenarios: tuple, backend: str, phase_load: dict, retries: int) -> dict:
+    """Issue 8's scenarios against the running service, after the others; results by name."""
+    results: dict[str, dict] = {}
+    if not scenarios:
+        return results
+    primed = asyncio.run(stream.prime(svc.base_url, config.SHORT_PROMPT, 8))
+    if primed.error:
+        log(f"[{backend}] the priming streamed request failed: {primed.error}")
+    for sc in scenarios:
+        phase_load[f"{backend} {sc.name}"] = round(os.getloadavg()[0], 2)
+        label = f"[{backend}] {sc.name}"
+        if isinstance(sc, config.HeadOfLine):
+            log(f"{label}: {sc.short_max_tokens}-token request idle x{sc.idle_repetitions}, then x{sc.repetitions} "
+                f"beside {sc.long_clients} streams of {sc.long_max_tokens} tokens")
+            r = least_shared(lambda: measure_stream(svc, lambda url: stream.head_of_line(url, sc)), retries, label)
+            log(f"{label}: {report.fmt(r['loaded_latency_p50_s'], '.3f')} s under load vs "
+                f"{report.fmt(r['idle_latency_p50_s'], '.3f')} s idle ({report.fmt(r['ratio'], '.2f')}x), "
+                f"{r['errors']} errors")
+        elif isinstance(sc, config.UnevenLoad):
+            r = {"name": sc.name, "role": sc.role, "clients": sc.clients, "rounds": sc.rounds,
+                 "max_tokens_range": list(sc.max_tokens_range), "think_max_s": sc.think_max_s, "seed": sc.seed}
+            for half in ("lockstep", "uneven"):
+                log(f"{label} ({half}): {sc.clients} clients, {sc.rounds} rounds")
+                r[half] = least_shared(lambda: measure_stream(
+                    svc, lambda url: stream.uneven_load(url, sc, lockstep=half == "lockstep")), retries,
+                    f"{label} ({half})")
+                log(f"{label} ({half}): {report.fmt(r[half]['tok_per_s'])} tok/s, TTFT p95 "
+                    f"{report.fmt(r[half]['ttft_p95_s'], '.3f')} s, {r[half]['errors']} errors")
+        else:
+            log(f"{label}: {sc.max_tokens} tokens at batch 1, unstreamed, streamed and 1 token, x{sc.repetitions}")
+            r = least_shared(lambda: measure_stream(svc, lambda url: stream.stream_overhead(url, sc)), retries, label)
+            log(f"{label}: streamed {report.fmt(r['ratio'], '.3f')}x unstreamed, first piece "
+                f"{report.fmt(r['first_piece_p50_s'], '.4f')} s (bound {report.fmt(r['first_piece_bound_s'], '.4f')} s), "
+                f"{r['errors']} errors")
+        results[sc.name] = r
+    return results
 
 
 def phase_result(backend: config.Backend, raw: dict, baselines: dict) -> dict:
     """Bars, ratios and consistency checks of one backend's phase."""
     texts = raw.pop("texts")
-    bars, ratios = report.compute_bars(backend.name, raw["scenarios"], baselines, raw["service"])
+    bars, ratios = report.compute_bars(backend.name, raw["scenarios"], baselines, raw["service"],
+                                       raw["stream_scenarios"])
     checks = report.consistency_checks(
         raw["scenarios"], baselines, {p: next(iter(t)) for p, t in texts.items() if len(t) == 1})
     checks["greedy_deterministic"] = {

@@ -3,7 +3,8 @@
 Two presets. `full` is the standing benchmark (DistilGPT2 shape, 64 new tokens, 1/8/32
 clients, plus 8 identical prompts and a long-context pair with 128 new tokens); `tiny` runs the
 same scenarios at a size that proves the harness end to end in a test (tiny model, 8 new
-tokens, 1/2/4 clients) and means nothing as a measurement.
+tokens, 1/2/4 clients) and means nothing as a measurement. Both end with issue 8's streaming
+scenarios (head-of-line blocking, uneven load, the cost of streaming).
 
 Each preset is run against up to three service backends (`BACKENDS`), each started cold: LiteRT
 with int8 weights (every scenario; the issue's bars), LiteRT fp32 (the single-client bar and
@@ -12,6 +13,7 @@ exact text) and the TensorFlow/XLA backend (the earlier bars).
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 # 16 tokens with the DistilGPT2-shape test tokenizer: the prompt of the single-client bar.
@@ -143,6 +145,79 @@ class Scenario:
 
 
 @dataclass(frozen=True)
+class HeadOfLine:
+    """A short request's latency idle and while `long_clients` stream long answers (issue 8).
+
+    The short request is timed `idle_repetitions` times on the idle server first, then once in
+    each of `repetitions` rounds: the long clients start together, and the short request goes
+    out once every one of them has streamed its first piece (all are decoding).
+    """
+
+    name: str
+    long_clients: int
+    long_prompts: tuple[str, ...]
+    long_max_tokens: int
+    short_prompt: str
+    short_max_tokens: int
+    idle_repetitions: int
+    repetitions: int
+    role: str = "head_of_line"
+
+
+@dataclass(frozen=True)
+class UnevenLoad:
+    """`clients` clients with think times and uneven `max_tokens` against the same requests in
+    lockstep rounds (issue 8).
+
+    The workload is `rounds` rounds of one request per client; request (round r, client c) has
+    prompt `prompts[(r + c) % len(prompts)]`, a `max_tokens` drawn uniformly from
+    `max_tokens_range` and a think time drawn uniformly from 0 to `think_max_s`, all from one
+    `random.Random(seed)`. Uneven: each client thinks, sends, waits for its answer, and goes on
+    with its next round at once. Lockstep: each round's requests go out together and the next
+    round starts when all are answered, without think times: the same requests, the same tokens.
+    """
+
+    name: str
+    clients: int
+    rounds: int
+    prompts: tuple[str, ...]
+    max_tokens_range: tuple[int, int]
+    think_max_s: float
+    seed: int
+    role: str = "uneven_load"
+
+    def workload(self) -> list[list[tuple[float, dict]]]:
+        """Per round, per client: (think time in seconds, /generate body), streamed and greedy."""
+        rng = random.Random(self.seed)
+        lo, hi = self.max_tokens_range
+        rounds = []
+        for r in range(self.rounds):
+            row = []
+            for c in range(self.clients):
+                max_tokens, think = rng.randint(lo, hi), rng.uniform(0.0, self.think_max_s)
+                prompt = self.prompts[(r + c) % len(self.prompts)]
+                row.append((think, {"prompts": [prompt], "max_tokens": max_tokens, "temperature": 0.0,
+                                    "stream": True}))
+            rounds.append(row)
+        return rounds
+
+
+@dataclass(frozen=True)
+class StreamOverhead:
+    """One request at a time, `repetitions` times each in turn: unstreamed, streamed, and
+    unstreamed with max_tokens=1 (the prefill and one token: what the first piece may cost)."""
+
+    name: str
+    prompt: str
+    max_tokens: int
+    repetitions: int
+    role: str = "stream_overhead"
+
+
+StreamScenario = HeadOfLine | UnevenLoad | StreamOverhead
+
+
+@dataclass(frozen=True)
 class BaselineRun:
     """One baseline measurement: `prompts` in order, `batch_size` at a time, greedy."""
 
@@ -214,9 +289,14 @@ class Preset:
     profile_args: tuple[str, ...] = ()
     # How often a measurement shared with other processes is taken again (see cli.py).
     retries_when_shared: int = 0
+    # Issue 8's scenarios (streaming, continuous batching); they run after `scenarios`.
+    stream_scenarios: tuple[StreamScenario, ...] = ()
 
     def scenarios_for(self, backend: Backend) -> tuple[Scenario, ...]:
         return tuple(s for s in self.scenarios if backend.roles is None or s.role in backend.roles)
+
+    def stream_scenarios_for(self, backend: Backend) -> tuple[StreamScenario, ...]:
+        return tuple(s for s in self.stream_scenarios if backend.roles is None or s.role in backend.roles)
 
 
 def make_preset(name: str) -> Preset:
@@ -245,6 +325,20 @@ def make_preset(name: str) -> Preset:
         Scenario(f"long_c{c1}", "long_single", c1, r_long1, longs[:2], n_long),
         Scenario(f"long_c{c8}", "long_batch", c8, r_long8, longs, n_long),
     )
+    if name == "full":
+        # About 2 minutes together (estimate): 4 x 512 tokens at batch 4-5 take ~9 s a round.
+        stream_scenarios = (
+            HeadOfLine("head_of_line", 4, MIXED_PROMPTS[:4], 512, SHORT_PROMPT, 16, 5, 3),
+            UnevenLoad("uneven_c8", 8, 10, mixed, (16, 256), 0.5, 8),
+            StreamOverhead("stream_overhead", SHORT_PROMPT, 128, 5),
+        )
+    else:
+        # The tiny service batches at most 4 rows: 3 long clients leave the short request a row.
+        stream_scenarios = (
+            HeadOfLine("head_of_line", 3, MIXED_PROMPTS[:3], 128, SHORT_PROMPT, 16, 2, 1),
+            UnevenLoad("uneven_c4", 4, 2, mixed, (4, 32), 0.05, 8),
+            StreamOverhead("stream_overhead", SHORT_PROMPT, 32, 2),
+        )
     single = BaselineRun("short_b1", "short_b1", short * single_reps, 1, n)
     mixed_b1 = BaselineRun("mixed_b1", "mixed_b1", mixed, 1, n)
     # The batch-8 baselines always batch 8, as the service's default MAX_BATCH_SIZE does.
@@ -266,4 +360,5 @@ def make_preset(name: str) -> Preset:
         service_env={} if name == "full" else {"MAX_BATCH_SIZE": "4"},
         profile_args=("--repeats", "7") if name == "full" else ("--repeats", "2", "--flush-mib", "8"),
         retries_when_shared=2 if name == "full" else 0,
+        stream_scenarios=stream_scenarios,
     )

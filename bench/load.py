@@ -41,7 +41,7 @@ def retry_after(response: httpx.Response) -> float:
         return 0.5
 
 
-async def _send(client: httpx.AsyncClient, body: dict, outcome: RequestOutcome) -> None:
+async def send(client: httpx.AsyncClient, body: dict, outcome: RequestOutcome) -> None:
     start = time.perf_counter()
     for _ in range(MAX_ATTEMPTS):
         try:
@@ -80,7 +80,7 @@ async def _drive(base_url: str, clients: int, bodies: list[dict], timeout: float
             while next_index < len(bodies):
                 i = next_index
                 next_index += 1
-                await _send(client, bodies[i], outcomes[i])
+                await send(client, bodies[i], outcomes[i])
 
         start = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))

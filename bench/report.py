@@ -172,11 +172,93 @@ RATIO_PARTS = {
 }
 
 
-def compute_bars(backend: str, scenarios: dict, baselines: dict, service: dict) -> tuple[list[Bar], dict]:
+HEAD_OF_LINE_LIMIT = 3.0  # issue 8: loaded latency of the short request ÷ its idle latency
+UNEVEN_VS_LOCKSTEP_MIN = 0.8
+STREAM_OVERHEAD_LIMIT = 1.05
+FIRST_PIECE_DECODE_STEPS = 2
+
+
+def stream_measurements(streams: dict) -> list[tuple[str, dict]]:
+    """Each separately measured part of issue 8's scenarios, named: the uneven-load scenario has
+    two (its lockstep and uneven halves), the others one each."""
+    parts = []
+    for name, s in streams.items():
+        if s.get("role") == "uneven_load":
+            parts += [(f"{name} ({half})", s[half]) for half in ("uneven", "lockstep") if half in s]
+        else:
+            parts.append((name, s))
+    return parts
+
+
+def _failed(*parts) -> bool:
+    return any((p or {}).get("errors") for p in parts)
+
+
+def stream_bars(streams: dict, shared) -> list[Bar]:
+    """Issue 8's bars: head-of-line blocking, uneven load, and the cost of streaming.
+
+    A bar whose requests failed does not hold; one whose scenario did not run reads n/a.
+    """
+    by_role = {s.get("role"): s for s in streams.values()}
+    hol, uneven, over = (by_role.get(r) or {} for r in ("head_of_line", "uneven_load", "stream_overhead"))
+
+    ratio = hol.get("ratio")
+    rounds = len(hol.get("rounds") or [])
+    hol_holds = _at_most(ratio, HEAD_OF_LINE_LIMIT)
+    if hol_holds and hol.get("loaded_rounds", 0) < rounds:
+        hol_holds = None  # a long request had finished: the short one was not measured under load
+    if _failed(hol):
+        hol_holds = False
+    hol_bar = Bar(
+        "head_of_line", f"{hol.get('name', 'head_of_line')}: a {hol.get('short_max_tokens', '?')}-token greedy request "
+        f"while {hol.get('long_clients', '?')} clients stream {hol.get('long_max_tokens', '?')} tokens each: median "
+        "latency vs the same request on the idle server",
+        f"{fmt_bar(ratio, '.2f', '×')} ({fmt_bar(hol.get('loaded_latency_p50_s'), '.3f', ' s')} vs "
+        f"{fmt_bar(hol.get('idle_latency_p50_s'), '.3f', ' s')} idle; {hol.get('loaded_rounds', 0)} of {rounds} "
+        f"rounds under load; {hol.get('errors', 'n/a')} errors)",
+        f"≤ {HEAD_OF_LINE_LIMIT:.1f}×", hol_holds, shared=shared(hol))
+
+    u, lock = uneven.get("uneven") or {}, uneven.get("lockstep") or {}
+    ratio = _ratio(u.get("tok_per_s"), lock.get("tok_per_s"))
+    lo, hi = uneven.get("max_tokens_range") or ("?", "?")
+    ttft_server = (u.get("server") or {}).get("ttft") or {}
+    uneven_bar = Bar(
+        "uneven_vs_lockstep", f"{uneven.get('name', 'uneven')}: {uneven.get('clients', '?')} clients, think times "
+        f"0–{fmt_bar(uneven.get('think_max_s') and uneven['think_max_s'] * 1000, '.0f')} ms, {lo}–{hi} new tokens: "
+        "total tok/s vs the same requests in lockstep rounds; p95 time to first token (client, server)",
+        f"{fmt_bar(ratio, '.2f', '×')} ({fmt_bar(u.get('tok_per_s'), '.1f')} vs {fmt_bar(lock.get('tok_per_s'), '.1f')} "
+        f"tok/s); TTFT p95 {fmt_bar(u.get('ttft_p95_s'), '.3f', ' s')} (server {fmt_bar(ttft_server.get('p95_s'), '.3f', ' s')})",
+        f"≥ {UNEVEN_VS_LOCKSTEP_MIN}×", False if _failed(u, lock) else _at_least(ratio, UNEVEN_VS_LOCKSTEP_MIN),
+        shared=shared(u, lock))
+
+    ratio = over.get("ratio")
+    overhead_bar = Bar(
+        "stream_overhead", f"{over.get('name', 'stream_overhead')}: streamed vs unstreamed, total time, "
+        f"{over.get('max_tokens', '?')} new tokens, batch 1 (medians of {over.get('repetitions', '?')})",
+        f"{fmt_bar(ratio, '.3f', '×')} ({fmt_bar(over.get('streamed_p50_s'), '.3f', ' s')} vs "
+        f"{fmt_bar(over.get('unstreamed_p50_s'), '.3f', ' s')})",
+        f"≤ {STREAM_OVERHEAD_LIMIT}×", False if _failed(over) else _at_most(ratio, STREAM_OVERHEAD_LIMIT),
+        shared=shared(over))
+    ms = lambda x: fmt_bar(x and x * 1000, ".1f")  # noqa: E731
+    first, bound = over.get("first_piece_p50_s"), over.get("first_piece_bound_s")
+    first_bar = Bar(
+        "stream_first_piece", f"{over.get('name', 'stream_overhead')}: first streamed piece at batch 1 within "
+        f"{FIRST_PIECE_DECODE_STEPS} decode steps of the prefill: its time vs the max_tokens=1 request's latency + "
+        f"{FIRST_PIECE_DECODE_STEPS} × the streamed time per token",
+        f"{ms(first)} ms vs {ms(over.get('one_token_p50_s'))} + {FIRST_PIECE_DECODE_STEPS} × "
+        f"{fmt_bar(over.get('per_token_p50_s') and over['per_token_p50_s'] * 1000, '.2f')} = {ms(bound)} ms",
+        "≤ that sum", False if _failed(over) else None if first is None or bound is None else first <= bound,
+        shared=shared(over))
+    return [hol_bar, uneven_bar, overhead_bar, first_bar]
+
+
+def compute_bars(backend: str, scenarios: dict, baselines: dict, service: dict,
+                 streams: dict | None = None) -> tuple[list[Bar], dict]:
     """The bars of one backend's phase, each with the number it rests on.
 
     litert-int8 carries issue 7's bars (plus the sampling and compile bars kept from the
-    first benchmark); litert-fp32 the single-client bar; tf the earlier bars unchanged.
+    first benchmark) and issue 8's streaming bars (`streams`: the phase's stream_scenarios);
+    litert-fp32 the single-client bar; tf the earlier bars unchanged.
     """
     ratios = compute_ratios(scenarios, baselines)
     by_role = {s["role"]: s for s in scenarios.values()}
@@ -234,6 +316,8 @@ def compute_bars(backend: str, scenarios: dict, baselines: dict, service: dict) 
                 f"≤ {WARMUP_LIMIT_LITERT_S:.0f} s", _at_most(warmup, WARMUP_LIMIT_LITERT_S)),
             sampling_bar,
             compiles_bar,
+            *stream_bars(streams or {}, lambda *parts: any(
+                ((p.get("cpu") or {}).get("other_cores") or 0) > SHARED_CORES for p in parts)),
         ]
     elif backend == "litert-fp32":
         bars = [vs("single_vs_torch_b1", f"{name('single')}: tok/s vs PyTorch generate, batch 1", 1.0)]
@@ -314,6 +398,46 @@ def _scenario_table(phase: dict) -> list[str]:
     return lines
 
 
+def _stream_figures(s: dict) -> str:
+    """What one streaming measurement found, in a sentence."""
+    server = s.get("server") or {}
+
+    def hist(key: str) -> str:
+        h = server.get(key) or {}
+        return "–" if h.get("count") is None else f"{fmt(h.get('p50_s'), '.3f')}/{fmt(h.get('p95_s'), '.3f')} s"
+
+    if s.get("role") == "head_of_line":
+        rounds = s.get("rounds") or []
+        return (f"short request p50 idle {fmt(s.get('idle_latency_p50_s'), '.3f')} s, under load "
+                f"{fmt(s.get('loaded_latency_p50_s'), '.3f')} s (rounds: "
+                + ", ".join(f"{fmt(r['short_latency_s'], '.3f')} s with {r['long_streaming_at_answer']} streaming, "
+                            f"sent {fmt(r['decoding_after_s'], '.2f')} s after the long requests" for r in rounds)
+                + f"); long requests {fmt(s.get('long_tok_per_s'))} tok/s, first piece p50 "
+                f"{fmt(s.get('long_first_piece_p50_s'), '.3f')} s; server TTFT p50/p95 {hist('ttft')}")
+    if s.get("role") == "stream_overhead":
+        return (f"unstreamed {fmt(s.get('unstreamed_p50_s'), '.3f')} s, streamed {fmt(s.get('streamed_p50_s'), '.3f')} s, "
+                f"first piece {fmt(s.get('first_piece_p50_s'), '.4f')} s, max_tokens=1 "
+                f"{fmt(s.get('one_token_p50_s'), '.4f')} s, {fmt(s.get('per_token_p50_s') and s['per_token_p50_s'] * 1000, '.2f')} "
+                f"ms/token streamed; pieces per streamed request {s.get('streamed_pieces')}")
+    return (f"{fmt(s.get('tok_per_s'))} tok/s over {fmt(s.get('wall_seconds'))} s (think times "
+            f"{fmt(s.get('think_seconds_total'))} s in all, {s.get('max_tokens_total')} tokens asked); client TTFT p50/p95 "
+            f"{fmt(s.get('ttft_p50_s'), '.3f')}/{fmt(s.get('ttft_p95_s'), '.3f')} s, latency p50/p95 "
+            f"{fmt(s.get('latency_p50_s'), '.2f')}/{fmt(s.get('latency_p95_s'), '.2f')} s; server TTFT p50/p95 "
+            f"{hist('ttft')}, queue wait {hist('queue_wait')}, time per token {hist('tpot')}")
+
+
+def _stream_table(phase: dict) -> list[str]:
+    lines = ["| scenario | requests | new tokens (events / /metrics) | figures | 503s | errors | cores: ours / others |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, s in stream_measurements(phase["stream_scenarios"]):
+        tokens = f"{s['new_tokens']} / " if s.get("new_tokens") is not None else ""
+        lines.append(f"| {name} | {s.get('requests')} | {tokens}{fmt(s.get('new_tokens_server'), 'd') if s.get('new_tokens_server') is not None else '–'} | "
+                     f"{_stream_figures(s)} | {s.get('responses_503', 0)} | {s.get('errors', 0)}"
+                     + (f" ({'; '.join(s['error_samples'][:2])})" if s.get("error_samples") else "")
+                     + f" | {_cores(s.get('cpu'))} |")
+    return lines
+
+
 def _served(phase: dict) -> str:
     h = phase.get("health") or {}
     info = phase.get("backend_info") or []
@@ -361,6 +485,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | {bar['text']} | {bar['measured']} | {bar['target']} | {holds} |")
     for name, phase in phases.items():
         lines += ["", f"{phase['title']}:", ""] + _scenario_table(phase)
+        if phase.get("stream_scenarios"):
+            lines += ["", f"{phase['title']}, streaming scenarios (issue 8):", ""] + _stream_table(phase)
     every_reset = all(s.get("vmhwm_is_scenario_peak") for p in phases.values() for s in p["scenarios"].values())
     lines += ["", "Peak RSS per scenario is the server's VmHWM " + (
         "over that scenario alone (reset through /proc/PID/clear_refs before it); the peak since start "
@@ -381,6 +507,8 @@ def markdown(result: dict) -> str:
         )
     again = [f"{name} {s['name']} ({s['attempts']})" for name, p in phases.items() for s in p["scenarios"].values()
              if s.get("attempts", 1) > 1]
+    again += [f"{name} {part} ({s['attempts']})" for name, p in phases.items()
+              for part, s in stream_measurements(p.get("stream_scenarios") or {}) if s.get("attempts", 1) > 1]
     again += [f"baseline {key} ({b['attempts']})" for key, b in result["baselines"].items() if b.get("attempts", 1) > 1]
     if again:
         lines += ["", "Measured more than once because other processes used the CPU (attempts; the least shared one "
@@ -455,6 +583,7 @@ def shared_phases(result: dict) -> list[tuple[str, float]]:
     for name, p in result["phases"].items():
         phases.append((f"{name} warm-up", p["service"].get("warmup_cpu") or {}))
         phases += [(f"{name} {sname}", s.get("cpu") or {}) for sname, s in p["scenarios"].items()]
+        phases += [(f"{name} {part}", s.get("cpu") or {}) for part, s in stream_measurements(p.get("stream_scenarios") or {})]
     phases += [(f"baseline {key}", b.get("cpu") or {}) for key, b in result["baselines"].items()]
     return [(name, c["other_cores"]) for name, c in phases
             if c.get("other_cores") is not None and c["other_cores"] > SHARED_CORES]
@@ -467,7 +596,8 @@ def bars_as_dicts(bars: list[Bar]) -> list[dict]:
 def rerender(result: dict) -> dict:
     """Bars and checks computed again from a result.json's measurements (for a report change)."""
     for name, phase in result["phases"].items():
-        bars, ratios = compute_bars(name, phase["scenarios"], result["baselines"], phase["service"])
+        bars, ratios = compute_bars(name, phase["scenarios"], result["baselines"], phase["service"],
+                                    phase.get("stream_scenarios"))
         phase["bars"], phase["ratios"] = bars_as_dicts(bars), ratios
     result["bars"] = [bar for p in result["phases"].values() for bar in p["bars"]]
     return result

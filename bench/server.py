@@ -57,6 +57,52 @@ def parse_labels(text: str, metric: str) -> list[dict[str, str]]:
     return found
 
 
+def parse_histogram(text: str, metric: str) -> dict[float, float]:
+    """The cumulative bucket counts of a Prometheus histogram, {le: count}, summed over other labels."""
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(metric + "_bucket{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', line.split("{", 1)[1].rsplit("}", 1)[0]))
+        try:
+            le, value = float(labels["le"]), float(line.rsplit("}", 1)[1].split()[0])
+        except (KeyError, IndexError, ValueError):
+            continue
+        buckets[le] = buckets.get(le, 0.0) + value
+    return buckets
+
+
+def histogram_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """The q-quantile (0-1) of cumulative `buckets`, interpolated within its bucket as Prometheus's
+    histogram_quantile does; in the +Inf bucket, the largest finite bound."""
+    edges = sorted(buckets)
+    total = buckets[edges[-1]] if edges else 0
+    if not total:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for le in edges:
+        if buckets[le] >= rank:
+            if le == float("inf"):
+                return lower
+            span = buckets[le] - below
+            return lower + (le - lower) * ((rank - below) / span if span else 1.0)
+        lower, below = le, buckets[le]
+    return lower
+
+
+def histogram_window(before: str, after: str, metric: str) -> dict:
+    """A histogram's observations between two /metrics texts: count, mean, p50 and p95 (seconds)."""
+    b0, b1 = parse_histogram(before, metric), parse_histogram(after, metric)
+    if not b1:
+        return {"count": None, "mean_s": None, "p50_s": None, "p95_s": None}
+    delta = {le: b1[le] - b0.get(le, 0.0) for le in b1}
+    m0, m1 = parse_metrics(before), parse_metrics(after)
+    count = m1.get(metric + "_count", 0.0) - m0.get(metric + "_count", 0.0)
+    total = m1.get(metric + "_sum", 0.0) - m0.get(metric + "_sum", 0.0)
+    return {"count": int(round(count)), "mean_s": total / count if count else None,
+            "p50_s": histogram_quantile(delta, 0.5), "p95_s": histogram_quantile(delta, 0.95)}
+
+
 def proc_status_kb(pid: int, field: str) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

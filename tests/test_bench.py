@@ -8,17 +8,19 @@ BENCH_TEST_SKIP_TORCH=1 to run without the PyTorch baseline.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
-from bench import config
+from bench import config, report, stream
 from bench.load import percentile
-from bench.server import parse_labels, parse_metrics
+from bench.server import histogram_quantile, histogram_window, parse_histogram, parse_labels, parse_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SKIP_TORCH = os.environ.get("BENCH_TEST_SKIP_TORCH") == "1"
@@ -81,6 +83,17 @@ def test_full_preset_matches_the_issue():
     assert [b.name for b in config.parse_backends("tf, litert-int8")] == ["tf", "litert-int8"]
     with pytest.raises(ValueError):
         config.parse_backends("litert-fp16")
+    # Issue 8: 4 streams of 512 greedy tokens beside a 16-token request; 8 uneven clients
+    # (think 0-500 ms, 16-256 tokens); 128 tokens streamed and not. Only int8 runs them.
+    hol, uneven, overhead = preset.stream_scenarios
+    assert (hol.long_clients, hol.long_max_tokens, hol.short_max_tokens, hol.short_prompt) == (
+        4, 512, 16, config.SHORT_PROMPT)
+    assert hol.repetitions >= 3 and hol.idle_repetitions >= 3
+    assert (uneven.clients, uneven.max_tokens_range, uneven.think_max_s) == (8, (16, 256), 0.5)
+    assert (overhead.max_tokens, overhead.prompt) == (128, config.SHORT_PROMPT) and overhead.repetitions >= 5
+    assert preset.stream_scenarios_for(config.BACKENDS["litert-int8"]) == preset.stream_scenarios
+    assert preset.stream_scenarios_for(config.BACKENDS["tf"]) == ()
+    assert preset.stream_scenarios_for(config.BACKENDS["litert-fp32"]) == ()
 
 
 def test_long_prompts_are_about_400_tokens():
@@ -96,6 +109,183 @@ def test_long_prompts_are_about_400_tokens():
     assert all(360 <= c <= 440 for c in counts), counts
     assert 380 <= sum(counts) / len(counts) <= 420, counts
     assert len(tokenizer(config.SHORT_PROMPT)["input_ids"]) == 16
+
+
+def test_histogram_window_reads_quantiles_like_prometheus():
+    def text(b1, b2, inf, total):
+        return (f'llm_time_to_first_token_seconds_bucket{{le="0.1"}} {b1}\n'
+                f'llm_time_to_first_token_seconds_bucket{{le="0.5"}} {b2}\n'
+                f'llm_time_to_first_token_seconds_bucket{{le="+Inf"}} {inf}\n'
+                f"llm_time_to_first_token_seconds_sum {total}\nllm_time_to_first_token_seconds_count {inf}\n")
+
+    before, after = text(1, 2, 2, 0.3), text(5, 10, 12, 3.3)
+    assert parse_histogram(after, "llm_time_to_first_token_seconds") == {0.1: 5, 0.5: 10, float("inf"): 12}
+    # The window holds 4 observations up to 0.1 s, 4 more up to 0.5 s and 2 above.
+    window = histogram_window(before, after, "llm_time_to_first_token_seconds")
+    assert window["count"] == 10 and window["mean_s"] == pytest.approx(0.3)
+    assert window["p50_s"] == pytest.approx(0.2)  # rank 5: a quarter into (0.1, 0.5]
+    assert window["p95_s"] == 0.5  # in +Inf: the largest finite bound
+    assert histogram_quantile({}, 0.5) is None
+    assert histogram_window(before, "", "llm_time_to_first_token_seconds")["count"] is None
+
+
+class FakeStreamingServer:
+    """POST /generate as the streaming contract says, one token every `step` seconds per request.
+
+    Requests do not slow each other down, so head-of-line ratios come out near 1.
+    """
+
+    def __init__(self, step: float = 0.002, stream_ok: bool = True, busy_first: int = 0):
+        self.step, self.stream_ok, self.busy_left = step, stream_ok, busy_first
+        self.bodies: list[dict] = []
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.bodies.append(body)
+        if self.busy_left:
+            self.busy_left -= 1
+            return httpx.Response(503, headers={"retry-after": "0"}, json={"detail": "busy"})
+        n = body["max_tokens"]
+        if not body.get("stream"):
+            await asyncio.sleep(self.step * n)
+            return httpx.Response(200, json={"results": ["x" * n]})
+        if not self.stream_ok:
+            return httpx.Response(422, json={"detail": "stream: extra fields not permitted"})
+
+        async def events():
+            for _ in range(n):
+                await asyncio.sleep(self.step)
+                yield b'data: {"index": 0, "text": " x"}\n\n'
+            yield (b'data: {"index": 0, "text": "", "finish_reason": "length", "prompt_tokens": 3, '
+                   b'"generated_tokens": %d}\n\n' % n)
+            yield b"data: [DONE]\n\n"
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events())
+
+    @property
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handler)
+
+
+def _stream_once(server: FakeStreamingServer, body: dict) -> stream.StreamOutcome:
+    async def go():
+        async with httpx.AsyncClient(base_url="http://fake", transport=server.transport) as client:
+            return await stream.stream_request(client, body)
+    return asyncio.run(go())
+
+
+def test_stream_request_reads_pieces_then_the_final_event():
+    server = FakeStreamingServer(busy_first=1)
+    o = _stream_once(server, {"prompts": ["hi"], "max_tokens": 5, "temperature": 0.0})
+    assert o.error is None and o.text == " x" * 5 and o.pieces == 5
+    assert (o.finish_reason, o.prompt_tokens, o.generated_tokens, o.rejected_503) == ("length", 3, 5, 1)
+    assert 0 < o.first_piece <= o.final_event <= o.latency
+    assert o.per_token == pytest.approx((o.final_event - o.first_piece) / 4)
+    assert all(b["stream"] is True for b in server.bodies)
+
+
+def test_stream_request_names_what_is_wrong():
+    o = _stream_once(FakeStreamingServer(stream_ok=False), {"prompts": ["hi"], "max_tokens": 2, "temperature": 0})
+    assert o.latency is None and o.error.startswith("HTTP 422")
+
+    def answer(body: bytes, kind="text/event-stream"):
+        server = FakeStreamingServer()
+
+        async def handler(request):
+            return httpx.Response(200, headers={"content-type": kind}, content=body)
+        server.handler = handler
+        return _stream_once(server, {"prompts": ["hi"], "max_tokens": 2, "temperature": 0})
+
+    assert answer(b'{"results": ["ab"]}', "application/json").error.startswith("not a stream")
+    assert answer(b'data: {"index": 0, "text": "a"}\n\ndata: [DONE]\n\n').error == \
+        "bad stream: [DONE] before the final event"
+    assert answer(b'data: {"index": 0, "text": "a"}\n\n').error == "the stream ended without [DONE]"
+    assert answer(b"data: {not json\n\n").error.startswith("bad stream")
+
+
+def test_head_of_line_times_the_short_request_idle_then_beside_the_streams():
+    sc = config.HeadOfLine("hol", 3, ("a", "b"), 60, "short", 4, 2, 2)
+    server = FakeStreamingServer()
+    r = asyncio.run(stream.head_of_line("http://fake", sc, transport=server.transport))
+    assert r["errors"] == 0 and r["requests"] == 2 + 2 * 4
+    assert len(r["idle_latencies_s"]) == 2 and len(r["rounds"]) == 2
+    # Every round's short request was answered while all 3 long requests streamed.
+    assert r["loaded_rounds"] == 2 and all(x["long_streaming_at_answer"] == 3 for x in r["rounds"])
+    assert all(x["long_tokens"] == 3 * 60 for x in r["rounds"])
+    assert r["ratio"] == pytest.approx(r["loaded_latency_p50_s"] / r["idle_latency_p50_s"])
+    short = [b for b in server.bodies if b["prompts"] == ["short"]]
+    assert len(short) == 4 and not any(b.get("stream") for b in short)
+    assert sorted(b["prompts"][0] for b in server.bodies if b.get("stream")) == ["a", "a", "a", "a", "b", "b"]
+
+
+def test_uneven_load_and_lockstep_send_the_same_requests():
+    sc = config.UnevenLoad("uneven", 3, 2, ("p", "q"), (2, 9), 0.02, 8)
+    workload = sc.workload()
+    assert workload == sc.workload()  # fixed seed
+    assert [[b["prompts"][0] for _, b in row] for row in workload] == [["p", "q", "p"], ["q", "p", "q"]]
+    assert all(2 <= b["max_tokens"] <= 9 and 0 <= t <= 0.02 and b["temperature"] == 0 for row in workload
+               for t, b in row)
+    results = {}
+    for lockstep in (True, False):
+        server = FakeStreamingServer()
+        results[lockstep] = asyncio.run(stream.uneven_load("http://fake", sc, lockstep, transport=server.transport))
+        assert sorted((b["prompts"][0], b["max_tokens"]) for b in server.bodies) == sorted(
+            (b["prompts"][0], b["max_tokens"]) for row in workload for _, b in row)
+    lock, uneven = results[True], results[False]
+    total = sum(b["max_tokens"] for row in workload for _, b in row)
+    assert lock["new_tokens"] == uneven["new_tokens"] == lock["max_tokens_total"] == total
+    assert lock["think_seconds_total"] == 0 and uneven["think_seconds_total"] > 0
+    assert lock["errors"] == uneven["errors"] == 0 and lock["ok"] == uneven["ok"] == 6
+    assert 0 < uneven["ttft_p50_s"] <= uneven["ttft_p95_s"] and uneven["tok_per_s"] > 0
+
+
+def test_stream_overhead_interleaves_and_bounds_the_first_piece():
+    sc = config.StreamOverhead("overhead", "hello", 20, 2)
+    server = FakeStreamingServer()
+    r = asyncio.run(stream.stream_overhead("http://fake", sc, transport=server.transport))
+    assert r["errors"] == 0 and r["requests"] == 6
+    assert [(b.get("stream", False), b["max_tokens"]) for b in server.bodies] == [(False, 20), (True, 20), (False, 1)] * 2
+    assert r["streamed_tokens"] == [20, 20] and r["streamed_pieces"] == [20, 20]
+    assert r["first_piece_bound_s"] == pytest.approx(r["one_token_p50_s"] + 2 * r["per_token_p50_s"])
+    assert r["ratio"] == pytest.approx(r["streamed_p50_s"] / r["unstreamed_p50_s"])
+
+
+def _streams(**over) -> dict:
+    hol = {"name": "head_of_line", "role": "head_of_line", "short_max_tokens": 16, "long_clients": 4,
+           "long_max_tokens": 512, "ratio": 2.0, "idle_latency_p50_s": 0.1, "loaded_latency_p50_s": 0.2,
+           "rounds": [{}] * 3, "loaded_rounds": 3, "errors": 0, "cpu": {"other_cores": 0.0}}
+    half = {"tok_per_s": 100.0, "ttft_p95_s": 0.2, "errors": 0, "cpu": {"other_cores": 0.0},
+            "server": {"ttft": {"p95_s": 0.25}}}
+    uneven = {"name": "uneven_c8", "role": "uneven_load", "clients": 8, "max_tokens_range": [16, 256],
+              "think_max_s": 0.5, "uneven": {**half, "tok_per_s": 90.0}, "lockstep": half}
+    over_ = {"name": "stream_overhead", "role": "stream_overhead", "max_tokens": 128, "repetitions": 5,
+             "ratio": 1.01, "streamed_p50_s": 0.404, "unstreamed_p50_s": 0.4, "first_piece_p50_s": 0.012,
+             "one_token_p50_s": 0.01, "per_token_p50_s": 0.003, "first_piece_bound_s": 0.016, "errors": 0,
+             "cpu": {"other_cores": 0.0}}
+    parts = {"head_of_line": hol, "uneven_c8": uneven, "stream_overhead": over_}
+    for key, value in over.items():
+        name, field = key.split("__")
+        parts[name] = {**parts[name], field: value}
+    return parts
+
+
+def test_stream_bars_hold_fail_or_read_na():
+    shared = lambda *parts: any(p.get("cpu", {}).get("other_cores", 0) > 0.25 for p in parts)  # noqa: E731
+    bars = {b.id: b for b in report.stream_bars(_streams(), shared)}
+    assert {k: b.holds for k, b in bars.items()} == {
+        "head_of_line": True, "uneven_vs_lockstep": True, "stream_overhead": True, "stream_first_piece": True}
+    assert bars["uneven_vs_lockstep"].measured.startswith("0.90× (90.0 vs 100.0 tok/s); TTFT p95 0.200 s")
+    assert bars["stream_first_piece"].measured == "12.0 ms vs 10.0 + 2 × 3.00 = 16.0 ms"
+    bars = {b.id: b for b in report.stream_bars(_streams(head_of_line__ratio=3.5, stream_overhead__errors=1,
+                                                         head_of_line__cpu={"other_cores": 1.0}), shared)}
+    assert bars["head_of_line"].holds is False and bars["head_of_line"].shared
+    assert bars["stream_overhead"].holds is False and bars["stream_first_piece"].holds is False
+    # A short request answered after a long one finished was not measured under load.
+    bars = {b.id: b for b in report.stream_bars(_streams(head_of_line__loaded_rounds=2), shared)}
+    assert bars["head_of_line"].holds is None
+    assert all(b.holds is None for b in report.stream_bars({}, shared))
+    parts = [name for name, _ in report.stream_measurements(_streams())]
+    assert parts == ["head_of_line", "uneven_c8 (uneven)", "uneven_c8 (lockstep)", "stream_overhead"]
 
 
 @pytest.fixture(scope="module")
