@@ -430,10 +430,13 @@ def _stream_table(phase: dict) -> list[str]:
     lines = ["| scenario | requests | new tokens (events / /metrics) | figures | 503s | errors | cores: ours / others |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in stream_measurements(phase["stream_scenarios"]):
-        tokens = f"{s['new_tokens']} / " if s.get("new_tokens") is not None else ""
-        lines.append(f"| {name} | {s.get('requests')} | {tokens}{fmt(s.get('new_tokens_server'), 'd') if s.get('new_tokens_server') is not None else '–'} | "
+        server = s.get("new_tokens_server")
+        tokens = (f"{s['new_tokens']} / " if s.get("new_tokens") is not None else "") + (
+            "–" if server is None else str(server))
+        lines.append(f"| {name} | {s.get('requests')} | {tokens} | "
                      f"{_stream_figures(s)} | {s.get('responses_503', 0)} | {s.get('errors', 0)}"
-                     + (f" ({'; '.join(s['error_samples'][:2])})" if s.get("error_samples") else "")
+                     + (f" ({'; '.join(dict.fromkeys(e[:120] for e in s['error_samples']))})"
+                        if s.get("error_samples") else "")
                      + f" | {_cores(s.get('cpu'))} |")
     return lines
 

@@ -319,6 +319,21 @@ def test_tiny_run_serves_every_backend(tiny_result):
             assert s["new_tokens"] > 0 and s["tok_per_s"] > 0 and s["req_per_s"] > 0
             assert 0 < s["latency_p50_s"] <= s["latency_p95_s"]
             assert s["vmhwm_mib"] > 0
+    # Issue 8's scenarios ran on int8 alone, every request answered and streamed in full.
+    for name, phase in tiny_result["phases"].items():
+        streams = phase["stream_scenarios"]
+        assert set(streams) == {s.name for s in preset.stream_scenarios_for(config.BACKENDS[name])}
+    streams = tiny_result["phases"]["litert-int8"]["stream_scenarios"]
+    hol, uneven, overhead = (streams[s.name] for s in preset.stream_scenarios)
+    for part in (hol, uneven["uneven"], uneven["lockstep"], overhead):
+        assert part["errors"] == 0, part["error_samples"]
+        assert part["cpu"]["own_cores"] is not None and part["server"]["ttft"]["count"] > 0
+    assert hol["ratio"] > 0 and len(hol["rounds"]) == preset.stream_scenarios[0].repetitions
+    assert uneven["uneven"]["new_tokens"] == uneven["lockstep"]["new_tokens"] > 0
+    assert uneven["uneven"]["new_tokens"] == uneven["uneven"]["new_tokens_server"]
+    assert 0 < uneven["uneven"]["ttft_p50_s"] <= uneven["uneven"]["ttft_p95_s"]
+    assert overhead["ratio"] > 0 and overhead["first_piece_bound_s"] > 0
+    assert overhead["streamed_tokens"] == [preset.stream_scenarios[2].max_tokens] * overhead["repetitions"]
     assert tiny_result["litert"]["seconds"] >= 0
     machine = tiny_result["machine"]
     assert machine["cores"] >= 1 and machine["cpu_model"]
@@ -353,7 +368,7 @@ def test_tiny_run_reports_every_bar(tiny_result):
     assert ids["litert-int8"] == {
         "single_vs_torch_b1", "batch_vs_torch_b8", "same_vs_torch_b8", "long_single_vs_torch_b1",
         "long_batch_vs_torch_b8", "overload_errors", "overload_vs_batch", "peak_rss", "warmup", "sampling_cost",
-        "compiles_after_warmup"}
+        "compiles_after_warmup", "head_of_line", "uneven_vs_lockstep", "stream_overhead", "stream_first_piece"}
     assert ids["litert-fp32"] == {"single_vs_torch_b1"}
     assert ids["tf"] == {"single_vs_torch_b1", "batch_vs_torch_b8", "batch_vs_naive_tf", "overload_errors",
                          "overload_vs_batch", "sampling_cost", "peak_rss", "warmup", "compiles_after_warmup"}
@@ -367,6 +382,8 @@ def test_tiny_run_reports_every_bar(tiny_result):
     for phase in tiny_result["phases"].values():
         for name in phase["scenarios"]:
             assert name in md
+        for name, _ in report.stream_measurements(phase["stream_scenarios"]):
+            assert f"| {name} |" in md
 
 
 def test_tiny_run_profiles_the_int8_decode_step(tiny_result):
