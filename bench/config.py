@@ -150,7 +150,8 @@ class HeadOfLine:
 
     The short request is timed `idle_repetitions` times on the idle server first, then once in
     each of `repetitions` rounds: the long clients start together, and the short request goes
-    out once every one of them has streamed its first piece (all are decoding).
+    out once every one of them has streamed its first piece (all are decoding). The short
+    request is unstreamed both times: its latency is the time to its whole answer, timed alike.
     """
 
     name: str
@@ -175,6 +176,10 @@ class UnevenLoad:
     `random.Random(seed)`. Uneven: each client thinks, sends, waits for its answer, and goes on
     with its next round at once. Lockstep: each round's requests go out together and the next
     round starts when all are answered, without think times: the same requests, the same tokens.
+    That is the fair baseline: both halves ask for the same work from the same number of clients,
+    and differ only in when requests arrive. Lockstep is what static batching serves best (a
+    round is one batch); the uneven half's wall time includes its think times, which only count
+    against it.
     """
 
     name: str
