@@ -12,8 +12,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.batcher import BatcherStopped, BatchFailed, QueueFull
 from service.engine.base import PromptTooLong
+from service.scheduler import GenerationFailed, QueueFull, SchedulerStopped
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ async def _not_ready(request: Request, exc: ModelNotReady) -> JSONResponse:
     return _unavailable(str(exc), retry_after=5)
 
 
-async def _stopped(request: Request, exc: BatcherStopped) -> JSONResponse:
+async def _stopped(request: Request, exc: SchedulerStopped) -> JSONResponse:
     return _unavailable(str(exc), retry_after=5)
 
 
@@ -72,7 +72,7 @@ def _finite(value):
     return value
 
 
-async def _batch_failed(request: Request, exc: BatchFailed) -> JSONResponse:
+async def _generation_failed(request: Request, exc: GenerationFailed) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=500)
 
 
@@ -85,7 +85,7 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(QueueFull, _queue_full)
     app.add_exception_handler(ModelNotReady, _not_ready)
-    app.add_exception_handler(BatcherStopped, _stopped)
+    app.add_exception_handler(SchedulerStopped, _stopped)
     app.add_exception_handler(PromptsTooLong, _too_long)
-    app.add_exception_handler(BatchFailed, _batch_failed)
+    app.add_exception_handler(GenerationFailed, _generation_failed)
     app.add_exception_handler(Exception, _unexpected)

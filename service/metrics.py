@@ -1,27 +1,78 @@
-"""GET /metrics in Prometheus' text format: a handful of gauges and counters worth watching."""
+"""GET /metrics: Prometheus metrics through prometheus-client, one registry per app.
+
+Histograms of what users feel (queue wait, time to first token, time per output token) are
+fed by the scheduler's hooks; the runtime's state (ready, queue, warm-up) is read when scraped.
+"""
 
 from __future__ import annotations
 
-from service.runtime import Runtime
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+from service.scheduler import SchedulerStats
+
+disable_created_metrics()  # no `_created` series beside every counter and histogram
+
+# Seconds: a few ms (a token at batch 1) to a minute (a long queue).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TOKEN_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
 
 
-def render(runtime: Runtime) -> str:
-    engine, batcher = runtime.engine, runtime.batcher
-    samples = [
-        ("llm_ready", "gauge", "1 when the model is warmed up and the batch worker runs.", int(runtime.ready)),
-        ("llm_warmup_seconds", "gauge", "Seconds from start to ready.", runtime.warmup_seconds or 0),
-        ("llm_requests_total", "counter", "Generate requests answered with 200.", runtime.requests),
-        ("llm_generated_tokens_total", "counter", "New tokens generated.", runtime.generated_tokens),
-        ("llm_batches_total", "counter", "Batches run.", batcher.batches_run if batcher else 0),
-        ("llm_queue_prompts", "gauge", "Prompts waiting for a batch.", batcher.queued if batcher else 0),
-        ("llm_compiles_after_warmup_total", "counter", "Programs compiled after warm-up (should be 0).",
-         engine.compiles_after_warmup() if engine else 0),
-    ]
-    lines = []
-    for name, kind, help_text, value in samples:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-    if engine is not None:
-        lines += ["# HELP llm_backend_info What serves: the backend and the precision of its weights.",
-                  "# TYPE llm_backend_info gauge",
-                  f'llm_backend_info{{backend="{engine.backend}",precision="{engine.precision}"}} 1']
-    return "\n".join(lines) + "\n"
+class Metrics:
+    """The app's metrics; `render()` is the body of GET /metrics."""
+
+    def __init__(self, runtime):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("llm_requests", "Generate requests answered with 200.", registry=r)
+        self.generated_tokens = Counter("llm_generated_tokens", "New tokens generated.", registry=r)
+        self.queue_wait = Histogram("llm_queue_wait_seconds", "Seconds a prompt waited before joining the batch.",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram(
+            "llm_time_to_first_token_seconds", "Seconds from a prompt's arrival to its first new token.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(
+            "llm_time_per_output_token_seconds", "Mean seconds between a prompt's new tokens after the first.",
+            buckets=TOKEN_BUCKETS, registry=r)
+        self.batch_rows = Histogram("llm_batch_rows", "Rows in the batch at each decode call.",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r)
+        self.rows_cancelled = Counter("llm_rows_cancelled",
+                                      "Prompts dropped because their client went away (waiting or running).", registry=r)
+        r.register(_RuntimeState(runtime))
+
+    def scheduler_stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            queue_wait=self.queue_wait.observe,
+            time_to_first_token=self.time_to_first_token.observe,
+            time_per_output_token=self.time_per_output_token.observe,
+            batch_size=self.batch_rows.observe,
+            rows_cancelled=self.rows_cancelled.inc,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _RuntimeState:
+    """The runtime's gauges, read at each scrape."""
+
+    def __init__(self, runtime):
+        self._runtime = runtime
+
+    def collect(self):
+        runtime = self._runtime
+        engine, scheduler = runtime.engine, runtime.scheduler
+        yield GaugeMetricFamily("llm_ready", "1 when the model is warmed up and the scheduler runs.", int(runtime.ready))
+        yield GaugeMetricFamily("llm_warmup_seconds", "Seconds from start to ready.", runtime.warmup_seconds or 0)
+        yield GaugeMetricFamily("llm_queue_prompts", "Prompts waiting to join the batch.",
+                                scheduler.queued if scheduler else 0)
+        yield GaugeMetricFamily("llm_running_prompts", "Prompts in the batch being decoded.",
+                                scheduler.running if scheduler else 0)
+        yield CounterMetricFamily("llm_decode_calls", "Decode calls run (each one or more tokens a row).",
+                                  scheduler.decode_calls if scheduler else 0)
+        yield CounterMetricFamily("llm_compiles_after_warmup", "Programs compiled after warm-up (should be 0).",
+                                  engine.compiles_after_warmup() if engine else 0)
+        if engine is not None:
+            # An info metric: Prometheus shows it as llm_backend_info{backend=...,precision=...} 1.
+            yield InfoMetricFamily("llm_backend", "What serves: the backend and the precision of its weights.",
+                                   value={"backend": engine.backend, "precision": engine.precision})

@@ -8,15 +8,16 @@ it is a class built from the settings inside `create_router`.
 import secrets
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from service import metrics
 from service.config import Settings
 from service.engine import GenerationRow, PromptTooLong
 from service.errors import PromptsTooLong
 from service.runtime import Runtime
-from service.schemas import GenerateResponse, HealthResponse, generate_request_model
+from service.schemas import STREAM_DESCRIPTION, GenerateResponse, HealthResponse, generate_request_model
+from service.streaming import generate_events, results_unless_disconnected
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -42,11 +43,15 @@ def create_router(settings: Settings) -> APIRouter:
         return JSONResponse(body, status_code=200 if runtime.ready else 503)
 
     @router.post("/generate", response_model=GenerateResponse,
-                 responses={422: {"description": "Invalid request, or a prompt too long for the context window"},
+                 responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                                  "description": "The results; with `stream`, server-sent events. " + STREAM_DESCRIPTION},
+                            422: {"description": "Invalid request, or a prompt too long for the context window"},
+                            500: {"description": "Generation failed"},
                             503: {"description": "Model loading, queue full or shutting down (see Retry-After)"}})
-    async def generate(body: GenerateRequest, runtime: RuntimeDep) -> GenerateResponse:
-        """Continue each prompt; prompts from concurrent requests are decoded together in batches."""
-        engine, batcher = runtime.ready_engine()
+    async def generate(body: GenerateRequest, runtime: RuntimeDep, http: Request):
+        """Continue each prompt. Prompts from concurrent requests share the running batch: they
+        join it between decode calls and leave it as soon as they finish."""
+        engine, scheduler = runtime.ready_engine()
         prompts = [body.prompts] if isinstance(body.prompts, str) else body.prompts
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         rows, too_long = [], []
@@ -59,14 +64,27 @@ def create_router(settings: Settings) -> APIRouter:
             rows.append(GenerationRow(tuple(ids), body.max_tokens, body.temperature, seed, i))
         if too_long:
             raise PromptsTooLong(too_long)
-        outputs = await batcher.submit(rows)
-        runtime.requests += 1
-        runtime.generated_tokens += sum(len(o) for o in outputs)
+        request = scheduler.submit(rows)
+        runtime.metrics.requests.inc()
+        if body.stream:
+            events = generate_events(request, engine.decode, [len(r.prompt_ids) for r in rows],
+                                     on_tokens=runtime.metrics.generated_tokens.inc)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            outputs = await results_unless_disconnected(request, http)
+        finally:
+            request.cancel()  # rows still running after an error leave the batch
+        if outputs is None:  # the client is gone: nobody reads this
+            return Response(status_code=499)
+        runtime.metrics.generated_tokens.inc(sum(len(o) for o in outputs))
         return GenerateResponse(results=[engine.decode(o) for o in outputs])
 
-    @router.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus_metrics(runtime: RuntimeDep) -> str:
-        """Counters and gauges in Prometheus' text format."""
-        return metrics.render(runtime)
+    @router.get("/metrics", response_class=Response,
+                responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
+    async def prometheus_metrics(runtime: RuntimeDep) -> Response:
+        """Prometheus metrics (text format): requests, tokens, queue, batch sizes, and histograms of
+        queue wait, time to first token and time per output token."""
+        return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -1,4 +1,4 @@
-"""What the app runs: the engine, its batcher and their state, from start-up to shutdown."""
+"""What the app runs: the engine, its scheduler and their state, from start-up to shutdown."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from collections.abc import Callable
 
 import anyio
 
-from service.batcher import Batcher
 from service.config import Settings
-from service.engine import Engine, GenerationRow
+from service.engine import Engine
 from service.errors import ModelNotReady
+from service.metrics import Metrics
 from service.model_files import verify_manifest
+from service.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def tensorflow_engine(settings: Settings) -> Engine:
 class Runtime:
     """Loads the engine, warms it up in the background, and serves batches until stopped.
 
-    `status` is "loading" until warm-up has compiled every shape and the batcher runs, then
+    `status` is "loading" until warm-up has compiled every shape and the scheduler runs, then
     "ok"; "failed" if warm-up raised. Loading the weights happens before the server accepts
     connections, so a broken model directory stops the server at start.
     """
@@ -57,11 +58,10 @@ class Runtime:
         self.settings = settings
         self._engine_factory = engine_factory
         self.engine: Engine | None = None
-        self.batcher: Batcher[GenerationRow, list[int]] | None = None
+        self.scheduler: Scheduler | None = None
         self.status = "loading"
         self.warmup_seconds: float | None = None
-        self.generated_tokens = 0
-        self.requests = 0
+        self.metrics = Metrics(self)
         self._warmup_task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -80,30 +80,31 @@ class Runtime:
             self.status = "failed"
             log.exception("warm-up failed; /health reports failed")
             return
-        self.batcher = Batcher(
-            self.engine.generate,
+        self.scheduler = Scheduler(
+            self.engine,
             max_batch_size=self.settings.max_batch_size,
             batch_timeout=self.settings.batch_timeout_ms / 1000,
             max_queue_size=self.settings.max_queue_size,
+            stats=self.metrics.scheduler_stats(),
         )
-        self.batcher.start()
+        self.scheduler.start()
         self.warmup_seconds = time.monotonic() - started
         self.status = "ok"
         log.info("ready: warm-up took %.1f s since start", self.warmup_seconds)
 
     @property
     def ready(self) -> bool:
-        return self.status == "ok" and self.batcher is not None and self.batcher.alive
+        return self.status == "ok" and self.scheduler is not None and self.scheduler.alive
 
-    def ready_engine(self) -> tuple[Engine, Batcher]:
+    def ready_engine(self) -> tuple[Engine, Scheduler]:
         if not self.ready:
             raise ModelNotReady("the model is not ready: it is still loading" if self.status == "loading"
                                 else f"the model is not ready (status {self.status})")
-        return self.engine, self.batcher
+        return self.engine, self.scheduler
 
     async def stop(self) -> None:
         """Finish every queued prompt, then stop (also waits out a running warm-up)."""
         if self._warmup_task is not None:
             await self._warmup_task
-        if self.batcher is not None:
-            await self.batcher.stop()
+        if self.scheduler is not None:
+            await self.scheduler.stop()

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from typing import Annotated, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from service.config import Settings
 
 MAX_SEED = 2**63 - 1
+
+STREAM_DESCRIPTION = (
+    "Each event is a `data:` line with a JSON object: `{\"index\": i, \"text\": piece}` for new text of "
+    "prompt i (pieces never split a UTF-8 character); then, per prompt, `{\"index\": i, \"text\": \"\", "
+    "\"finish_reason\": \"eos_token\" | \"length\", \"prompt_tokens\": n, \"generated_tokens\": m}`; "
+    "then `data: [DONE]`. If generation fails mid-stream, `{\"error\": message}` comes before `[DONE]`."
+)
 
 
 class GenerateResponse(BaseModel):
@@ -59,5 +66,8 @@ def generate_request_model(settings: Settings) -> type[BaseModel]:
         seed: Optional[StrictInt] = Field(
             None, ge=0, le=MAX_SEED,
             description="Makes sampling reproducible: prompt i of the request draws from the stream (seed, i).")
+        stream: StrictBool = Field(
+            False, description="Answer with server-sent events (text/event-stream) as text is made, instead "
+            "of one JSON body at the end. " + STREAM_DESCRIPTION)
 
     return GenerateRequest

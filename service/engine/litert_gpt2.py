@@ -21,14 +21,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from service.engine.base import Engine, GenerationRow
+from service.engine.base import DecodeBatch, Engine, GenerationRow, RowUpdate
 from service.model_files import LITERT_META, litert_model_file
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,10 @@ SAMPLE_BLOCK = 256  # vocabulary entries per block in the sampling search
 class Decoder:
     """One LiteRT model file, and the key/value cache of the batch it decodes.
 
-    Contract: `start_batch(B, C)` makes room for B rows of C slots each, all empty; `prefill(b,
-    ids)` fills row b's first len(ids) slots (no logits: a prompt's last token goes through
-    `step`); `step(ids)` puts one token per row into each row's next slot and returns the logits
-    after it (no row's slots may be full); `keep(rows)` drops every other row.
+    Contract: `arrange(sources, C)` makes the batch's rows (kept rows and empty new ones) with C
+    slots each; `prefill(b, ids)` fills empty row b's first len(ids) slots (no logits: a prompt's
+    last token goes through `step`); `step(ids)` puts one token per row into each row's next
+    slot and returns the logits after it (no row's slots may be full).
     """
 
     def __init__(self, model_path: Path, embeddings: Rows, positions: np.ndarray, num_threads: int):
@@ -70,23 +70,37 @@ class Decoder:
 
     # --- the batch's cache -------------------------------------------------------------------
 
-    def start_batch(self, batch_size: int, cache_size: int) -> None:
-        self._resize_decode(batch_size, cache_size)
-        for name in self._cache_names():
-            self._view(self._decode, "inputs", name)[...] = 0  # masked slots must hold finite values
+    def arrange(self, sources: Sequence[int | None], cache_size: int) -> None:
+        """Make the batch `sources` long with `cache_size` slots a row: position j takes the cache
+        of current row `sources[j]`, or starts empty where it is None.
+
+        Resizing reallocates the signature's tensors (their contents are lost), so the kept rows'
+        filled slots are copied out and back; only filled slots are copied and every other slot
+        is zeroed (masked slots must hold finite values: the mask is added, not selected)."""
+        kept = [s for s in sources if s is not None]
+        filled = int(self.lengths[kept].max(initial=0)) if kept else 0
+        if filled > cache_size:
+            raise ValueError(f"a row holds {filled} slots, more than a cache of {cache_size}")
+        names = self._cache_names()
+        saved = {name: self._view(self._decode, "inputs", name)[kept, :, :filled] for name in names} if kept else {}
+        saved_mask = self._view(self._decode, "inputs", "mask")[kept, :, :, :filled] if kept else None
+        lengths = np.array([self.lengths[s] if s is not None else 0 for s in sources], np.int64)
+        self._resize_decode(len(sources), cache_size)
+        at = [j for j, s in enumerate(sources) if s is not None]
+        new = [j for j, s in enumerate(sources) if s is None]
+        for name in names:
+            cache = self._view(self._decode, "inputs", name)
+            cache[:, :, filled:] = 0
+            if at:
+                cache[at, :, :filled] = saved[name]
+            if new:
+                cache[new, :, :filled] = 0
         mask = self._view(self._decode, "inputs", "mask")
         mask[...] = MASKED
         mask[..., cache_size] = 0  # the new token always sees itself
-        self.lengths = np.zeros([batch_size], np.int64)
-
-    def keep(self, rows: Sequence[int]) -> None:
-        """Keep only these rows (in this order), moving their cache to a smaller batch shape."""
-        rows = list(rows)
-        saved = {name: self._view(self._decode, "inputs", name)[rows] for name in self._cache_names() + ["mask"]}
-        self._resize_decode(len(rows), self.cache_size)
-        for name, value in saved.items():
-            self._view(self._decode, "inputs", name)[...] = value
-        self.lengths = self.lengths[rows]
+        if at:
+            mask[at, :, :, :filled] = saved_mask
+        self.lengths = lengths
 
     def _resize_decode(self, batch_size: int, cache_size: int) -> None:
         heads, head_dim = self.n_head, self.head_dim
@@ -216,33 +230,85 @@ class LiteRTGPT2Engine(Engine):
         log.info("warm-up ran %s (%s) in %.1f s; %.0f MiB of mapped model file released", self.backend,
                  self.precision, time.monotonic() - started, released / 2**20)
 
-    def generate(self, rows: Sequence[GenerationRow]) -> list[list[int]]:
-        decoder = self.decoder
-        slots = max(len(r.prompt_ids) + r.max_tokens for r in rows)
-        decoder.start_batch(len(rows), next(c for c in self.cache_sizes if c >= slots))
-        outputs: list[list[int]] = [[] for _ in rows]
-        live = list(range(len(rows)))  # the row at each batch position
-        for b, row in enumerate(rows):
-            decoder.prefill(b, row.prompt_ids[:-1])
-        tokens = np.array([row.prompt_ids[-1] for row in rows], np.int64)  # each prompt's last token
-        while True:
-            logits = decoder.step(tokens)
-            tokens = np.array([sample(logits[b], rows[i].temperature, rows[i].seed, rows[i].stream, len(outputs[i]))
-                               for b, i in enumerate(live)], np.int64)
-            keep = []
-            for b, i in enumerate(live):
-                if tokens[b] == self.eos_id:
-                    continue
-                outputs[i].append(int(tokens[b]))
-                if len(outputs[i]) < rows[i].max_tokens:
-                    keep.append(b)
-            if not keep:
-                return outputs
-            if len(keep) < len(live):
-                # Finished rows stop costing work: the rest move to a smaller batch.
-                decoder.keep(keep)
-                live, tokens = [live[b] for b in keep], tokens[keep]
-                self.compactions += 1
+    def new_batch(self) -> LiteRTBatch:
+        return LiteRTBatch(self)
+
+    def cache_size_for(self, slots: int) -> int:
+        return next(c for c in self.cache_sizes if c >= slots)
+
+
+class LiteRTBatch(DecodeBatch):
+    """Rows decoding together in the engine's one decoder (one batch at a time per engine).
+
+    Each `step` is one decode call: one token a row. The batch's shape is exact (no filler
+    rows), and its cache is the smallest bucket that holds the rows' filled slots: attention
+    reads every allocated slot at every step, so a cache sized for the rows' final lengths
+    would make each step pay for slots nothing has filled yet. Joining, leaving and growing
+    past the bucket rearrange the cache into a new shape (a copy of the filled slots).
+    """
+
+    def __init__(self, engine: LiteRTGPT2Engine):
+        self._engine = engine
+        self._decoder = engine.decoder
+        self._keys: list[Hashable] = []
+        self._rows: list[GenerationRow] = []
+        self._generated: list[int] = []  # new tokens so far, per row
+        self._next = np.zeros([0], np.int64)  # the token each row feeds to the next step
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return list(self._keys)
+
+    def extend(self, entries: Sequence[tuple[Hashable, GenerationRow]]) -> None:
+        if not entries:
+            return
+        if len(self._keys) + len(entries) > self._engine.max_batch_size:
+            raise ValueError(f"a batch holds at most {self._engine.max_batch_size} rows")
+        start = len(self._keys)
+        # Room for every prompt, and for the next step's token.
+        filled = max([len(row.prompt_ids) for _, row in entries] + [self._filled() + 1])
+        self._decoder.arrange(list(range(start)) + [None] * len(entries), self._engine.cache_size_for(filled))
+        for b, (key, row) in enumerate(entries, start):
+            self._decoder.prefill(b, row.prompt_ids[:-1])
+        self._keys += [key for key, _ in entries]
+        self._rows += [row for _, row in entries]
+        self._generated += [0] * len(entries)
+        self._next = np.concatenate([self._next, [row.prompt_ids[-1] for _, row in entries]]).astype(np.int64)
+
+    def step(self) -> list[RowUpdate]:
+        decoder = self._decoder
+        if self._filled() >= decoder.cache_size:
+            decoder.arrange(range(len(self._keys)), self._engine.cache_size_for(self._filled() + 1))
+        logits = decoder.step(self._next)
+        eos = self._engine.eos_id
+        updates = []
+        for b, row in enumerate(self._rows):
+            token = sample(logits[b], row.temperature, row.seed, row.stream, self._generated[b])
+            self._next[b] = token
+            if token == eos:
+                updates.append(RowUpdate(self._keys[b], [], "eos_token"))
+                continue
+            self._generated[b] += 1
+            finish = "length" if self._generated[b] >= row.max_tokens else None
+            updates.append(RowUpdate(self._keys[b], [token], finish))
+        return updates
+
+    def filter(self, keys: Sequence[Hashable]) -> None:
+        where = {key: b for b, key in enumerate(self._keys)}
+        kept = [where[key] for key in keys]
+        if kept == list(range(len(self._keys))):
+            return
+        self._keys = [self._keys[b] for b in kept]
+        self._rows = [self._rows[b] for b in kept]
+        self._generated = [self._generated[b] for b in kept]
+        self._next = self._next[kept]
+        if kept:  # an empty batch keeps its shape until rows join
+            # Finished and cancelled rows stop costing work: the rest move to a smaller shape.
+            self._decoder.arrange(kept, self._engine.cache_size_for(int(self._decoder.lengths[kept].max()) + 1))
+            self._engine.compactions += 1
+
+    def _filled(self) -> int:
+        return int(self._decoder.lengths.max(initial=0)) if self._keys else 0
 
 
 def _drop_mapped_pages(path: Path) -> int:

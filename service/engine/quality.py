@@ -50,7 +50,7 @@ def windows(ids: list[int], context_window: int) -> np.ndarray:
 def teacher_forced(decoder: Decoder, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per predicted position: the model's top-1 token and its log-probability of the true one."""
     rows, width = tokens.shape
-    decoder.start_batch(rows, width)
+    decoder.arrange([None] * rows, width)
     top, logprob = [], []
     for t in range(width - 1):
         logits = decoder.step(tokens[:, t])  # predicts token t + 1

@@ -1,0 +1,279 @@
+"""Continuous batching: rows join and leave the running batch between decode calls.
+
+Modelled on TGI's router (`router/src/infer/v3/scheduler.rs`) and vLLM's scheduler: the
+running batch is a value (`DecodeBatch`) that one loop filters and extends between decode
+calls, so a request never waits for another's long answer, and a finished row's answer goes
+out at once. The knobs keep TF Serving's names (`max_batch_size`, `batch_timeout`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+
+from service.engine import DecodeBatch, Engine, FinishReason, GenerationRow, RowUpdate
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The bounded queue has no room for all of a request's prompts."""
+
+    def __init__(self, waiting: int, wanted: int, bound: int):
+        super().__init__(
+            f"server busy: {waiting} prompts are waiting and this request adds {wanted}, "
+            f"over the queue bound of {bound}; retry later"
+        )
+
+
+class SchedulerStopped(Exception):
+    """The server is shutting down and takes no new work."""
+
+
+class GenerationFailed(Exception):
+    """A decode call raised: every row in that batch gets this error."""
+
+
+@dataclass(frozen=True)
+class RowEvent:
+    """New tokens of prompt `index` of a request, and why it stopped once it has."""
+
+    index: int
+    tokens: list[int]
+    finish: FinishReason | None = None
+
+
+@dataclass(eq=False)
+class _Row:
+    """A row's place in the scheduler: its request, its timings, whether its caller left."""
+
+    index: int
+    row: GenerationRow
+    request: Request
+    enqueued: float
+    admitted: float | None = None
+    first_token: float | None = None
+    generated: int = 0
+    done: bool = False
+
+
+@dataclass(eq=False)
+class Request:
+    """One caller's rows: their events arrive on `events` (a `RowEvent` per decode call that
+    gave a row tokens or finished it, or a `GenerationFailed`) until every row has finished.
+
+    `cancel()` (the caller went away) drops the rows still waiting, and takes the running ones
+    out of the batch at the next decode-call boundary."""
+
+    rows: list[_Row] = field(default_factory=list)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def results(self) -> list[list[int]]:
+        """Every row's new tokens, in the request's order, once all have finished."""
+        outputs: list[list[int]] = [[] for _ in self.rows]
+        unfinished = len(self.rows)
+        while unfinished:
+            event = await self.events.get()
+            if isinstance(event, Exception):
+                raise event
+            outputs[event.index] += event.tokens
+            unfinished -= event.finish is not None
+        return outputs
+
+
+@dataclass
+class SchedulerStats:
+    """Hooks the metrics hang on (service/metrics.py); plain callables keep this module free of
+    any metrics library."""
+
+    queue_wait: Callable[[float], None] = lambda seconds: None
+    time_to_first_token: Callable[[float], None] = lambda seconds: None
+    time_per_output_token: Callable[[float], None] = lambda seconds: None
+    batch_size: Callable[[int], None] = lambda rows: None
+    rows_cancelled: Callable[[int], None] = lambda rows: None
+
+
+class Scheduler:
+    """Runs every submitted row through the engine's decode batches, one decode call at a time.
+
+    Contract:
+    - `submit(rows)` enqueues all of a request's rows or none (`QueueFull` when the waiting rows
+      would pass `max_queue_size`; `SchedulerStopped` once stopping) and returns its `Request`.
+    - One loop drives one batch: before each decode call it drops the rows of cancelled
+      requests, admits waiting rows in arrival order up to `max_batch_size` (they are prefilled
+      into the batch), and runs the call in a worker thread; after it, each row's new tokens go
+      to its request at once, and finished rows leave the batch.
+    - When the batch is empty, the first arrival waits at most `batch_timeout` seconds for
+      others to start with it; rows arriving while the batch runs join at the next call.
+    - If a decode call raises, every row in that batch gets `GenerationFailed`; the loop starts
+      a new batch and goes on serving.
+    - `stop()` refuses new rows, lets every admitted and queued row finish, then ends.
+    """
+
+    def __init__(self, engine: Engine, *, max_batch_size: int, batch_timeout: float, max_queue_size: int,
+                 stats: SchedulerStats | None = None):
+        if max_batch_size < 1 or max_queue_size < 1 or batch_timeout < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, batch_timeout >= 0")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.batch_timeout = batch_timeout
+        self.max_queue_size = max_queue_size
+        self.stats = stats or SchedulerStats()
+        self._waiting: deque[_Row] = deque()
+        self._running: dict[int, _Row] = {}  # by key in the batch
+        self._keys = itertools.count()
+        self._arrived = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task | None = None
+        self.decode_calls = 0
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._arrived.set()
+        if self._task is not None:
+            await self._task
+
+    def submit(self, rows: Sequence[GenerationRow]) -> Request:
+        if self._stopping or not self.alive:
+            raise SchedulerStopped("the server is shutting down")
+        if len(self._waiting) + len(rows) > self.max_queue_size:
+            raise QueueFull(len(self._waiting), len(rows), self.max_queue_size)
+        request = Request()
+        now = time.monotonic()
+        request.rows = [_Row(i, row, request, now) for i, row in enumerate(rows)]
+        self._waiting.extend(request.rows)
+        self._arrived.set()
+        return request
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        batch = self.engine.new_batch()
+        while True:
+            if not self._running:
+                if not await self._first_arrivals():
+                    return
+            leaving = [key for key, r in self._running.items() if r.request.cancelled]
+            joining = self._admit(self.max_batch_size - len(self._running) + len(leaving))
+            self._cancelled(leaving)
+            for key in leaving:
+                del self._running[key]
+            if not self._running and not joining:
+                continue
+            entries = [(next(self._keys), r) for r in joining]
+            self._running.update(entries)
+            self.stats.batch_size(len(self._running))
+            try:
+                updates = await anyio.to_thread.run_sync(
+                    _advance, batch, leaving, [(key, r.row) for key, r in entries])
+            except Exception as exc:  # every row of the batch hears of it; serving goes on
+                log.exception("decode call failed with %d rows", len(self._running))
+                self._fail(GenerationFailed(f"generation failed: {exc}"))
+                batch = self.engine.new_batch()
+                continue
+            finally:
+                self.decode_calls += 1
+            self._deliver(updates)
+
+    async def _first_arrivals(self) -> bool:
+        """Wait for work with the batch empty: False once stopping with none left."""
+        while True:
+            self._drop_cancelled_waiting()
+            if self._waiting:
+                break
+            if self._stopping:
+                return False
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = time.monotonic() + self.batch_timeout
+        while len(self._waiting) < self.max_batch_size and not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        return True
+
+    def _admit(self, room: int) -> list[_Row]:
+        joining = []
+        now = time.monotonic()
+        while self._waiting and len(joining) < room:
+            r = self._waiting.popleft()
+            if r.request.cancelled:
+                self._cancelled([None])
+                continue
+            r.admitted = now
+            self.stats.queue_wait(now - r.enqueued)
+            joining.append(r)
+        return joining
+
+    def _drop_cancelled_waiting(self) -> None:
+        kept = [r for r in self._waiting if not r.request.cancelled]
+        self._cancelled([None] * (len(self._waiting) - len(kept)))
+        self._waiting = deque(kept)
+
+    def _cancelled(self, rows: Sequence) -> None:
+        if rows:
+            self.stats.rows_cancelled(len(rows))
+
+    def _deliver(self, updates: list[RowUpdate]) -> None:
+        now = time.monotonic()
+        for update in updates:
+            r = self._running[update.key]
+            if update.tokens and r.first_token is None:
+                r.first_token = now
+                self.stats.time_to_first_token(now - r.enqueued)
+            r.generated += len(update.tokens)
+            if update.finish is not None:
+                del self._running[update.key]
+                if r.generated > 1:
+                    self.stats.time_per_output_token((now - r.first_token) / (r.generated - 1))
+            if update.tokens or update.finish is not None:
+                r.request.events.put_nowait(RowEvent(r.index, update.tokens, update.finish))
+
+    def _fail(self, error: GenerationFailed) -> None:
+        for r in self._running.values():
+            r.request.events.put_nowait(error)
+        self._running.clear()
+
+
+def _advance(batch: DecodeBatch, leaving: list, joining: list) -> list[RowUpdate]:
+    """One decode-call boundary and call, in the worker thread: cancelled rows leave, waiting
+    rows are prefilled in, the batch decodes, and finished rows leave."""
+    if leaving:
+        batch.filter([key for key in batch.keys if key not in set(leaving)])
+    batch.extend(joining)
+    updates = batch.step()
+    finished = {u.key for u in updates if u.finish is not None}
+    if finished:
+        batch.filter([key for key in batch.keys if key not in finished])
+    return updates

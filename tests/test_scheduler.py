@@ -1,0 +1,224 @@
+"""The scheduler alone, with the fake engine: no model, no server (as Ray's batching tests)."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from fakes import FakeEngine
+from service.engine import GenerationRow
+from service.scheduler import GenerationFailed, QueueFull, RowEvent, Scheduler, SchedulerStats, SchedulerStopped
+
+
+def row(text: str, max_tokens: int = 50) -> GenerationRow:
+    return GenerationRow(tuple(ord(c) for c in text), max_tokens)
+
+
+def start(engine: FakeEngine, **kw) -> Scheduler:
+    options = dict(max_batch_size=4, batch_timeout=0, max_queue_size=16) | kw
+    scheduler = Scheduler(engine, **options)
+    scheduler.start()
+    return scheduler
+
+
+class Slow(FakeEngine):
+    """Each decode call takes `delay` seconds, so requests can arrive while a batch runs."""
+
+    def __init__(self, delay: float = 0.01):
+        super().__init__()
+        self.delay = delay
+
+    def new_batch(self):
+        batch = super().new_batch()
+        step = batch.step
+
+        def slow_step():
+            time.sleep(self.delay)
+            return step()
+
+        batch.step = slow_step
+        return batch
+
+
+def test_a_short_request_joins_a_running_batch_and_is_answered_before_the_long_one_ends():
+    async def main():
+        engine = Slow()
+        s = start(engine)
+        long = s.submit([row("a" * 40)])
+        await asyncio.sleep(0.05)  # the long row is decoding
+        short = s.submit([row("xyz")])
+        short_result = await short.results()
+        long_done_then = s.running == 1
+        long_result = await long.results()
+        await s.stop()
+        return engine.calls, short_result, long_result, long_done_then
+
+    calls, short_result, long_result, long_still_running = asyncio.run(main())
+    assert short_result == [[ord(c) for c in "zyx"]]
+    assert long_result == [[ord("a")] * 40]
+    assert long_still_running  # answered at once, not when the batch ended
+    joined = next(i for i, keys in enumerate(calls) if len(keys) == 2)
+    assert joined > 0 and calls[joined][0] == calls[0][0]  # it joined the long row's batch
+    assert sum(len(keys) == 2 for keys in calls) == 4  # 3 tokens, then the call that gives end-of-text
+
+
+def test_waiting_rows_are_admitted_in_arrival_order_up_to_the_batch_size():
+    async def main():
+        engine = FakeEngine()
+        engine.generate_gate.clear()
+        s = start(engine, max_batch_size=2)
+        first = s.submit([row("ab"), row("cd")])
+        while not engine.generating.is_set():
+            await asyncio.sleep(0.001)
+        second = s.submit([row("ef")])
+        third = s.submit([row("gh")])
+        assert s.queued == 2
+        engine.generate_gate.set()
+        results = await asyncio.gather(first.results(), second.results(), third.results())
+        await s.stop()
+        return engine.calls, results
+
+    calls, results = asyncio.run(main())
+    assert results == [[[98, 97], [100, 99]], [[102, 101]], [[104, 103]]]
+    assert max(len(keys) for keys in calls) == 2
+    # "ef" joined first (when "ab"/"cd" finished), before "gh", which joined beside it or after.
+    first_seen = {}
+    for i, keys in enumerate(calls):
+        for key in keys:
+            first_seen.setdefault(key, i)
+    order = sorted(first_seen, key=first_seen.get)
+    assert order[:2] == [0, 1] and order.index(2) < order.index(3)
+
+
+def test_a_cancelled_request_leaves_at_the_next_call_and_the_others_are_unchanged():
+    cancelled = []
+
+    async def main():
+        engine = Slow()
+        s = start(engine, stats=SchedulerStats(rows_cancelled=cancelled.append))
+        gone = s.submit([row("b" * 40), row("c" * 40)])
+        stays = s.submit([row("d" * 30)])
+        await asyncio.sleep(0.05)
+        calls_then = len(engine.calls)
+        gone.cancel()
+        result = await stays.results()
+        await s.stop()
+        return engine.calls, calls_then, result
+
+    calls, calls_then, result = asyncio.run(main())
+    assert result == [[ord("d")] * 30]
+    assert sum(cancelled) == 2
+    keys_after = [keys for keys in calls[calls_then + 2:]]
+    assert keys_after and all(keys == [2] for keys in keys_after)  # only the staying row ran on
+
+
+def test_a_cancelled_request_still_waiting_never_runs():
+    async def main():
+        engine = FakeEngine()
+        engine.generate_gate.clear()
+        s = start(engine, max_batch_size=1)
+        running = s.submit([row("ab")])
+        while not engine.generating.is_set():
+            await asyncio.sleep(0.001)
+        waiting = s.submit([row("cd")])
+        waiting.cancel()
+        engine.generate_gate.set()
+        await running.results()
+        await s.stop()
+        return engine.calls
+
+    assert all(keys == [0] for keys in asyncio.run(main()))
+
+
+def test_a_failed_decode_call_fails_its_rows_and_the_next_batch_runs():
+    async def main():
+        engine = FakeEngine(fail_with=RuntimeError("out of cheese"))
+        s = start(engine)
+        failed = s.submit([row("ab"), row("cd")])
+        with pytest.raises(GenerationFailed, match="generation failed: out of cheese"):
+            await failed.results()
+        engine.fail_with = None
+        result = await s.submit([row("ef")]).results()
+        await s.stop()
+        return result
+
+    assert asyncio.run(main()) == [[102, 101]]
+
+
+def test_a_request_that_does_not_fit_the_queue_is_refused_whole():
+    async def main():
+        engine = FakeEngine()
+        engine.generate_gate.clear()
+        s = start(engine, max_batch_size=1, max_queue_size=2)
+        s.submit([row("ab")])
+        while not engine.generating.is_set():
+            await asyncio.sleep(0.001)
+        s.submit([row("cd")])
+        with pytest.raises(QueueFull, match="1 prompts are waiting and this request adds 2"):
+            s.submit([row("ef"), row("gh")])
+        assert s.queued == 1
+        engine.generate_gate.set()
+        await s.stop()
+
+    asyncio.run(main())
+
+
+def test_stop_finishes_running_and_queued_rows_then_refuses_new_ones():
+    async def main():
+        engine = Slow(0.005)
+        s = start(engine, max_batch_size=1)
+        a = s.submit([row("ab")])
+        b = s.submit([row("cd")])
+        await s.stop()
+        with pytest.raises(SchedulerStopped):
+            s.submit([row("ef")])
+        return await a.results(), await b.results()
+
+    assert asyncio.run(main()) == ([[98, 97]], [[100, 99]])
+
+
+def test_with_the_batch_empty_the_first_arrival_waits_for_others_up_to_the_timeout():
+    async def main():
+        engine = FakeEngine()
+        s = start(engine, batch_timeout=0.2)
+        first = s.submit([row("ab")])
+        await asyncio.sleep(0.05)
+        second = s.submit([row("cd")])
+        await asyncio.gather(first.results(), second.results())
+        await s.stop()
+        return engine.calls
+
+    assert asyncio.run(main())[0] == [0, 1]
+
+
+def test_events_carry_each_rows_tokens_as_they_are_made():
+    async def main():
+        s = start(FakeEngine())
+        request = s.submit([row("ab", max_tokens=2), row("xyz0", max_tokens=9)])
+        events = []
+        while sum(e.finish is not None for e in events) < 2:
+            events.append(await request.events.get())
+        await s.stop()
+        return events
+
+    events = asyncio.run(main())
+    assert [e for e in events if e.index == 0] == [RowEvent(0, [98]), RowEvent(0, [97], "length")]
+    # "xyz0" reversed starts with "0", the fake end-of-text: no tokens, finished.
+    assert [e for e in events if e.index == 1] == [RowEvent(1, [], "eos_token")]
+
+
+def test_timings_reach_the_stats_hooks():
+    seen = {"queue": [], "ttft": [], "tpot": [], "rows": []}
+
+    async def main():
+        stats = SchedulerStats(queue_wait=seen["queue"].append, time_to_first_token=seen["ttft"].append,
+                               time_per_output_token=seen["tpot"].append, batch_size=seen["rows"].append)
+        s = start(Slow(0.01), stats=stats)
+        await s.submit([row("abcd"), row("ef")]).results()
+        await s.stop()
+
+    asyncio.run(main())
+    assert len(seen["queue"]) == 2 and len(seen["ttft"]) == 2 and len(seen["tpot"]) == 2
+    assert all(0.005 < t < 1 for t in seen["tpot"])
+    assert seen["rows"][0] == 2
