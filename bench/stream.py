@@ -59,6 +59,8 @@ def _parse_event(line: str, outcome: StreamOutcome, elapsed: float) -> bool:
     if payload == "[DONE]":
         return True
     event = json.loads(payload)
+    if isinstance(event, dict) and "error" in event:
+        raise ValueError(f"the server failed mid-stream: {event['error']}"[:300])
     if not isinstance(event, dict) or event.get("index") != 0 or not isinstance(event.get("text"), str):
         raise ValueError(f"unexpected event {payload[:100]!r}")
     if outcome.finish_reason is not None:
