@@ -301,8 +301,8 @@ def run_stream_scenarios(svc: Service, scenarios: tuple, backend: str, phase_loa
             log(f"{label}: {sc.max_tokens} tokens at batch 1, unstreamed, streamed and 1 token, x{sc.repetitions}")
             r = least_shared(lambda: measure_stream(svc, lambda url: stream.stream_overhead(url, sc)), retries, label)
             log(f"{label}: streamed {report.fmt(r['ratio'], '.3f')}x unstreamed, first piece "
-                f"{report.fmt(r['first_piece_p50_s'], '.4f')} s (bound {report.fmt(r['first_piece_bound_s'], '.4f')} s), "
-                f"{r['errors']} errors")
+                f"{report.fmt(r['first_piece_p50_s'], '.4f')} s (bound "
+                f"{report.fmt(r['first_piece_bound_s'], '.4f')} s), {r['errors']} errors")
         results[sc.name] = r
     return results
 

@@ -226,8 +226,9 @@ def stream_bars(streams: dict, shared) -> list[Bar]:
         "uneven_vs_lockstep", f"{uneven.get('name', 'uneven')}: {uneven.get('clients', '?')} clients, think times "
         f"0–{fmt_bar(uneven.get('think_max_s') and uneven['think_max_s'] * 1000, '.0f')} ms, {lo}–{hi} new tokens: "
         "total tok/s vs the same requests in lockstep rounds; p95 time to first token (client, server)",
-        f"{fmt_bar(ratio, '.2f', '×')} ({fmt_bar(u.get('tok_per_s'), '.1f')} vs {fmt_bar(lock.get('tok_per_s'), '.1f')} "
-        f"tok/s); TTFT p95 {fmt_bar(u.get('ttft_p95_s'), '.3f', ' s')} (server {fmt_bar(ttft_server.get('p95_s'), '.3f', ' s')})",
+        f"{fmt_bar(ratio, '.2f', '×')} ({fmt_bar(u.get('tok_per_s'), '.1f')} vs "
+        f"{fmt_bar(lock.get('tok_per_s'), '.1f')} tok/s); TTFT p95 {fmt_bar(u.get('ttft_p95_s'), '.3f', ' s')} "
+        f"(server {fmt_bar(ttft_server.get('p95_s'), '.3f', ' s')})",
         f"≥ {UNEVEN_VS_LOCKSTEP_MIN}×", False if _failed(u, lock) else _at_least(ratio, UNEVEN_VS_LOCKSTEP_MIN),
         shared=shared(u, lock))
 
@@ -415,20 +416,21 @@ def _stream_figures(s: dict) -> str:
                 + f"); long requests {fmt(s.get('long_tok_per_s'))} tok/s, first piece p50 "
                 f"{fmt(s.get('long_first_piece_p50_s'), '.3f')} s; server TTFT p50/p95 {hist('ttft')}")
     if s.get("role") == "stream_overhead":
-        return (f"unstreamed {fmt(s.get('unstreamed_p50_s'), '.3f')} s, streamed {fmt(s.get('streamed_p50_s'), '.3f')} s, "
-                f"first piece {fmt(s.get('first_piece_p50_s'), '.4f')} s, max_tokens=1 "
-                f"{fmt(s.get('one_token_p50_s'), '.4f')} s, {fmt(s.get('per_token_p50_s') and s['per_token_p50_s'] * 1000, '.2f')} "
+        per_token = s.get("per_token_p50_s")
+        return (f"unstreamed {fmt(s.get('unstreamed_p50_s'), '.3f')} s, streamed "
+                f"{fmt(s.get('streamed_p50_s'), '.3f')} s, first piece {fmt(s.get('first_piece_p50_s'), '.4f')} s, "
+                f"max_tokens=1 {fmt(s.get('one_token_p50_s'), '.4f')} s, {fmt(per_token and per_token * 1000, '.2f')} "
                 f"ms/token streamed; pieces per streamed request {s.get('streamed_pieces')}")
     return (f"{fmt(s.get('tok_per_s'))} tok/s over {fmt(s.get('wall_seconds'))} s (think times "
-            f"{fmt(s.get('think_seconds_total'))} s in all, {s.get('max_tokens_total')} tokens asked); client TTFT p50/p95 "
-            f"{fmt(s.get('ttft_p50_s'), '.3f')}/{fmt(s.get('ttft_p95_s'), '.3f')} s, latency p50/p95 "
+            f"{fmt(s.get('think_seconds_total'))} s in all, {s.get('max_tokens_total')} tokens asked); client TTFT "
+            f"p50/p95 {fmt(s.get('ttft_p50_s'), '.3f')}/{fmt(s.get('ttft_p95_s'), '.3f')} s, latency p50/p95 "
             f"{fmt(s.get('latency_p50_s'), '.2f')}/{fmt(s.get('latency_p95_s'), '.2f')} s; server TTFT p50/p95 "
             f"{hist('ttft')}, queue wait {hist('queue_wait')}, time per token {hist('tpot')}")
 
 
 def _stream_table(phase: dict) -> list[str]:
-    lines = ["| scenario | requests | new tokens (events / /metrics) | figures | 503s | errors | cores: ours / others |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| scenario | requests | new tokens (events / /metrics) | figures | 503s | errors "
+             "| cores: ours / others |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in stream_measurements(phase["stream_scenarios"]):
         server = s.get("new_tokens_server")
         tokens = (f"{s['new_tokens']} / " if s.get("new_tokens") is not None else "") + (
@@ -586,7 +588,8 @@ def shared_phases(result: dict) -> list[tuple[str, float]]:
     for name, p in result["phases"].items():
         phases.append((f"{name} warm-up", p["service"].get("warmup_cpu") or {}))
         phases += [(f"{name} {sname}", s.get("cpu") or {}) for sname, s in p["scenarios"].items()]
-        phases += [(f"{name} {part}", s.get("cpu") or {}) for part, s in stream_measurements(p.get("stream_scenarios") or {})]
+        phases += [(f"{name} {part}", s.get("cpu") or {})
+                   for part, s in stream_measurements(p.get("stream_scenarios") or {})]
     phases += [(f"baseline {key}", b.get("cpu") or {}) for key, b in result["baselines"].items()]
     return [(name, c["other_cores"]) for name, c in phases
             if c.get("other_cores") is not None and c["other_cores"] > SHARED_CORES]

@@ -244,7 +244,8 @@ def test_stream_overhead_interleaves_and_bounds_the_first_piece():
     server = FakeStreamingServer()
     r = asyncio.run(stream.stream_overhead("http://fake", sc, transport=server.transport))
     assert r["errors"] == 0 and r["requests"] == 6
-    assert [(b.get("stream", False), b["max_tokens"]) for b in server.bodies] == [(False, 20), (True, 20), (False, 1)] * 2
+    sent = [(b.get("stream", False), b["max_tokens"]) for b in server.bodies]
+    assert sent == [(False, 20), (True, 20), (False, 1)] * 2
     assert r["streamed_tokens"] == [20, 20] and r["streamed_pieces"] == [20, 20]
     assert r["first_piece_bound_s"] == pytest.approx(r["one_token_p50_s"] + 2 * r["per_token_p50_s"])
     assert r["ratio"] == pytest.approx(r["streamed_p50_s"] / r["unstreamed_p50_s"])
