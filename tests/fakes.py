@@ -12,7 +12,7 @@ class FakeEngine(Engine):
     `warmup` and each decode call can be held at a gate, to observe the server while they run.
     """
 
-    context_window = 64
+    context_window = 128
     max_batch_size = 64
     backend = "fake"
     eos_id = ord("0")

@@ -57,8 +57,8 @@ def test_greedy_batch_with_different_max_tokens_matches_generate_alone(engine, r
 
 
 def test_a_long_prompt_and_a_long_continuation_in_one_request(engine, hf_model):
-    """XLA left-pads rows to one length, so these two cannot share a cache and run in turn;
-    LiteRT keeps each row's own positions and runs them together."""
+    """Each row keeps its own positions, so a long prompt with few new tokens and a short one
+    with many share a batch."""
     long_prompt = "a b c d e f g h " * 100
     ids = engine.encode(long_prompt)[:1000]
     rows = [GenerationRow(tuple(ids), 8), GenerationRow(tuple(engine.encode("x")), 300)]
@@ -163,3 +163,90 @@ def test_encode_decode_round_trips_unicode(engine):
     text = "naïve café — 日本語 🎉🚀"
     assert engine.decode(engine.encode(text)) == text
     assert engine.encode("") == [engine.eos_id]
+
+
+# --- Rows joining and leaving a running batch (continuous batching) ----------------------------
+
+def drive(engine, first, joins):
+    """Run a batch that starts with `first` (key -> row); `joins(generated)` is asked before every
+    decode call, with the tokens each key has so far, and returns the rows that join then.
+    Returns every key's tokens and the number of decode calls."""
+    batch = engine.new_batch()
+    batch.extend(list(first.items()))
+    out = {key: [] for key in first}
+    calls = 0
+    while True:
+        joining = joins(out)
+        for key, _ in joining:
+            out[key] = []
+        batch.extend(joining)
+        if not len(batch):
+            break
+        finished = set()
+        for update in batch.step():
+            out[update.key] += update.tokens
+            if update.finish is not None:
+                finished.add(update.key)
+        batch.filter([k for k in batch.keys if k not in finished])
+        calls += 1
+    return out, calls
+
+
+def once(when, entries):
+    """A `joins` callback: these rows join the first time `when(generated)` holds."""
+    done = []
+
+    def joins(out):
+        if not done and when(out):
+            done.append(True)
+            return entries
+        return []
+
+    return joins
+
+
+def test_a_row_joining_a_running_batch_with_a_longer_prompt_matches_generate_alone(engine, reference):
+    running = {0: GenerationRow(tuple(engine.encode(PROMPTS[1])), 40),
+               1: GenerationRow(tuple(engine.encode(PROMPTS[2])), 40)}
+    joiner = GenerationRow(tuple(engine.encode(PROMPTS[4])), 20)  # longer than both running prompts
+    assert len(joiner.prompt_ids) > max(len(r.prompt_ids) for r in running.values())
+    out, _ = drive(engine, running, once(lambda out: len(out[0]) >= 5, [(2, joiner)]))
+    assert out[0] == reference(PROMPTS[1], 40)
+    assert out[1] == reference(PROMPTS[2], 40)
+    assert out[2] == reference(PROMPTS[4], 20)
+
+
+def smallest_cache(engine) -> int:
+    return engine.cache_sizes[0] if engine.backend == "litert" else engine.buckets.cache_sizes[0]
+
+
+def test_a_row_joining_when_the_running_row_is_near_the_end_of_its_cache_bucket(engine, hf_model):
+    """The running row fills all but a few slots of the smallest cache bucket when another joins,
+    and crosses into the next bucket while both run."""
+    bucket = smallest_cache(engine)
+    words = engine.encode("the cat sat on the mat and then " * 200)
+    long_ids = tuple(words[: bucket - 20])
+    running = {0: GenerationRow(long_ids, 30)}
+    joiner = GenerationRow(tuple(engine.encode(PROMPTS[3])), 24)
+    # LiteRT decodes a token a call, XLA up to a chunk (16): join once 15+ slots are filled.
+    out, _ = drive(engine, running, once(lambda out: len(out[0]) >= 15, [(1, joiner)]))
+    assert out[0] == reference_tokens(hf_model, long_ids, 30, engine.eos_id)
+    assert out[1] == reference_tokens(hf_model, joiner.prompt_ids, 24, engine.eos_id)
+
+
+def test_seeded_sampling_is_the_same_whatever_joins_or_leaves_beside_it(engine):
+    sampled = GenerationRow(tuple(engine.encode(PROMPTS[2])), 48, 1.0, 4321, 3)
+    alone = engine.generate([sampled])[0]
+    assert len(alone) > 20  # long enough to see the joins and leaves
+    neighbours = [GenerationRow(tuple(engine.encode(p)), m, t, 7, i)
+                  for i, (p, m, t) in enumerate([(PROMPTS[4], 5, 0.8), (PROMPTS[1], 30, 0.0), (PROMPTS[3], 9, 1.3)])]
+    schedule = {0: [(1, neighbours[0])], 3: [(2, neighbours[1]), (3, neighbours[2])]}
+    calls = []
+
+    def joins(out):
+        calls.append(None)
+        return schedule.pop(len(calls) - 1, [])
+
+    out, _ = drive(engine, {0: sampled}, joins)
+    assert out[0] == alone
+    assert [len(out[k]) for k in (1, 2, 3)] == [len(o) for o in engine.generate(neighbours)]

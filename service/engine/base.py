@@ -116,17 +116,21 @@ class Engine(ABC):
         """An empty batch: rows enter it through `extend`."""
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[list[int]]:
+        """Every row to its end, up to `max_batch_size` at a time (a row joins as one leaves)."""
         outputs: list[list[int]] = [[] for _ in rows]
+        waiting = list(enumerate(rows))[::-1]
         batch = self.new_batch()
-        batch.extend(list(enumerate(rows)))
-        while len(batch):
+        while True:
+            room = self.max_batch_size - len(batch)
+            batch.extend([waiting.pop() for _ in range(min(room, len(waiting)))])
+            if not len(batch):
+                return outputs
             finished = set()
             for update in batch.step():
                 outputs[update.key] += update.tokens
                 if update.finish is not None:
                     finished.add(update.key)
             batch.filter([k for k in batch.keys if k not in finished])
-        return outputs
 
     def compiles_after_warmup(self) -> int:
         """How many programs were compiled after warm-up ended (the goal is 0)."""
