@@ -148,10 +148,13 @@ class Scenario:
 class HeadOfLine:
     """A short request's latency idle and while `long_clients` stream long answers (issue 8).
 
-    The short request is timed `idle_repetitions` times on the idle server first, then once in
-    each of `repetitions` rounds: the long clients start together, and the short request goes
-    out once every one of them has streamed its first piece (all are decoding). The short
-    request is unstreamed both times: its latency is the time to its whole answer, timed alike.
+    The short request is timed `idle_repetitions` times on the idle server first, then in each
+    of `repetitions` rounds: the long clients start together and, once every one of them has
+    streamed its first piece (all are decoding), short requests go out one after another until
+    the long answers end, so they meet the long rows at every length (a late one attends over a
+    cache several times larger than an early one). Only those answered while every long request
+    still streamed count. The short request is unstreamed both times: its latency is the time
+    to its whole answer, timed alike.
     """
 
     name: str

@@ -205,17 +205,17 @@ def stream_bars(streams: dict, shared) -> list[Bar]:
     ratio = hol.get("ratio")
     rounds = len(hol.get("rounds") or [])
     hol_holds = _at_most(ratio, HEAD_OF_LINE_LIMIT)
-    if hol_holds and hol.get("loaded_rounds", 0) < rounds:
-        hol_holds = None  # a long request had finished: the short one was not measured under load
+    if hol_holds and not hol.get("loaded_requests"):
+        hol_holds = None  # no short request was answered while every long one streamed
     if _failed(hol):
         hol_holds = False
     hol_bar = Bar(
         "head_of_line", f"{hol.get('name', 'head_of_line')}: a {hol.get('short_max_tokens', '?')}-token greedy request "
-        f"while {hol.get('long_clients', '?')} clients stream {hol.get('long_max_tokens', '?')} tokens each: median "
-        "latency vs the same request on the idle server",
+        f"while {hol.get('long_clients', '?')} clients stream {hol.get('long_max_tokens', '?')} tokens each (sent one "
+        "after another from start to end of the long answers): median latency vs the same request on the idle server",
         f"{fmt_bar(ratio, '.2f', '×')} ({fmt_bar(hol.get('loaded_latency_p50_s'), '.3f', ' s')} vs "
-        f"{fmt_bar(hol.get('idle_latency_p50_s'), '.3f', ' s')} idle; {hol.get('loaded_rounds', 0)} of {rounds} "
-        f"rounds under load; {hol.get('errors', 'n/a')} errors)",
+        f"{fmt_bar(hol.get('idle_latency_p50_s'), '.3f', ' s')} idle; worst {fmt_bar(hol.get('ratio_worst'), '.2f', '×')}; "
+        f"{hol.get('loaded_requests', 0)} requests in {rounds} rounds; {hol.get('errors', 'n/a')} errors)",
         f"≤ {HEAD_OF_LINE_LIMIT:.1f}×", hol_holds, shared=shared(hol))
 
     u, lock = uneven.get("uneven") or {}, uneven.get("lockstep") or {}
@@ -410,9 +410,10 @@ def _stream_figures(s: dict) -> str:
     if s.get("role") == "head_of_line":
         rounds = s.get("rounds") or []
         return (f"short request p50 idle {fmt(s.get('idle_latency_p50_s'), '.3f')} s, under load "
-                f"{fmt(s.get('loaded_latency_p50_s'), '.3f')} s (rounds: "
-                + ", ".join(f"{fmt(r['short_latency_s'], '.3f')} s with {r['long_streaming_at_answer']} streaming, "
-                            f"sent {fmt(r['decoding_after_s'], '.2f')} s after the long requests" for r in rounds)
+                f"{fmt(s.get('loaded_latency_p50_s'), '.3f')} s, worst {fmt(s.get('loaded_latency_max_s'), '.3f')} s "
+                "(rounds: "
+                + ", ".join(f"{r['loaded_requests']} short requests under load, first sent "
+                            f"{fmt(r['decoding_after_s'], '.2f')} s after the long requests" for r in rounds)
                 + f"); long requests {fmt(s.get('long_tok_per_s'))} tok/s, first piece p50 "
                 f"{fmt(s.get('long_first_piece_p50_s'), '.3f')} s; server TTFT p50/p95 {hist('ttft')}")
     if s.get("role") == "stream_overhead":
