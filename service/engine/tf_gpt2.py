@@ -105,9 +105,10 @@ class TFDecodeBatch(DecodeBatch):
             raise ValueError("a key joining the batch is already in it")
         if len(keys) > engine.max_batch_size:
             raise ValueError(f"{len(keys)} rows exceed max_batch_size={engine.max_batch_size}")
-        for r in joining:
-            if not r.work.prompt_ids or engine.buckets.slots_needed(r.work) > engine.buckets.max_cache:
-                raise ValueError(f"row {r.key!r} does not fit the largest cache")
+        for i, r in enumerate(joining):
+            if not r.work.prompt_ids:
+                raise ValueError(f"row {r.key!r} has no prompt tokens")
+            engine.check_fits(i, r.work.prompt_ids, r.work.max_tokens)  # then it fits the largest cache
         prefilled = [engine.prefill_row(r.work.prompt_ids) for r in joining]
         shape = self._shape_for(live + joining)
         if shape == self.shape:
@@ -184,7 +185,7 @@ class TFDecodeBatch(DecodeBatch):
         index = tf.constant(stay, tf.int32)
         whole = stay == list(range(len(self._rows)))  # every old position stays, in order
 
-        def assemble(old, new_parts, fit):
+        def assemble(old, new_parts, fit=lambda x: x):
             parts = []
             if stay:
                 parts.append(fit(old if whole else tf.gather(old, index)))
@@ -193,10 +194,9 @@ class TFDecodeBatch(DecodeBatch):
                 parts.append(tf.zeros([fillers, *parts[0].shape[1:]]))
             return tf.concat(parts, 0) if len(parts) > 1 else parts[0]
 
-        same = lambda x: x  # noqa: E731
-        self._h = assemble(self._h, [h for h, _ in prefilled], same)
+        self._h = assemble(self._h, [h for h, _ in prefilled])
         caches = []
-        for layer in range(len(self._engine._blocks)):
+        for layer in range(self._engine.n_layer):
             pair = []
             for kv in range(2):
                 old = self._caches[layer][kv] if self._caches else None
@@ -232,6 +232,7 @@ class TFGPT2Engine(Engine):
         self.max_batch_size = max_batch_size
         self.head_dim = config.n_embd // config.n_head
         self.n_head = config.n_head
+        self.n_layer = config.n_layer
         self.decode_chunk = decode_chunk
         self.buckets = Buckets.for_model(self.context_window, max_batch_size, prefill_chunk, smallest_cache)
 
@@ -370,7 +371,12 @@ class TFGPT2Engine(Engine):
         return out, i, h, caches
 
     def _write_at(self, length):
-        """Writes one new key or value per row, [batch, heads, 1, head_dim], at the row's own slot."""
+        """Writes one new key or value per row, [batch, heads, 1, head_dim], at the row's own slot.
+
+        A scatter updates the loop's cache in place. A select against one_hot(length) rewrites
+        the whole cache every step: on DistilGPT2 it cost 1.4x the CPU time of a 16-step call
+        at batch 1 x cache 1040 (660 ms against 455), and never less than the scatter.
+        """
         def write(cache, new):
             batch = tf.shape(cache)[0]
             rows = tf.repeat(tf.range(batch), self.n_head)
