@@ -52,9 +52,10 @@ def scenario_result(scenario, load: LoadResult, metrics_before: dict, metrics_af
     if "llm_generated_tokens_total" in metrics_after:
         delta = int(round(metrics_after["llm_generated_tokens_total"] - metrics_before.get("llm_generated_tokens_total", 0)))
     wall = load.wall_seconds
-    batches = None
-    if "llm_batches_total" in metrics_after:
-        batches = int(round(metrics_after["llm_batches_total"] - metrics_before.get("llm_batches_total", 0)))
+    calls = rows = None
+    if "llm_batch_rows_count" in metrics_after:  # one observation per decode call: the rows in it
+        calls = int(round(metrics_after["llm_batch_rows_count"] - metrics_before.get("llm_batch_rows_count", 0)))
+        rows = metrics_after["llm_batch_rows_sum"] - metrics_before.get("llm_batch_rows_sum", 0)
     return {
         "name": scenario.name,
         "role": scenario.role,
@@ -79,9 +80,9 @@ def scenario_result(scenario, load: LoadResult, metrics_before: dict, metrics_af
         "latency_mean_s": statistics.fmean(latencies) if latencies else None,
         "latency_max_s": max(latencies) if latencies else None,
         "compiles_after_warmup": metrics_after.get("llm_compiles_after_warmup_total"),
-        "batches": batches,
-        # Each request carries one prompt, so this is how full the server's batches were.
-        "prompts_per_batch": len(ok) / batches if batches else None,
+        "decode_calls": calls,
+        # How full the running batch was: its mean rows per decode call.
+        "rows_per_call": rows / calls if calls else None,
         "vmhwm_mib": memory["vmhwm_mib"],
         "vmrss_mib": memory["vmrss_mib"],
     }
@@ -385,7 +386,7 @@ def fmt(x, spec=".1f"):
 def _scenario_table(phase: dict) -> list[str]:
     lines = [
         "| scenario | clients | requests | new tokens | tok/s | req/s | p50 s | p95 s | 503s | errors | peak RSS MiB "
-        "| prompts/batch | cores: ours / others |",
+        "| rows/call | cores: ours / others |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in phase["scenarios"].values():
@@ -394,7 +395,7 @@ def _scenario_table(phase: dict) -> list[str]:
             f"{fmt(s['new_tokens'], 'd') if s['new_tokens'] is not None else '–'} | {fmt(s['tok_per_s'])} | "
             f"{fmt(s['req_per_s'], '.2f')} | {fmt(s['latency_p50_s'], '.2f')} | {fmt(s['latency_p95_s'], '.2f')} | "
             f"{s['responses_503']} | {s['errors']} | {fmt(s['vmhwm_mib'], '.0f')} | "
-            f"{fmt(s.get('prompts_per_batch'), '.1f')} | {_cores(s.get('cpu'))} |"
+            f"{fmt(s.get('rows_per_call'), '.1f')} | {_cores(s.get('cpu'))} |"
         )
     return lines
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need into a virtual environment on Python 3.10, then run them.
 #   ./scripts/test.sh            unit, engine, HTTP and benchmark tests, then the Docker checks
-#   ./scripts/test.sh -k batcher arguments after the script go to pytest (Docker checks skipped)
+#   ./scripts/test.sh -k scheduler arguments after the script go to pytest (Docker checks skipped)
 #   SKIP_DOCKER=1 ./scripts/test.sh   skip the Docker checks
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -34,7 +34,7 @@ def create_router(settings: Settings) -> APIRouter:
     @router.get("/health", response_model=HealthResponse,
                 responses={503: {"model": HealthResponse, "description": "Loading, or warm-up failed"}})
     async def health(runtime: RuntimeDep):
-        """200 {"status": "ok", ...} once the model is warmed up and the batch worker runs; else 503.
+        """200 {"status": "ok", ...} once the model is warmed up and the scheduler runs; else 503.
 
         `backend` and `precision` say what serves."""
         body = {"status": "ok" if runtime.ready else runtime.status}

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import anyio
 
 from service.engine import DecodeBatch, Engine, FinishReason, GenerationRow, RowUpdate
 
@@ -68,6 +68,7 @@ class _Row:
 class Request:
     """One caller's rows: their events arrive on `events` (a `RowEvent` per decode call that
     gave a row tokens or finished it, or a `GenerationFailed`) until every row has finished.
+    Made and read on the event loop; the scheduler's thread puts events through the loop.
 
     `cancel()` (the caller went away) drops the rows still waiting, and takes the running ones
     out of the batch at the next decode-call boundary."""
@@ -110,13 +111,14 @@ class Scheduler:
     Contract:
     - `submit(rows)` enqueues all of a request's rows or none (`QueueFull` when the waiting rows
       would pass `max_queue_size`; `SchedulerStopped` once stopping) and returns its `Request`.
-    - One loop drives one batch: before each decode call it drops the rows of cancelled
+    - One worker thread drives one batch: before each decode call it drops the rows of cancelled
       requests, admits waiting rows in arrival order up to `max_batch_size` (they are prefilled
-      into the batch), and runs the call in a worker thread; after it, each row's new tokens go
-      to its request at once, and finished rows leave the batch.
+      into the batch), and runs the call; after it, each row's new tokens go to its request (on
+      the event loop) at once, and finished rows leave the batch. The thread goes straight on to
+      the next call: the event loop's work (HTTP, streaming) never sits between two calls.
     - When the batch is empty, the first arrival waits at most `batch_timeout` seconds for
       others to start with it; rows arriving while the batch runs join at the next call.
-    - If a decode call raises, every row in that batch gets `GenerationFailed`; the loop starts
+    - If a decode call raises, every row in that batch gets `GenerationFailed`; the thread starts
       a new batch and goes on serving.
     - `stop()` refuses new rows, lets every admitted and queued row finish, then ends.
     """
@@ -130,12 +132,14 @@ class Scheduler:
         self.batch_timeout = batch_timeout
         self.max_queue_size = max_queue_size
         self.stats = stats or SchedulerStats()
+        self._changed = threading.Condition()  # guards _waiting and _stopping
         self._waiting: deque[_Row] = deque()
-        self._running: dict[int, _Row] = {}  # by key in the batch
-        self._keys = itertools.count()
-        self._arrived = asyncio.Event()
         self._stopping = False
-        self._task: asyncio.Task | None = None
+        self._running: dict[int, _Row] = {}  # by key in the batch; the worker thread's own
+        self._keys = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ended: asyncio.Future | None = None
         self.decode_calls = 0
 
     @property
@@ -148,105 +152,104 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
+        self._loop = asyncio.get_running_loop()
+        self._ended = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        self._stopping = True
-        self._arrived.set()
-        if self._task is not None:
-            await self._task
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
+        if self._ended is not None:
+            await self._ended
 
     def submit(self, rows: Sequence[GenerationRow]) -> Request:
-        if self._stopping or not self.alive:
-            raise SchedulerStopped("the server is shutting down")
-        if len(self._waiting) + len(rows) > self.max_queue_size:
-            raise QueueFull(len(self._waiting), len(rows), self.max_queue_size)
         request = Request()
         now = time.monotonic()
         request.rows = [_Row(i, row, request, now) for i, row in enumerate(rows)]
-        self._waiting.extend(request.rows)
-        self._arrived.set()
+        with self._changed:
+            if self._stopping or not self.alive:
+                raise SchedulerStopped("the server is shutting down")
+            if len(self._waiting) + len(rows) > self.max_queue_size:
+                raise QueueFull(len(self._waiting), len(rows), self.max_queue_size)
+            self._waiting.extend(request.rows)
+            self._changed.notify()
         return request
 
-    # --- the loop ------------------------------------------------------------------------------
+    # --- the worker thread ----------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        batch = self.engine.new_batch()
-        while True:
-            if not self._running:
-                if not await self._first_arrivals():
+    def _run(self) -> None:
+        try:
+            batch = self.engine.new_batch()
+            while True:
+                leaving, joining = self._next_changes()
+                if leaving is None:
                     return
+                for key in leaving:
+                    del self._running[key]
+                entries = [(next(self._keys), r) for r in joining]
+                self._running.update(entries)
+                if not self._running:
+                    continue
+                self.stats.batch_size(len(self._running))
+                try:
+                    updates = _advance(batch, leaving, [(key, r.row) for key, r in entries])
+                except Exception as exc:  # every row of the batch hears of it; serving goes on
+                    log.exception("decode call failed with %d rows", len(self._running))
+                    self._fail(GenerationFailed(f"generation failed: {exc}"))
+                    batch = self.engine.new_batch()
+                    continue
+                finally:
+                    self.decode_calls += 1
+                self._deliver(updates)
+        finally:
+            self._on_loop(self._ended.set_result, None)
+
+    def _next_changes(self) -> tuple[list | None, list[_Row]]:
+        """The running rows to drop (their clients left) and the waiting rows to admit, once
+        there is work; (None, []) once stopping with none left."""
+        with self._changed:
+            if not self._running:
+                while not self._waiting_live() and not self._stopping:
+                    self._changed.wait()
+                if not self._waiting:
+                    return None, []
+                deadline = time.monotonic() + self.batch_timeout
+                while len(self._waiting) < self.max_batch_size and not self._stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._changed.wait(remaining)
             leaving = [key for key, r in self._running.items() if r.request.cancelled]
-            joining = self._admit(self.max_batch_size - len(self._running) + len(leaving))
-            self._cancelled(leaving)
-            for key in leaving:
-                del self._running[key]
-            if not self._running and not joining:
-                continue
-            entries = [(next(self._keys), r) for r in joining]
-            self._running.update(entries)
-            self.stats.batch_size(len(self._running))
-            try:
-                updates = await anyio.to_thread.run_sync(
-                    _advance, batch, leaving, [(key, r.row) for key, r in entries])
-            except Exception as exc:  # every row of the batch hears of it; serving goes on
-                log.exception("decode call failed with %d rows", len(self._running))
-                self._fail(GenerationFailed(f"generation failed: {exc}"))
-                batch = self.engine.new_batch()
-                continue
-            finally:
-                self.decode_calls += 1
-            self._deliver(updates)
+            room = self.max_batch_size - len(self._running) + len(leaving)
+            joining = []
+            now = time.monotonic()
+            while self._waiting and len(joining) < room:
+                r = self._waiting.popleft()
+                if r.request.cancelled:
+                    self.stats.rows_cancelled(1)
+                    continue
+                r.admitted = now
+                self.stats.queue_wait(now - r.enqueued)
+                joining.append(r)
+        if leaving:
+            self.stats.rows_cancelled(len(leaving))
+        return leaving, joining
 
-    async def _first_arrivals(self) -> bool:
-        """Wait for work with the batch empty: False once stopping with none left."""
-        while True:
-            self._drop_cancelled_waiting()
-            if self._waiting:
-                break
-            if self._stopping:
-                return False
-            self._arrived.clear()
-            await self._arrived.wait()
-        deadline = time.monotonic() + self.batch_timeout
-        while len(self._waiting) < self.max_batch_size and not self._stopping:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:
-                break
-        return True
-
-    def _admit(self, room: int) -> list[_Row]:
-        joining = []
-        now = time.monotonic()
-        while self._waiting and len(joining) < room:
-            r = self._waiting.popleft()
-            if r.request.cancelled:
-                self._cancelled([None])
-                continue
-            r.admitted = now
-            self.stats.queue_wait(now - r.enqueued)
-            joining.append(r)
-        return joining
-
-    def _drop_cancelled_waiting(self) -> None:
-        kept = [r for r in self._waiting if not r.request.cancelled]
-        self._cancelled([None] * (len(self._waiting) - len(kept)))
-        self._waiting = deque(kept)
-
-    def _cancelled(self, rows: Sequence) -> None:
-        if rows:
-            self.stats.rows_cancelled(len(rows))
+    def _waiting_live(self) -> bool:
+        """Whether a waiting row's client is still there (the others are dropped, and counted)."""
+        while self._waiting and self._waiting[0].request.cancelled:
+            self._waiting.popleft()
+            self.stats.rows_cancelled(1)
+        return bool(self._waiting)
 
     def _deliver(self, updates: list[RowUpdate]) -> None:
         now = time.monotonic()
+        events = []
         for update in updates:
             r = self._running[update.key]
             if update.tokens and r.first_token is None:
@@ -258,19 +261,33 @@ class Scheduler:
                 if r.generated > 1:
                     self.stats.time_per_output_token((now - r.first_token) / (r.generated - 1))
             if update.tokens or update.finish is not None:
-                r.request.events.put_nowait(RowEvent(r.index, update.tokens, update.finish))
+                events.append((r.request, RowEvent(r.index, update.tokens, update.finish)))
+        if events:
+            self._on_loop(_put_events, events)
 
     def _fail(self, error: GenerationFailed) -> None:
-        for r in self._running.values():
-            r.request.events.put_nowait(error)
+        self._on_loop(_put_events, [(r.request, error) for r in self._running.values()])
         self._running.clear()
+
+    def _on_loop(self, callback, *args) -> None:
+        """Run `callback(*args)` on the event loop (asyncio objects belong to it)."""
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop has closed: nobody is waiting any more
+            pass
+
+
+def _put_events(events: list) -> None:
+    for request, event in events:
+        request.events.put_nowait(event)
 
 
 def _advance(batch: DecodeBatch, leaving: list, joining: list) -> list[RowUpdate]:
-    """One decode-call boundary and call, in the worker thread: cancelled rows leave, waiting
-    rows are prefilled in, the batch decodes, and finished rows leave."""
+    """One decode-call boundary and call: cancelled rows leave, waiting rows are prefilled in,
+    the batch decodes, and finished rows leave."""
     if leaving:
-        batch.filter([key for key in batch.keys if key not in set(leaving)])
+        gone = set(leaving)
+        batch.filter([key for key in batch.keys if key not in gone])
     batch.extend(joining)
     updates = batch.step()
     finished = {u.key for u in updates if u.finish is not None}

@@ -102,6 +102,14 @@ class Decoder:
             mask[at, :, :, :filled] = saved_mask
         self.lengths = lengths
 
+    def clear_row(self, row: int) -> None:
+        """Empty row `row` in place, for a new row to be prefilled there (its old slots stay
+        finite, and masked)."""
+        mask = self._view(self._decode, "inputs", "mask")
+        mask[row] = MASKED
+        mask[row, ..., self.cache_size] = 0
+        self.lengths[row] = 0
+
     def _resize_decode(self, batch_size: int, cache_size: int) -> None:
         heads, head_dim = self.n_head, self.head_dim
         shapes = {name: [batch_size, heads, cache_size, head_dim] for name in self._cache_names()}
@@ -240,49 +248,65 @@ class LiteRTGPT2Engine(Engine):
 class LiteRTBatch(DecodeBatch):
     """Rows decoding together in the engine's one decoder (one batch at a time per engine).
 
-    Each `step` is one decode call: one token a row. The batch's shape is exact (no filler
-    rows), and its cache is the smallest bucket that holds the rows' filled slots: attention
-    reads every allocated slot at every step, so a cache sized for the rows' final lengths
-    would make each step pay for slots nothing has filled yet. Joining, leaving and growing
-    past the bucket rearrange the cache into a new shape (a copy of the filled slots).
+    Each `step` is one decode call: one token a row. The batch's cache is the smallest bucket
+    that holds the rows' filled slots: attention reads every allocated slot at every step, so a
+    cache sized for the rows' final lengths would make each step pay for slots nothing has
+    filled yet. Changing the shape (more rows, fewer, a larger bucket) rearranges the cache, a
+    copy of the filled slots. A row that leaves becomes a hole that the next joining row takes
+    in place (clients answered at once tend to come back at once); a hole left unused for
+    `HOLE_CALLS` calls is compacted away, since it costs a row's work at every call.
     """
+
+    HOLE_CALLS = 4
 
     def __init__(self, engine: LiteRTGPT2Engine):
         self._engine = engine
         self._decoder = engine.decoder
-        self._keys: list[Hashable] = []
-        self._rows: list[GenerationRow] = []
-        self._generated: list[int] = []  # new tokens so far, per row
-        self._next = np.zeros([0], np.int64)  # the token each row feeds to the next step
+        self._keys: list[Hashable | None] = []  # per batch position; None is a hole
+        self._rows: list[GenerationRow | None] = []
+        self._generated: list[int] = []  # new tokens so far, per position
+        self._next = np.zeros([0], np.int64)  # the token each position feeds to the next step
+        self._hole_calls = 0  # calls run since the oldest hole opened
 
     @property
     def keys(self) -> list[Hashable]:
-        return list(self._keys)
+        return [key for key in self._keys if key is not None]
 
     def extend(self, entries: Sequence[tuple[Hashable, GenerationRow]]) -> None:
         if not entries:
             return
-        if len(self._keys) + len(entries) > self._engine.max_batch_size:
+        if len(self.keys) + len(entries) > self._engine.max_batch_size:
             raise ValueError(f"a batch holds at most {self._engine.max_batch_size} rows")
-        start = len(self._keys)
         # Room for every prompt, and for the next step's token.
-        filled = max([len(row.prompt_ids) for _, row in entries] + [self._filled() + 1])
-        self._decoder.arrange(list(range(start)) + [None] * len(entries), self._engine.cache_size_for(filled))
-        for b, (key, row) in enumerate(entries, start):
+        cache_size = self._engine.cache_size_for(max([len(row.prompt_ids) for _, row in entries]
+                                                      + [self._filled() + 1]))
+        holes = self._holes()
+        if len(holes) < len(entries) or cache_size != self._decoder.cache_size:
+            self._rearrange(cache_size, extra=len(entries))
+            holes = self._holes()
+        for b, (key, row) in zip(holes, entries):
+            self._decoder.clear_row(b)
             self._decoder.prefill(b, row.prompt_ids[:-1])
-        self._keys += [key for key, _ in entries]
-        self._rows += [row for _, row in entries]
-        self._generated += [0] * len(entries)
-        self._next = np.concatenate([self._next, [row.prompt_ids[-1] for _, row in entries]]).astype(np.int64)
+            self._keys[b], self._rows[b], self._generated[b] = key, row, 0
+            self._next[b] = row.prompt_ids[-1]
+        if not self._holes():
+            self._hole_calls = 0
 
     def step(self) -> list[RowUpdate]:
         decoder = self._decoder
+        holes = self._holes()
         if self._filled() >= decoder.cache_size:
-            decoder.arrange(range(len(self._keys)), self._engine.cache_size_for(self._filled() + 1))
+            self._rearrange(self._engine.cache_size_for(self._filled() + 1))
+        elif holes and self._hole_calls >= self.HOLE_CALLS:
+            self._rearrange(self._engine.cache_size_for(self._filled() + 1))
+        holes = self._holes()
+        decoder.lengths[holes] = 0  # a hole's garbage stays in its first slot
         logits = decoder.step(self._next)
         eos = self._engine.eos_id
         updates = []
         for b, row in enumerate(self._rows):
+            if row is None:
+                continue
             token = sample(logits[b], row.temperature, row.seed, row.stream, self._generated[b])
             self._next[b] = token
             if token == eos:
@@ -291,24 +315,39 @@ class LiteRTBatch(DecodeBatch):
             self._generated[b] += 1
             finish = "length" if self._generated[b] >= row.max_tokens else None
             updates.append(RowUpdate(self._keys[b], [token], finish))
+        self._hole_calls = self._hole_calls + 1 if holes else 0
         return updates
 
     def filter(self, keys: Sequence[Hashable]) -> None:
-        where = {key: b for b, key in enumerate(self._keys)}
-        kept = [where[key] for key in keys]
-        if kept == list(range(len(self._keys))):
+        kept = set(keys)
+        for b, key in enumerate(self._keys):
+            if key is not None and key not in kept:
+                self._keys[b] = self._rows[b] = None
+        if not self.keys:  # empty: the decoder keeps its shape, for the next rows to reuse
+            self._hole_calls = 0
+
+    def _holes(self) -> list[int]:
+        return [b for b, key in enumerate(self._keys) if key is None]
+
+    def _rearrange(self, cache_size: int, extra: int = 0) -> None:
+        """Move the rows to a new shape: the live rows in order, then `extra` empty positions
+        (holes for joining rows). Counted in the engine's `compactions` when rows were dropped."""
+        live = [b for b, key in enumerate(self._keys) if key is not None]
+        if len(live) + extra == 0:
             return
-        self._keys = [self._keys[b] for b in kept]
-        self._rows = [self._rows[b] for b in kept]
-        self._generated = [self._generated[b] for b in kept]
-        self._next = self._next[kept]
-        if kept:  # an empty batch keeps its shape until rows join
-            # Finished and cancelled rows stop costing work: the rest move to a smaller shape.
-            self._decoder.arrange(kept, self._engine.cache_size_for(int(self._decoder.lengths[kept].max()) + 1))
+        dropped = len(self._keys) - len(live)
+        self._decoder.arrange(live + [None] * extra, cache_size)
+        self._keys = [self._keys[b] for b in live] + [None] * extra
+        self._rows = [self._rows[b] for b in live] + [None] * extra
+        self._generated = [self._generated[b] for b in live] + [0] * extra
+        self._next = np.concatenate([self._next[live], np.zeros([extra], np.int64)]).astype(np.int64)
+        if dropped and live:
             self._engine.compactions += 1
+        self._hole_calls = 0
 
     def _filled(self) -> int:
-        return int(self._decoder.lengths.max(initial=0)) if self._keys else 0
+        live = [b for b, key in enumerate(self._keys) if key is not None]
+        return int(self._decoder.lengths[live].max()) if live else 0
 
 
 def _drop_mapped_pages(path: Path) -> int:
