@@ -64,7 +64,7 @@ def create_router(settings: Settings) -> APIRouter:
             rows.append(GenerationRow(tuple(ids), body.max_tokens, body.temperature, seed, i))
         if too_long:
             raise PromptsTooLong(too_long)
-        request = scheduler.submit(rows)
+        request = scheduler.submit(rows, stream=body.stream, interval=settings.stream_interval_ms / 1000)
         runtime.metrics.requests.inc()
         if body.stream:
             events = generate_events(request, engine.decode, [len(r.prompt_ids) for r in rows],

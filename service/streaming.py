@@ -48,28 +48,36 @@ class IncrementalDetokenizer:
 
 async def generate_events(request: Request, decode: Callable[[Sequence[int]], str], prompt_tokens: Sequence[int],
                           on_tokens: Callable[[int], None] = lambda n: None) -> AsyncIterator[str]:
-    """The event stream of one streamed POST /generate (the format is in the README)."""
+    """The event stream of one streamed POST /generate (the format is in the README): one
+    write per wake-up, with every event that came meanwhile (the scheduler paces them)."""
     pieces = [IncrementalDetokenizer(decode) for _ in prompt_tokens]
     generated = [0] * len(prompt_tokens)
     unfinished = len(prompt_tokens)
     try:
         while unfinished:
-            event = await request.events.get()
-            if isinstance(event, Exception):
-                yield _event({"error": str(event)})
-                break
-            generated[event.index] += len(event.tokens)
-            on_tokens(len(event.tokens))
-            text = pieces[event.index].add(event.tokens)
-            if event.finish is not None:
-                text += pieces[event.index].flush()
-            if text:
-                yield _event({"index": event.index, "text": text})
-            if event.finish is not None:
-                unfinished -= 1
-                yield _event({"index": event.index, "text": "", "finish_reason": event.finish,
-                              "prompt_tokens": prompt_tokens[event.index],
-                              "generated_tokens": generated[event.index]})
+            events = [await request.events.get()]
+            while not request.events.empty():  # what came meanwhile goes out in one write
+                events.append(request.events.get_nowait())
+            chunk = []
+            for event in events:
+                if isinstance(event, Exception):
+                    chunk.append(_event({"error": str(event)}))
+                    unfinished = 0
+                    break
+                generated[event.index] += len(event.tokens)
+                on_tokens(len(event.tokens))
+                text = pieces[event.index].add(event.tokens)
+                if event.finish is not None:
+                    text += pieces[event.index].flush()
+                if text:
+                    chunk.append(_event({"index": event.index, "text": text}))
+                if event.finish is not None:
+                    unfinished -= 1
+                    chunk.append(_event({"index": event.index, "text": "", "finish_reason": event.finish,
+                                         "prompt_tokens": prompt_tokens[event.index],
+                                         "generated_tokens": generated[event.index]}))
+            if chunk:
+                yield "".join(chunk)
         yield "data: [DONE]\n\n"
     finally:
         request.cancel()  # a client that left (the stream is cancelled) costs nothing more

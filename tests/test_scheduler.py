@@ -192,20 +192,29 @@ def test_with_the_batch_empty_the_first_arrival_waits_for_others_up_to_the_timeo
     assert asyncio.run(main())[0] == [0, 1]
 
 
-def test_events_carry_each_rows_tokens_as_they_are_made():
+def events_of(stream: bool) -> list[RowEvent]:
     async def main():
         s = start(FakeEngine())
-        request = s.submit([row("ab", max_tokens=2), row("xyz0", max_tokens=9)])
+        request = s.submit([row("abc", max_tokens=2), row("xyz0", max_tokens=9)], stream=stream)
         events = []
         while sum(e.finish is not None for e in events) < 2:
             events.append(await request.events.get())
         await s.stop()
         return events
 
-    events = asyncio.run(main())
-    assert [e for e in events if e.index == 0] == [RowEvent(0, [98]), RowEvent(0, [97], "length")]
+    return asyncio.run(main())
+
+
+def test_a_streamed_request_hears_of_each_rows_tokens_as_they_are_made():
+    events = events_of(stream=True)
+    assert [e for e in events if e.index == 0] == [RowEvent(0, [99]), RowEvent(0, [98], "length")]
     # "xyz0" reversed starts with "0", the fake end-of-text: no tokens, finished.
     assert [e for e in events if e.index == 1] == [RowEvent(1, [], "eos_token")]
+
+
+def test_an_unstreamed_request_hears_once_per_row_when_it_ends():
+    events = events_of(stream=False)
+    assert sorted(events, key=lambda e: e.index) == [RowEvent(0, [99, 98], "length"), RowEvent(1, [], "eos_token")]
 
 
 def test_timings_reach_the_stats_hooks():
