@@ -235,6 +235,24 @@ def test_a_full_queue_answers_503_with_retry_after_and_recovers(model_dir):
         assert generate(client, prompts="ij").json() == {"results": ["ji"]}
 
 
+def test_metrics_count_what_users_feel(model_dir):
+    with TestClient(fake_app(model_dir, FakeEngine())) as client:
+        wait_ready(client, timeout=5)
+        before = {name: metric(client, name) for name in HISTOGRAM_COUNTS}
+        assert generate(client, prompts=["abc", "de"], max_tokens=5).json() == {"results": ["cba", "ed"]}
+        text = client.get("/metrics").text
+        for name in HISTOGRAM_COUNTS:  # one observation per prompt
+            assert metric(client, name) - before[name] == 2, name
+        assert 'llm_time_to_first_token_seconds_bucket{le="+Inf"}' in text
+        assert metric(client, "llm_requests_total") == 1
+        assert metric(client, "llm_generated_tokens_total") == 5
+        assert metric(client, "llm_rows_cancelled_total") == 0
+
+
+HISTOGRAM_COUNTS = ("llm_queue_wait_seconds_count", "llm_time_to_first_token_seconds_count",
+                    "llm_time_per_output_token_seconds_count")
+
+
 def test_an_engine_failure_is_a_500_with_a_body_and_the_server_goes_on(model_dir):
     engine = FakeEngine(fail_with=RuntimeError("out of cheese"))
     with TestClient(fake_app(model_dir, engine)) as client:

@@ -231,3 +231,20 @@ def test_timings_reach_the_stats_hooks():
     assert len(seen["queue"]) == 2 and len(seen["ttft"]) == 2 and len(seen["tpot"]) == 2
     assert all(0.005 < t < 1 for t in seen["tpot"])
     assert seen["rows"][0] == 2
+
+
+def test_a_streamed_request_gets_its_first_token_at_once_then_paced_batches():
+    async def main():
+        s = start(Slow(0.01))
+        request = s.submit([row("a" * 30, max_tokens=30)], stream=True, interval=0.05)
+        events = []
+        while not events or events[-1].finish is None:
+            events.append(await request.events.get())
+        await s.stop()
+        return events
+
+    events = asyncio.run(main())
+    assert len(events[0].tokens) == 1  # the first token is not held
+    assert sum(len(e.tokens) for e in events) == 30 and events[-1].finish == "length"
+    # 30 calls of 10 ms, paced at 50 ms: a handful of events, not one per token.
+    assert 4 <= len(events) <= 12 and max(len(e.tokens) for e in events) >= 3
