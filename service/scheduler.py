@@ -213,15 +213,13 @@ class Scheduler:
                     continue
                 self.stats.batch_size(len(self._running))
                 try:
-                    updates = _advance(batch, leaving, [(key, r.row) for key, r in entries])
+                    self._deliver(_advance(batch, leaving, [(key, r.row) for key, r in entries]))
                 except Exception as exc:  # every row of the batch hears of it; serving goes on
                     log.exception("decode call failed with %d rows", len(self._running))
                     self._fail(GenerationFailed(f"generation failed: {exc}"))
                     batch = self.engine.new_batch()
-                    continue
                 finally:
                     self.decode_calls += 1
-                self._deliver(updates)
         finally:
             self._on_loop(self._ended.set_result, None)
 

@@ -250,3 +250,27 @@ def test_seeded_sampling_is_the_same_whatever_joins_or_leaves_beside_it(engine):
     out, _ = drive(engine, {0: sampled}, joins)
     assert out[0] == alone
     assert [len(out[k]) for k in (1, 2, 3)] == [len(o) for o in engine.generate(neighbours)]
+
+
+def test_a_row_joining_right_after_another_left_takes_its_place_and_matches_alone(engine, reference):
+    """A row that finished leaves a place (LiteRT: a hole in the batch's shape) that a row
+    joining soon after takes in place; both rows still decode as alone."""
+    first = {0: GenerationRow(tuple(engine.encode(PROMPTS[3])), 40),
+             1: GenerationRow(tuple(engine.encode(PROMPTS[1])), 3)}
+    joiner = GenerationRow(tuple(engine.encode(PROMPTS[2])), 12)
+    shapes = []
+
+    def joins(out):
+        if engine.backend == "litert":
+            shapes.append(engine.decoder.batch_size)
+        # Row 1 finishes after 3 tokens (LiteRT: 3 calls; XLA: within its first call).
+        return [(2, joiner)] if len(out[1]) == 3 and 2 not in out else []
+
+    compactions = engine.compactions
+    out, _ = drive(engine, first, joins)
+    assert out[0] == reference(PROMPTS[3], 40)
+    assert out[1] == reference(PROMPTS[1], 3)
+    assert out[2] == reference(PROMPTS[2], 12)
+    if engine.backend == "litert":
+        assert max(shapes) == 2  # the joining row took the finished row's place: no third row
+        assert engine.compactions - compactions == 1  # only when row 2 left for good
