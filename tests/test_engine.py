@@ -52,8 +52,9 @@ def test_greedy_batch_with_different_max_tokens_matches_generate_alone(engine, r
     assert out == [reference(p, m) for p, m in zip(batch, budgets)]
     assert [len(o) for o in out] == budgets
     # XLA: batch 4 -> 1 once the third row is done (after 32 steps), compiled shapes being 1 and 4.
-    # LiteRT: 3 -> 2 after the first token, 2 -> 1 after 17 (any batch size runs uncompiled).
-    assert engine.compactions - compactions == {"tf": 1, "litert": 2}[engine.backend]
+    # LiteRT: finished rows leave holes, compacted once they have cost what a rearrangement does
+    # (timed, so once or twice here; tests/test_litert.py holds the rule to account).
+    assert engine.compactions - compactions in ({"tf": {1}, "litert": {1, 2}}[engine.backend])
 
 
 def test_a_long_prompt_and_a_long_continuation_in_one_request(engine, hf_model):
@@ -273,4 +274,4 @@ def test_a_row_joining_right_after_another_left_takes_its_place_and_matches_alon
     assert out[2] == reference(PROMPTS[2], 12)
     if engine.backend == "litert":
         assert max(shapes) == 2  # the joining row took the finished row's place: no third row
-        assert engine.compactions - compactions == 1  # only when row 2 left for good
+        assert engine.compactions - compactions <= 1  # at most when row 2 left for good

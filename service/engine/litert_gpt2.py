@@ -61,6 +61,8 @@ class Decoder:
         self.batch_size = 0
         self.cache_size = 0
         self.lengths = np.zeros([0], np.int64)  # filled slots per row
+        self.last_arrange_seconds = 0.0  # what the last `arrange` and `step` took
+        self.last_step_seconds = 0.0
 
     def _signature(self, name: str) -> _Signature:
         runner = self._interpreter.get_signature_runner(name)
@@ -77,6 +79,7 @@ class Decoder:
         Resizing reallocates the signature's tensors (their contents are lost), so the kept rows'
         filled slots are copied out and back; only filled slots are copied and every other slot
         is zeroed (masked slots must hold finite values: the mask is added, not selected)."""
+        started = time.perf_counter()
         kept = [s for s in sources if s is not None]
         filled = int(self.lengths[kept].max(initial=0)) if kept else 0
         if filled > cache_size:
@@ -101,6 +104,7 @@ class Decoder:
         if at:
             mask[at, :, :, :filled] = saved_mask
         self.lengths = lengths
+        self.last_arrange_seconds = time.perf_counter() - started
 
     def clear_row(self, row: int) -> None:
         """Empty row `row` in place, for a new row to be prefilled there (its old slots stay
@@ -141,6 +145,7 @@ class Decoder:
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         """One token per row (in batch order) -> logits [batch, vocab] (a copy)."""
+        started = time.perf_counter()
         at = self.lengths
         if at.max(initial=0) >= self.cache_size:
             raise ValueError("a row's cache is full")
@@ -151,7 +156,9 @@ class Decoder:
             self._view(self._decode, "inputs", name)[rows, :, at] = self._view(self._decode, "outputs", name)[:, :, 0]
         self._view(self._decode, "inputs", "mask")[rows, 0, 0, at] = 0
         self.lengths = at + 1
-        return self._view(self._decode, "outputs", "logits").copy()
+        logits = self._view(self._decode, "outputs", "logits").copy()
+        self.last_step_seconds = time.perf_counter() - started
+        return logits
 
     def _embed(self, ids: Sequence[int], positions: np.ndarray) -> np.ndarray:
         return self._embeddings[ids] + self._positions[positions]
@@ -253,11 +260,11 @@ class LiteRTBatch(DecodeBatch):
     cache sized for the rows' final lengths would make each step pay for slots nothing has
     filled yet. Changing the shape (more rows, fewer, a larger bucket) rearranges the cache, a
     copy of the filled slots. A row that leaves becomes a hole that the next joining row takes
-    in place (clients answered at once tend to come back at once); a hole left unused for
-    `HOLE_CALLS` calls is compacted away, since it costs a row's work at every call.
+    in place (a client answered tends to come back). A hole costs a row's share of every call;
+    it is compacted away once the holes have cost, in measured call time, what the last
+    rearrangement cost (the ski-rental rule: never pay more than twice the better choice in
+    hindsight).
     """
-
-    HOLE_CALLS = 4
 
     def __init__(self, engine: LiteRTGPT2Engine):
         self._engine = engine
@@ -266,7 +273,7 @@ class LiteRTBatch(DecodeBatch):
         self._rows: list[GenerationRow | None] = []
         self._generated: list[int] = []  # new tokens so far, per position
         self._next = np.zeros([0], np.int64)  # the token each position feeds to the next step
-        self._hole_calls = 0  # calls run since the oldest hole opened
+        self._hole_cost = 0.0  # seconds of calls spent on holes since the last rearrangement
 
     @property
     def keys(self) -> list[Hashable]:
@@ -290,14 +297,14 @@ class LiteRTBatch(DecodeBatch):
             self._keys[b], self._rows[b], self._generated[b] = key, row, 0
             self._next[b] = row.prompt_ids[-1]
         if not self._holes():
-            self._hole_calls = 0
+            self._hole_cost = 0.0
 
     def step(self) -> list[RowUpdate]:
         decoder = self._decoder
         holes = self._holes()
         if self._filled() >= decoder.cache_size:
             self._rearrange(self._engine.cache_size_for(self._filled() + 1))
-        elif holes and self._hole_calls >= self.HOLE_CALLS:
+        elif holes and self._hole_cost >= decoder.last_arrange_seconds:
             self._rearrange(self._engine.cache_size_for(self._filled() + 1))
         holes = self._holes()
         decoder.lengths[holes] = 0  # a hole's garbage stays in its first slot
@@ -315,7 +322,10 @@ class LiteRTBatch(DecodeBatch):
             self._generated[b] += 1
             finish = "length" if self._generated[b] >= row.max_tokens else None
             updates.append(RowUpdate(self._keys[b], [token], finish))
-        self._hole_calls = self._hole_calls + 1 if holes else 0
+        if holes:
+            self._hole_cost += decoder.last_step_seconds * len(holes) / len(self._keys)
+        else:
+            self._hole_cost = 0.0
         return updates
 
     def filter(self, keys: Sequence[Hashable]) -> None:
@@ -324,7 +334,7 @@ class LiteRTBatch(DecodeBatch):
             if key is not None and key not in kept:
                 self._keys[b] = self._rows[b] = None
         if not self.keys:  # empty: the decoder keeps its shape, for the next rows to reuse
-            self._hole_calls = 0
+            self._hole_cost = 0.0
 
     def _holes(self) -> list[int]:
         return [b for b, key in enumerate(self._keys) if key is None]
@@ -343,7 +353,7 @@ class LiteRTBatch(DecodeBatch):
         self._next = np.concatenate([self._next[live], np.zeros([extra], np.int64)]).astype(np.int64)
         if dropped and live:
             self._engine.compactions += 1
-        self._hole_calls = 0
+        self._hole_cost = 0.0
 
     def _filled(self) -> int:
         live = [b for b, key in enumerate(self._keys) if key is not None]
