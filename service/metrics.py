@@ -24,7 +24,7 @@ class Metrics:
     def __init__(self, runtime):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("llm_requests", "Generate requests answered with 200.", registry=r)
+        self.requests = Counter("llm_requests", "Generate requests accepted (queued for generation).", registry=r)
         self.generated_tokens = Counter("llm_generated_tokens", "New tokens generated.", registry=r)
         self.queue_wait = Histogram("llm_queue_wait_seconds", "Seconds a prompt waited before joining the batch.",
                                     buckets=LATENCY_BUCKETS, registry=r)
