@@ -11,6 +11,7 @@ from service.config import Settings
 from service.errors import register_error_handlers
 from service.routes import create_router
 from service.runtime import EngineFactory, Runtime, configured_engine
+from service.v1.routes import create_v1_router
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory = configured_engine) -> FastAPI:
@@ -34,6 +35,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = configured_en
     )
     register_error_handlers(app)
     app.include_router(create_router(settings))
+    app.include_router(create_v1_router(settings))
     return app
 
 

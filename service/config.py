@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     litert_precision: Literal["auto", "int8", "fp32"] = Field(
         "auto", description="LiteRT weights: auto takes int8 if the conversion's quality gate passed it, else fp32.")
     num_threads: int = Field(0, ge=0, le=256, description="LiteRT CPU threads; 0: one per core the process may use.")
+    served_model_name: str | None = Field(
+        None, description="The model's name on /v1 (what clients put in `model`); default: the model directory's name.")
     host: str = Field("127.0.0.1", description="Address `python -m service` listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port `python -m service` listens on.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -55,6 +57,10 @@ class Settings(BaseSettings):
             raise ValueError(f"BACKEND=litert, but {self.model_dir} holds no finished LiteRT conversion; "
                              f"run: python scripts/convert_model.py --model-dir {self.model_dir}")
         return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_dir.resolve().name
 
     @property
     def serving_backend(self) -> str:

@@ -22,6 +22,17 @@ class ModelNotReady(Exception):
     """The model is still loading or warming up (or its warm-up failed)."""
 
 
+class OpenAIError(Exception):
+    """An error of the /v1 API, answered in OpenAI's envelope:
+    `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+
 class PromptsTooLong(Exception):
     """One or more prompts do not fit the context window with the requested max_tokens."""
 
@@ -81,11 +92,50 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
 
+def _openai(exc: OpenAIError) -> JSONResponse:
+    body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+    return _openai(exc)
+
+
+def _as_openai(exc: Exception) -> OpenAIError:
+    """The /v1 face of the service's own errors."""
+    if isinstance(exc, RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        where = ".".join(loc)
+        return OpenAIError(400, f"{where}: {first.get('msg', 'invalid request')}" if where else
+                           first.get("msg", "invalid request"), param=loc[0] if loc else None)
+    if isinstance(exc, QueueFull):
+        return OpenAIError(429, str(exc), type="server_overloaded", headers={"Retry-After": "1"})
+    if isinstance(exc, (ModelNotReady, SchedulerStopped)):
+        return OpenAIError(503, str(exc), type="service_unavailable", headers={"Retry-After": "5"})
+    if isinstance(exc, GenerationFailed):
+        return OpenAIError(500, str(exc), type="server_error")
+    log.exception("unhandled error on %s", type(exc).__name__)
+    return OpenAIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+
+
+def _by_path(handler):
+    """/v1 answers in OpenAI's envelope; the rest as FastAPI does."""
+
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):
+            return _openai(_as_openai(exc))
+        return await handler(request, exc)
+
+    return handle
+
+
 def register_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, _invalid_request)
-    app.add_exception_handler(QueueFull, _queue_full)
-    app.add_exception_handler(ModelNotReady, _not_ready)
-    app.add_exception_handler(SchedulerStopped, _stopped)
+    app.add_exception_handler(OpenAIError, _openai_error)
+    app.add_exception_handler(RequestValidationError, _by_path(_invalid_request))
+    app.add_exception_handler(QueueFull, _by_path(_queue_full))
+    app.add_exception_handler(ModelNotReady, _by_path(_not_ready))
+    app.add_exception_handler(SchedulerStopped, _by_path(_stopped))
     app.add_exception_handler(PromptsTooLong, _too_long)
-    app.add_exception_handler(GenerationFailed, _generation_failed)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_exception_handler(GenerationFailed, _by_path(_generation_failed))
+    app.add_exception_handler(Exception, _by_path(_unexpected))

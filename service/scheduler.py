@@ -17,8 +17,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 
+from service.detokenize import IncrementalDetokenizer, first_stop
 from service.engine import DecodeBatch, Engine, FinishReason, GenerationRow, RowUpdate
 
 log = logging.getLogger(__name__)
@@ -46,11 +48,12 @@ class GenerationFailed(Exception):
 
 @dataclass(frozen=True)
 class RowEvent:
-    """New tokens of prompt `index` of a request, and why it stopped once it has."""
+    """New tokens of prompt `index` of a request, and why it stopped once it has: the engine's
+    reasons, or "stop_sequence" when its text reached one of the request's stop strings."""
 
     index: int
     tokens: list[int]
-    finish: FinishReason | None = None
+    finish: FinishReason | Literal["stop_sequence"] | None = None
 
 
 @dataclass(eq=False)
@@ -65,6 +68,12 @@ class _Row:
     first_token: float | None = None
     tokens: list[int] = field(default_factory=list)  # made but not yet sent to the request
     generated: int = 0
+    stop: _StopWatch | None = None
+
+    @property
+    def gone(self) -> bool:
+        """Nobody wants this row's tokens any more: its client went away."""
+        return self.request.cancelled
 
 
 @dataclass(eq=False)
@@ -90,6 +99,7 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled = True
+
 
     async def results(self) -> list[list[int]]:
         """Every row's new tokens, in the request's order, once all have finished."""
@@ -147,6 +157,7 @@ class Scheduler:
         self._waiting: deque[_Row] = deque()
         self._stopping = False
         self._running: dict[int, _Row] = {}  # by key in the batch; the worker thread's own
+        self._stopped: list[int] = []  # keys of rows ended by a stop string, to leave the batch
         self._keys = itertools.count()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -183,10 +194,14 @@ class Scheduler:
         if self._ended is not None:
             await self._ended
 
-    def submit(self, rows: Sequence[GenerationRow], *, stream: bool = False, interval: float = 0.0) -> Request:
+    def submit(self, rows: Sequence[GenerationRow], *, stream: bool = False, interval: float = 0.0,
+               stops: Sequence[str] = ()) -> Request:
+        """Queue a request's rows. With `stops`, a row whose text reaches one of them finishes
+        ("stop_sequence") at that decode call and generates nothing more."""
         request = Request(stream=stream, interval=interval)
         now = time.monotonic()
-        request.rows = [_Row(i, row, request, now) for i, row in enumerate(rows)]
+        request.rows = [_Row(i, row, request, now, stop=_StopWatch(self.engine.decode, stops) if stops else None)
+                        for i, row in enumerate(rows)]
         with self._changed:
             if self._stopping or not self.alive:
                 raise SchedulerStopped("the server is shutting down")
@@ -206,7 +221,7 @@ class Scheduler:
                 if leaving is None:
                     return
                 for key in leaving:
-                    del self._running[key]
+                    self._running.pop(key, None)
                 entries = [(next(self._keys), r) for r in joining]
                 self._running.update(entries)
                 if not self._running:
@@ -238,27 +253,31 @@ class Scheduler:
                     if remaining <= 0:
                         break
                     self._changed.wait(remaining)
-            leaving = [key for key, r in self._running.items() if r.request.cancelled]
+            leaving = [key for key, r in self._running.items() if r.gone] + self._stopped
+            self._stopped = []
             room = self.max_batch_size - len(self._running) + len(leaving)
             joining = []
             now = time.monotonic()
             while self._waiting and len(joining) < room:
                 r = self._waiting.popleft()
-                if r.request.cancelled:
-                    self.stats.rows_cancelled(1)
+                if r.gone:
+                    self._dropped(r)
                     continue
                 r.admitted = now
                 self.stats.queue_wait(now - r.enqueued)
                 joining.append(r)
-        if leaving:
-            self.stats.rows_cancelled(len(leaving))
+        for key in leaving:
+            if key in self._running:
+                self._dropped(self._running[key])
         return leaving, joining
+
+    def _dropped(self, r: _Row) -> None:
+        self.stats.rows_cancelled(1)
 
     def _waiting_live(self) -> bool:
         """Whether a waiting row's client is still there (the others are dropped, and counted)."""
-        while self._waiting and self._waiting[0].request.cancelled:
-            self._waiting.popleft()
-            self.stats.rows_cancelled(1)
+        while self._waiting and self._waiting[0].gone:
+            self._dropped(self._waiting.popleft())
         return bool(self._waiting)
 
     def _deliver(self, updates: list[RowUpdate]) -> None:
@@ -270,15 +289,19 @@ class Scheduler:
                 r.first_token = now
                 self.stats.time_to_first_token(now - r.enqueued)
             r.generated += len(update.tokens)
-            if update.finish is not None:
+            finish = update.finish
+            if finish is None and r.stop is not None and r.stop.reached(update.tokens):
+                finish = "stop_sequence"
+                self._stopped.append(update.key)  # it leaves the batch before the next call
+            if finish is not None:
                 del self._running[update.key]
                 if r.generated > 1:
                     self.stats.time_per_output_token((now - r.first_token) / (r.generated - 1))
             r.tokens += update.tokens
             request = r.request
             due = request.stream and r.tokens and now >= request.next_send
-            if due or update.finish is not None:
-                events.append((request, RowEvent(r.index, r.tokens, update.finish)))
+            if due or finish is not None:
+                events.append((request, RowEvent(r.index, r.tokens, finish)))
                 r.tokens = []
         for request, _ in events:
             if request.stream and now >= request.next_send:
@@ -296,6 +319,21 @@ class Scheduler:
             self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the loop has closed: nobody is waiting any more
             pass
+
+
+class _StopWatch:
+    """A row's text as it is made, watched for stop strings (matched across token boundaries)."""
+
+    def __init__(self, decode, stops: Sequence[str]):
+        self._text = IncrementalDetokenizer(decode)
+        self._stops = list(stops)
+        self._hold = max(len(stop) for stop in stops) - 1
+        self.text = ""
+
+    def reached(self, tokens: Sequence[int]) -> bool:
+        start = max(0, len(self.text) - self._hold)
+        self.text += self._text.add(tokens)
+        return first_stop(self.text, self._stops, start) is not None
 
 
 def _put_events(events: list) -> None:

@@ -4,46 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 from starlette.requests import Request as HTTPRequest
 
+from service.detokenize import IncrementalDetokenizer, first_stop
 from service.scheduler import Request
 
-REPLACEMENT = "\ufffd"  # what a decoder makes of an incomplete UTF-8 character
-
-
-class IncrementalDetokenizer:
-    """A row's new text, piece by piece, as TGI's `Model.decode_token` does it.
-
-    Each call decodes a short window of recent tokens twice (with and without the newest) and
-    returns the difference. A byte-level BPE token can end inside a UTF-8 character: while the
-    window's text ends in U+FFFD, the text is held back until a later token completes the
-    character (or `flush` at the end gives what the full text has there). Joined, the pieces
-    are exactly `decode(all tokens)`.
-    """
-
-    def __init__(self, decode: Callable[[Sequence[int]], str]):
-        self._decode = decode
-        self._ids: list[int] = []
-        self._prefix = 0  # the window starts here: text before it has gone out
-        self._read = 0  # tokens up to here have gone out as text
-
-    def add(self, tokens: Sequence[int]) -> str:
-        self._ids += tokens
-        before = self._decode(self._ids[self._prefix:self._read])
-        text = self._decode(self._ids[self._prefix:])
-        if len(text) > len(before) and not text.endswith(REPLACEMENT):
-            self._prefix, self._read = self._read, len(self._ids)
-            return text[len(before):]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is held back, once the row has ended."""
-        before = self._decode(self._ids[self._prefix:self._read])
-        text = self._decode(self._ids[self._prefix:])
-        self._prefix = self._read = len(self._ids)
-        return text[len(before):]
+T = TypeVar("T")
 
 
 async def generate_events(request: Request, decode: Callable[[Sequence[int]], str], prompt_tokens: Sequence[int],
@@ -88,23 +58,85 @@ def _event(data: dict) -> str:
 
 
 async def results_unless_disconnected(request: Request, http: HTTPRequest) -> list[list[int]] | None:
-    """Every row's tokens, or None (and the rows cancelled) if the client disconnects first.
+    """Every row's tokens, or None (and the rows cancelled) if the client disconnects first."""
+    return await unless_disconnected(request.results(), request, http)
 
-    Nothing else reads this request's ASGI messages once its body is parsed, so the next one
-    is the disconnect."""
-    results = asyncio.ensure_future(request.results())
+
+async def unless_disconnected(work: Awaitable[T], request: Request, http: HTTPRequest) -> T | None:
+    """`work`'s result, or None (and the request's rows cancelled) if the client disconnects
+    first. Nothing else reads this request's ASGI messages once its body is parsed, so the next
+    one is the disconnect."""
+    result = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(http))
     try:
-        await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-    if results.done():
-        return results.result()
+    if result.done():
+        return result.result()
     request.cancel()
-    results.cancel()
+    result.cancel()
     return None
 
 
 async def _disconnected(http: HTTPRequest) -> None:
     while (await http.receive())["type"] != "http.disconnect":
         pass
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """New text of one choice (a row), and why it ended once it has: "stop" (end-of-text or a
+    stop string) or "length"; `tokens` is the row's token count so far."""
+
+    index: int
+    text: str
+    finish: str | None
+    tokens: int
+
+
+async def completion_deltas(request: Request, decode: Callable[[Sequence[int]], str],
+                            stops: Sequence[str] = ()) -> AsyncIterator[list[ChoiceDelta]]:
+    """The rows' text as it comes, cut before the first stop string.
+
+    Stop strings are matched on the decoded text, across token boundaries: the last
+    `len(longest stop) - 1` characters are held back until later text shows they do not start
+    one. The scheduler ends a row whose text reaches one (`submit(stops=...)`) at that decode
+    call; here its text is cut before the stop string."""
+    rows = len(request.rows)
+    pieces = [IncrementalDetokenizer(decode) for _ in range(rows)]
+    text, sent, tokens, done = [""] * rows, [0] * rows, [0] * rows, [False] * rows
+    hold = max((len(stop) for stop in stops), default=1) - 1
+    try:
+        while not all(done):
+            events = [await request.events.get()]
+            while not request.events.empty():
+                events.append(request.events.get_nowait())
+            deltas = []
+            for event in events:
+                if isinstance(event, Exception):
+                    raise event
+                i = event.index
+                if done[i]:
+                    continue  # made before the row's stop string was seen
+                tokens[i] += len(event.tokens)
+                text[i] += pieces[i].add(event.tokens)
+                if event.finish is not None:
+                    text[i] += pieces[i].flush()
+                cut = first_stop(text[i], stops, max(0, sent[i] - hold))
+                if cut is not None:
+                    deltas.append(ChoiceDelta(i, text[i][sent[i]:cut], "stop", tokens[i]))
+                elif event.finish is not None:
+                    deltas.append(ChoiceDelta(i, text[i][sent[i]:], "length" if event.finish == "length" else "stop",
+                                              tokens[i]))
+                else:
+                    upto = max(sent[i], len(text[i]) - hold)
+                    if upto > sent[i]:
+                        deltas.append(ChoiceDelta(i, text[i][sent[i]:upto], None, tokens[i]))
+                    sent[i] = upto
+                    continue
+                done[i] = True
+            if deltas:
+                yield deltas
+    finally:
+        request.cancel()  # a client that left, or a failure: the rows still running leave

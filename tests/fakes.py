@@ -13,6 +13,7 @@ class FakeEngine(Engine):
     """
 
     context_window = 128
+    vocab_size = 0x110000  # every Unicode code point
     max_batch_size = 64
     backend = "fake"
     eos_id = ord("0")

@@ -248,3 +248,19 @@ def test_a_streamed_request_gets_its_first_token_at_once_then_paced_batches():
     assert sum(len(e.tokens) for e in events) == 30 and events[-1].finish == "length"
     # 30 calls of 10 ms, paced at 50 ms: a handful of events, not one per token.
     assert 4 <= len(events) <= 12 and max(len(e.tokens) for e in events) >= 3
+
+
+def test_a_row_whose_text_reaches_a_stop_string_ends_at_that_call():
+    async def main():
+        engine = FakeEngine()
+        s = start(engine)
+        # "abcdefgh" reversed is "hgfedcba": the stop "ed" spans two tokens.
+        request = s.submit([row("abcdefgh"), row("xy")], stops=["ed", "zz"])
+        results = await request.results()
+        await s.stop()
+        return engine.calls, results, request
+
+    calls, results, request = asyncio.run(main())
+    assert results == [[ord(c) for c in "hgfed"], [ord("y"), ord("x")]]
+    # Row 0 ran 5 calls (h, g, f, e, d) and left before a 6th.
+    assert sum(0 in keys for keys in calls) == 5

@@ -16,7 +16,7 @@ import uvicorn
 
 from fakes import FakeEngine
 from service.app import create_app
-from service.streaming import REPLACEMENT, IncrementalDetokenizer
+from service.detokenize import REPLACEMENT, IncrementalDetokenizer
 from test_api import client, generate, metric, wait_ready  # noqa: F401 (the client fixture)
 
 UNICODE_PROMPTS = ["🎉🚀 emoji first, then 日本語のテキスト", "中文：你好，世界。", "naïve café — ünïcödé 👍🏽"]

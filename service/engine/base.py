@@ -97,6 +97,7 @@ class Engine(ABC):
     """
 
     context_window: int
+    vocab_size: int  # token ids are 0 .. vocab_size - 1
     max_batch_size: int  # most rows a batch holds (the scheduler never extends past it)
     backend: str = "unknown"  # "litert" or "tf": reported by /health and /metrics
     precision: str = "fp32"

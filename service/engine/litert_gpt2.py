@@ -222,6 +222,7 @@ class LiteRTGPT2Engine(Engine):
         self.cache_sizes = cache_buckets(smallest_cache, self.context_window)
         self._tokenizer = load_tokenizer(model_dir)
         embeddings = Rows(model_dir / meta["embeddings"])
+        self.vocab_size = int(embeddings.shape[0])
         positions = np.load(model_dir / meta["positions"])
         threads = num_threads or len(os.sched_getaffinity(0))
         self.decoder = Decoder(model_dir / litert_model_file(self.precision), embeddings, positions, threads)

@@ -229,6 +229,7 @@ class TFGPT2Engine(Engine):
         _check_supported(config)
         self.eos_id = int(config.eos_token_id)
         self.context_window = int(config.n_positions)
+        self.vocab_size = int(config.vocab_size)
         self.max_batch_size = max_batch_size
         self.head_dim = config.n_embd // config.n_head
         self.n_head = config.n_head

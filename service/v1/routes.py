@@ -1,0 +1,176 @@
+"""The OpenAI-compatible front door: /v1/models and /v1/completions onto the same scheduler as
+POST /generate (one batch may mix both). Errors are answered in OpenAI's envelope
+(service/errors.py)."""
+
+import json
+import secrets
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
+
+from service.config import Settings
+from service.engine import GenerationRow
+from service.errors import OpenAIError
+from service.runtime import Runtime
+from service.schemas import MAX_SEED
+from service.streaming import completion_deltas, unless_disconnected
+from service.v1.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse, ModelCard,
+                                 ModelList, Usage)
+
+MAX_STOPS = 16
+ERRORS = {status: {"model": ErrorResponse, "description": why} for status, why in [
+    (400, "Invalid request, a field this server does not support, or a prompt too long for the context window"),
+    (404, "No such model"),
+    (429, "The queue is full (see Retry-After)"),
+    (500, "Generation failed"),
+    (503, "The model is loading, or the server is shutting down (see Retry-After)"),
+]}
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def create_v1_router(settings: Settings) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+    created = int(time.time())
+
+    @router.get("/models", response_model=ModelList)
+    async def models() -> ModelList:
+        """The one model this server serves."""
+        return ModelList(data=[ModelCard(id=settings.model_name, created=created)])
+
+    @router.post("/completions", response_model=CompletionResponse,
+                 responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                                  "description": "The completion; with `stream`, OpenAI's chunks as server-sent events"},
+                            **ERRORS})
+    async def completions(body: CompletionRequest, runtime: RuntimeDep, http: Request):
+        """OpenAI's legacy completions: the README's table says what each field does here."""
+        engine, scheduler = runtime.ready_engine()
+        if body.model != settings.model_name:
+            raise OpenAIError(404, f"The model '{body.model}' does not exist; this server serves "
+                              f"'{settings.model_name}'", param="model", code="model_not_found")
+        refused = body.unsupported()
+        if refused:
+            raise OpenAIError(400, refused[1], param=refused[0], code="unsupported_parameter")
+        prompts = _prompt_ids(body.prompt, engine)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        n = body.n or 1
+        temperature = 1.0 if body.temperature is None else body.temperature
+        _check_limits(body, settings, len(prompts) * n, max_tokens, temperature)
+        for ids in prompts:
+            if len(ids) + max_tokens > engine.context_window:
+                raise OpenAIError(
+                    400, f"This model's maximum context length is {engine.context_window} tokens, however you "
+                    f"requested {len(ids) + max_tokens} tokens ({len(ids)} in your prompt; {max_tokens} for the "
+                    "completion). Please reduce your prompt or completion length.",
+                    param="prompt", code="context_length_exceeded")
+        seed = body.seed if body.seed is not None else secrets.randbits(63)
+        # Choice i * n + j is prompt i's j-th sample: its own random stream of the seed.
+        rows = [GenerationRow(tuple(ids), max_tokens, temperature, seed, i * n + j)
+                for i, ids in enumerate(prompts) for j in range(n)]
+        stops = body.stops
+        request = scheduler.submit(rows, stream=bool(body.stream), interval=settings.stream_interval_ms / 1000,
+                                   stops=stops)
+        runtime.metrics.requests.inc()
+        reply = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        deltas = completion_deltas(request, engine.decode, stops)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_chunks(deltas, reply, len(rows), prompt_tokens, include_usage, runtime),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        choices = await unless_disconnected(_collect(deltas, len(rows)), request, http)
+        if choices is None:  # the client is gone: nobody reads this
+            return Response(status_code=499)
+        completion_tokens = sum(tokens for _, tokens in choices)
+        runtime.metrics.generated_tokens.inc(completion_tokens)
+        return CompletionResponse(**reply, choices=[c for c, _ in choices],
+                                  usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                              total_tokens=prompt_tokens + completion_tokens))
+
+    return router
+
+
+def _prompt_ids(prompt, engine) -> list[list[int]]:
+    """Each prompt's token ids: strings are encoded; ids are checked against the vocabulary."""
+    if isinstance(prompt, str):
+        return [engine.encode(prompt)]
+    if not prompt:
+        raise OpenAIError(400, "prompt must not be empty", param="prompt")
+    if isinstance(prompt[0], str):
+        return [engine.encode(p) for p in prompt]
+    prompts = [prompt] if isinstance(prompt[0], int) else prompt
+    for ids in prompts:
+        if not ids:
+            raise OpenAIError(400, "a token-id prompt must hold at least one token", param="prompt")
+        bad = next((t for t in ids if not 0 <= t < engine.vocab_size), None)
+        if bad is not None:
+            raise OpenAIError(400, f"token id {bad} is outside the vocabulary (0 to {engine.vocab_size - 1})",
+                              param="prompt")
+    return [list(ids) for ids in prompts]
+
+
+def _check_limits(body: CompletionRequest, settings: Settings, rows: int, max_tokens: int, temperature: float) -> None:
+    if max_tokens < 1:
+        raise OpenAIError(400, "max_tokens must be at least 1 (0 needs echo, which is not supported yet)",
+                          param="max_tokens")
+    if max_tokens > settings.max_tokens_limit:
+        raise OpenAIError(400, f"max_tokens is {max_tokens}, over this server's limit of {settings.max_tokens_limit}",
+                          param="max_tokens")
+    if temperature > settings.max_temperature:
+        raise OpenAIError(400, f"temperature is {temperature}, over this server's limit of {settings.max_temperature}",
+                          param="temperature")
+    if rows > settings.max_prompts_per_request:
+        raise OpenAIError(400, f"prompts x n is {rows}, over this server's limit of {settings.max_prompts_per_request}",
+                          param="n")
+    if len(body.stops) > MAX_STOPS or any(not stop for stop in body.stops):
+        raise OpenAIError(400, f"stop takes 1 to {MAX_STOPS} non-empty strings", param="stop")
+    if body.seed is not None and not 0 <= body.seed <= MAX_SEED:
+        raise OpenAIError(400, f"seed must be from 0 to {MAX_SEED}", param="seed")
+
+
+async def _collect(deltas, choices: int) -> list[tuple[CompletionChoice, int]]:
+    text, finish, tokens = [""] * choices, [None] * choices, [0] * choices
+    async for batch in deltas:
+        for d in batch:
+            text[d.index] += d.text
+            tokens[d.index] = d.tokens
+            if d.finish is not None:
+                finish[d.index] = d.finish
+    return [(CompletionChoice(text=text[i], index=i, finish_reason=finish[i]), tokens[i]) for i in range(choices)]
+
+
+async def _chunks(deltas, reply: dict, choices: int, prompt_tokens: int, include_usage: bool, runtime: Runtime):
+    """OpenAI's stream: a `text_completion` chunk per piece of a choice, the last with its
+    finish_reason; with include_usage, a chunk with no choices and the usage; then [DONE]."""
+    tokens = [0] * choices
+    extra = {"usage": None} if include_usage else {}
+    try:
+        async for batch in deltas:
+            lines = []
+            for d in batch:
+                runtime.metrics.generated_tokens.inc(d.tokens - tokens[d.index])
+                tokens[d.index] = d.tokens
+                choice = {"text": d.text, "index": d.index, "logprobs": None, "finish_reason": d.finish}
+                lines.append(_data({**reply, "object": "text_completion", "choices": [choice], **extra}))
+            yield "".join(lines)
+    except Exception as exc:  # the status has gone out: say so in the stream
+        yield _data({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
+                               "code": None}})
+    else:
+        if include_usage:
+            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens),
+                          total_tokens=prompt_tokens + sum(tokens))
+            yield _data({**reply, "object": "text_completion", "choices": [], "usage": usage.model_dump()})
+    yield "data: [DONE]\n\n"
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
