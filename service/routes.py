@@ -17,6 +17,7 @@ from service.engine import GenerationRow, PromptTooLong
 from service.errors import PromptsTooLong
 from service.runtime import Runtime
 from service.schemas import STREAM_DESCRIPTION, GenerateResponse, HealthResponse, generate_request_model
+from service.detokenize import first_stop
 from service.streaming import generate_events, results_unless_disconnected
 
 
@@ -64,10 +65,11 @@ def create_router(settings: Settings) -> APIRouter:
             rows.append(GenerationRow(tuple(ids), body.max_tokens, body.temperature, seed, i))
         if too_long:
             raise PromptsTooLong(too_long)
-        request = scheduler.submit(rows, stream=body.stream, interval=settings.stream_interval_ms / 1000)
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        request = scheduler.submit(rows, stream=body.stream, interval=settings.stream_interval_ms / 1000, stops=stops)
         runtime.metrics.requests.inc()
         if body.stream:
-            events = generate_events(request, engine.decode, [len(r.prompt_ids) for r in rows],
+            events = generate_events(request, engine.decode, [len(r.prompt_ids) for r in rows], stops,
                                      on_tokens=runtime.metrics.generated_tokens.inc)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -78,7 +80,8 @@ def create_router(settings: Settings) -> APIRouter:
         if outputs is None:  # the client is gone: nobody reads this
             return Response(status_code=499)
         runtime.metrics.generated_tokens.inc(sum(len(o) for o in outputs))
-        return GenerateResponse(results=[engine.decode(o) for o in outputs])
+        texts = [engine.decode(o) for o in outputs]
+        return GenerateResponse(results=[text[:first_stop(text, stops)] for text in texts])
 
     @router.get("/metrics", response_class=Response,
                 responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})

@@ -17,7 +17,7 @@ MAX_SEED = 2**63 - 1
 STREAM_DESCRIPTION = (
     "Each event is a `data:` line with a JSON object: `{\"index\": i, \"text\": piece}` for new text of "
     "prompt i (pieces never split a UTF-8 character); then, per prompt, `{\"index\": i, \"text\": \"\", "
-    "\"finish_reason\": \"eos_token\" | \"length\", \"prompt_tokens\": n, \"generated_tokens\": m}`; "
+    "\"finish_reason\": \"eos_token\" | \"length\" | \"stop_sequence\", \"prompt_tokens\": n, \"generated_tokens\": m}`; "
     "then `data: [DONE]`. If generation fails mid-stream, `{\"error\": message}` comes before `[DONE]`."
 )
 
@@ -66,6 +66,10 @@ def generate_request_model(settings: Settings) -> type[BaseModel]:
         seed: Optional[StrictInt] = Field(
             None, ge=0, le=MAX_SEED,
             description="Makes sampling reproducible: prompt i of the request draws from the stream (seed, i).")
+        stop: Optional[Union[Annotated[StrictStr, Field(min_length=1)],
+                             Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1, max_length=16)]]] = Field(
+            None, description="Up to 16 strings: a prompt's text ends before the first of them to appear (matched on "
+            "the text, across token boundaries), and it stops generating there.")
         stream: StrictBool = Field(
             False, description="Answer with server-sent events (text/event-stream) as text is made, instead "
             "of one JSON body at the end. " + STREAM_DESCRIPTION)

@@ -11,46 +11,33 @@ from typing import TypeVar
 from starlette.requests import Request as HTTPRequest
 
 from service.detokenize import IncrementalDetokenizer, first_stop
-from service.scheduler import Request
+from service.scheduler import GenerationFailed, Request
 
 T = TypeVar("T")
 
 
 async def generate_events(request: Request, decode: Callable[[Sequence[int]], str], prompt_tokens: Sequence[int],
-                          on_tokens: Callable[[int], None] = lambda n: None) -> AsyncIterator[str]:
+                          stops: Sequence[str] = (), on_tokens: Callable[[int], None] = lambda n: None
+                          ) -> AsyncIterator[str]:
     """The event stream of one streamed POST /generate (the format is in the README): one
-    write per wake-up, with every event that came meanwhile (the scheduler paces them)."""
-    pieces = [IncrementalDetokenizer(decode) for _ in prompt_tokens]
+    write per wake-up, with every piece that came meanwhile (the scheduler paces them)."""
     generated = [0] * len(prompt_tokens)
-    unfinished = len(prompt_tokens)
     try:
-        while unfinished:
-            events = [await request.events.get()]
-            while not request.events.empty():  # what came meanwhile goes out in one write
-                events.append(request.events.get_nowait())
+        async for deltas in completion_deltas(request, decode, stops):
             chunk = []
-            for event in events:
-                if isinstance(event, Exception):
-                    chunk.append(_event({"error": str(event)}))
-                    unfinished = 0
-                    break
-                generated[event.index] += len(event.tokens)
-                on_tokens(len(event.tokens))
-                text = pieces[event.index].add(event.tokens)
-                if event.finish is not None:
-                    text += pieces[event.index].flush()
-                if text:
-                    chunk.append(_event({"index": event.index, "text": text}))
-                if event.finish is not None:
-                    unfinished -= 1
-                    chunk.append(_event({"index": event.index, "text": "", "finish_reason": event.finish,
-                                         "prompt_tokens": prompt_tokens[event.index],
-                                         "generated_tokens": generated[event.index]}))
+            for d in deltas:
+                on_tokens(d.tokens - generated[d.index])
+                generated[d.index] = d.tokens
+                if d.text:
+                    chunk.append(_event({"index": d.index, "text": d.text}))
+                if d.finish is not None:
+                    chunk.append(_event({"index": d.index, "text": "", "finish_reason": d.finish,
+                                         "prompt_tokens": prompt_tokens[d.index], "generated_tokens": d.tokens}))
             if chunk:
                 yield "".join(chunk)
-        yield "data: [DONE]\n\n"
-    finally:
-        request.cancel()  # a client that left (the stream is cancelled) costs nothing more
+    except GenerationFailed as exc:  # the status has gone out: say so in the stream
+        yield _event({"error": str(exc)})
+    yield "data: [DONE]\n\n"
 
 
 def _event(data: dict) -> str:
@@ -86,8 +73,8 @@ async def _disconnected(http: HTTPRequest) -> None:
 
 @dataclass(frozen=True)
 class ChoiceDelta:
-    """New text of one choice (a row), and why it ended once it has: "stop" (end-of-text or a
-    stop string) or "length"; `tokens` is the row's token count so far."""
+    """New text of one row, and why it ended once it has ("eos_token", "length" or
+    "stop_sequence"); `tokens` is the row's token count so far."""
 
     index: int
     text: str
@@ -125,10 +112,9 @@ async def completion_deltas(request: Request, decode: Callable[[Sequence[int]], 
                     text[i] += pieces[i].flush()
                 cut = first_stop(text[i], stops, max(0, sent[i] - hold))
                 if cut is not None:
-                    deltas.append(ChoiceDelta(i, text[i][sent[i]:cut], "stop", tokens[i]))
+                    deltas.append(ChoiceDelta(i, text[i][sent[i]:cut], "stop_sequence", tokens[i]))
                 elif event.finish is not None:
-                    deltas.append(ChoiceDelta(i, text[i][sent[i]:], "length" if event.finish == "length" else "stop",
-                                              tokens[i]))
+                    deltas.append(ChoiceDelta(i, text[i][sent[i]:], event.finish, tokens[i]))
                 else:
                     upto = max(sent[i], len(text[i]) - hold)
                     if upto > sent[i]:

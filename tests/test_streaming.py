@@ -167,3 +167,22 @@ def test_clients_that_disconnect_leave_the_batch_and_the_others_are_unchanged(li
     assert len(calls_per_row) == 3 and all(0 < n < 20 for n in sorted(calls_per_row.values())[:2])
     text = httpx.get(url + "/metrics").text
     assert "llm_rows_cancelled_total 2.0" in text
+
+
+def test_a_stop_string_ends_the_text_before_it_streamed_or_not(client, engine, reference):
+    full = engine.decode(reference("def add(a, b):", 120))
+    stop = next(full[i:i + 2] for i in range(3, len(full) - 2)
+                if full[i:i + 2].strip() and full[i:i + 2] not in full[:i + 1])
+    body = dict(prompts=["def add(a, b):"], max_tokens=120, temperature=0, stop=[stop, "\x00never"])
+    r = generate(client, **body)
+    assert r.status_code == 200 and r.json() == {"results": [full[:full.index(stop)]]}
+    events = stream(client, **body)
+    assert "".join(e["text"] for e in events[:-1]) == full[:full.index(stop)]
+    final = events[-2]
+    assert final["finish_reason"] == "stop_sequence" and final["generated_tokens"] < 120
+
+
+def test_stop_takes_up_to_16_non_empty_strings(client):
+    for stop in ([], [""], ["x"] * 17):
+        r = generate(client, prompts="abc", max_tokens=3, stop=stop)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["body", "stop"], r.json()

@@ -143,7 +143,7 @@ async def _collect(deltas, choices: int) -> list[tuple[CompletionChoice, int]]:
             text[d.index] += d.text
             tokens[d.index] = d.tokens
             if d.finish is not None:
-                finish[d.index] = d.finish
+                finish[d.index] = _openai_finish(d.finish)
     return [(CompletionChoice(text=text[i], index=i, finish_reason=finish[i]), tokens[i]) for i in range(choices)]
 
 
@@ -158,7 +158,7 @@ async def _chunks(deltas, reply: dict, choices: int, prompt_tokens: int, include
             for d in batch:
                 runtime.metrics.generated_tokens.inc(d.tokens - tokens[d.index])
                 tokens[d.index] = d.tokens
-                choice = {"text": d.text, "index": d.index, "logprobs": None, "finish_reason": d.finish}
+                choice = {"text": d.text, "index": d.index, "logprobs": None, "finish_reason": _openai_finish(d.finish)}
                 lines.append(_data({**reply, "object": "text_completion", "choices": [choice], **extra}))
             yield "".join(lines)
     except Exception as exc:  # the status has gone out: say so in the stream
@@ -170,6 +170,11 @@ async def _chunks(deltas, reply: dict, choices: int, prompt_tokens: int, include
                           total_tokens=prompt_tokens + sum(tokens))
             yield _data({**reply, "object": "text_completion", "choices": [], "usage": usage.model_dump()})
     yield "data: [DONE]\n\n"
+
+
+def _openai_finish(reason: str | None) -> str | None:
+    """OpenAI's finish_reason: "length" for max_tokens, "stop" for end-of-text or a stop string."""
+    return None if reason is None else "length" if reason == "length" else "stop"
 
 
 def _data(obj: dict) -> str:
