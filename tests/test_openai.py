@@ -1,38 +1,16 @@
 """The /v1 API through the official `openai` client against a live server, on both backends."""
 
-import socket
 import threading
 import time
 
-import httpx
 import openai
 import pytest
-import uvicorn
 
-from conftest import ENGINE_OPTIONS
+from conftest import ENGINE_OPTIONS, served
 from fakes import FakeEngine
 from service.app import create_app
 
 PROMPT = "def add(a, b):"
-
-
-def serve(app):
-    """Run `app` with uvicorn on a loopback port; returns (base url, server, thread)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return url, server, thread
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("server did not become ready")
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +20,8 @@ def live(engine, model_dir):
     settings = Settings(model_dir=model_dir, max_batch_size=ENGINE_OPTIONS["max_batch_size"],
                         min_cache_size=ENGINE_OPTIONS["smallest_cache"], served_model_name="tiny-gpt2",
                         max_tokens_limit=1000)
-    url, server, thread = serve(create_app(settings, engine_factory=lambda s: engine))
-    yield url
-    server.should_exit = True
-    thread.join(30)
+    with served(create_app(settings, engine_factory=lambda s: engine)) as url:
+        yield url
 
 
 @pytest.fixture
@@ -167,24 +143,27 @@ def test_a_full_queue_is_a_429_with_retry_after(model_dir):
     engine = FakeEngine()
     app = create_app(Settings(model_dir=model_dir, max_batch_size=1, max_queue_size=1, served_model_name="fake"),
                      engine_factory=lambda s: engine)
-    url, server, thread = serve(app)
-    try:
+    with served(app) as url:
         engine.generate_gate.clear()
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
-        pool = [threading.Thread(target=client.completions.create, kwargs=dict(model="fake", prompt=p, max_tokens=2))
-                for p in ("ab", "cd")]
-        for t in pool:
-            t.start()
-            time.sleep(0.2)  # the first runs (held at the gate), the second waits in the queue
-        with pytest.raises(openai.RateLimitError) as caught:
-            client.completions.create(model="fake", prompt="ef", max_tokens=2)
-        assert caught.value.response.headers["retry-after"] == "1"
-        assert caught.value.body["type"] == "server_overloaded"
-        engine.generate_gate.set()
-        for t in pool:
-            t.join(10)
-        assert client.completions.create(model="fake", prompt="gh", max_tokens=2).choices[0].text == "hg"
-    finally:
-        engine.generate_gate.set()
-        server.should_exit = True
-        thread.join(10)
+        try:
+            queue_full(url, engine)
+        finally:
+            engine.generate_gate.set()
+
+
+def queue_full(url, engine):
+    """One request held at the gate, one queued: the third is refused."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    pool = [threading.Thread(target=client.completions.create, kwargs=dict(model="fake", prompt=p, max_tokens=2))
+            for p in ("ab", "cd")]
+    for t in pool:
+        t.start()
+        time.sleep(0.2)  # the first runs (held at the gate), the second waits in the queue
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.completions.create(model="fake", prompt="ef", max_tokens=2)
+    assert caught.value.response.headers["retry-after"] == "1"
+    assert caught.value.body["type"] == "server_overloaded"
+    engine.generate_gate.set()
+    for t in pool:
+        t.join(10)
+    assert client.completions.create(model="fake", prompt="gh", max_tokens=2).choices[0].text == "hg"

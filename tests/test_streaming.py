@@ -4,20 +4,18 @@ uvicorn server, where a connection must really close."""
 
 import json
 from collections import Counter
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
+from conftest import served
 from fakes import FakeEngine
 from service.app import create_app
 from service.detokenize import REPLACEMENT, IncrementalDetokenizer
-from test_api import client, generate, metric, wait_ready  # noqa: F401 (the client fixture)
+from test_api import client, generate  # noqa: F401 (the client fixture)
 
 UNICODE_PROMPTS = ["🎉🚀 emoji first, then 日本語のテキスト", "中文：你好，世界。", "naïve café — ünïcödé 👍🏽"]
 
@@ -125,23 +123,8 @@ def live_fake(model_dir):
     engine = SlowFake()
     app = create_app(Settings(model_dir=model_dir, max_batch_size=4, batch_timeout_ms=0, max_tokens_limit=60),
                      engine_factory=lambda s: engine)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    yield url, engine
-    server.should_exit = True
-    thread.join(10)
+    with served(app, ready_timeout=10) as url:
+        yield url, engine
 
 
 def test_clients_that_disconnect_leave_the_batch_and_the_others_are_unchanged(live_fake):
