@@ -18,9 +18,22 @@ FinishReason = Literal["eos_token", "length"]
 class GenerationRow:
     """One prompt's work: its tokens and its own sampling parameters.
 
-    `temperature == 0` is greedy decoding. A sampled row draws its random numbers from the
-    stream `(seed, stream)` indexed by the token's position, so its output does not depend on
-    which other rows share its batch.
+    Each decode step turns the model's logits for the row into its next token, as transformers'
+    `generate` does, in this order:
+    1. `repetition_penalty` (1.0 is off): transformers' `RepetitionPenaltyLogitsProcessor` over
+       the prompt's and the row's generated tokens (a positive logit is divided by it, a
+       negative one multiplied);
+    2. `temperature == 0` is greedy: the largest logit. Otherwise logits / temperature, then
+    3. `top_k` (0 is off): only the k largest logits stay (ties with the k-th stay too),
+    4. `top_p` (1.0 is off): only the smallest set of most likely tokens whose probabilities sum
+       to at least top_p stays (transformers' `TopPLogitsWarper`; at least one token stays),
+    5. a draw from the softmax of what is left. A sampled row draws its random numbers from the
+       stream `(seed, stream)` indexed by the token's position, so its output does not depend on
+       which other rows share its batch.
+
+    `logprobs` (None is off; 0 to 5): report, for each generated token (end-of-text included),
+    its log-probability under log-softmax of the model's raw logits (before any of the above),
+    with the `logprobs` most likely tokens and theirs.
     """
 
     prompt_ids: tuple[int, ...]
@@ -28,16 +41,38 @@ class GenerationRow:
     temperature: float = 0.0
     seed: int = 0
     stream: int = 0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+
+    @property
+    def plain(self) -> bool:
+        """No sampling control beyond temperature, and no log-probabilities."""
+        return self.top_k == 0 and self.top_p == 1.0 and self.repetition_penalty == 1.0 and self.logprobs is None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability, and the `top` most likely tokens' (most likely first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class RowUpdate:
     """What one decode call produced for one row: its new tokens (end-of-text excluded), and why
-    it stopped if it did ("eos_token": it generated end-of-text; "length": it reached max_tokens)."""
+    it stopped if it did ("eos_token": it generated end-of-text; "length": it reached max_tokens).
+
+    With the row's `logprobs` set, `logprobs` has one entry per new token and, when the row
+    ended on end-of-text, one more for that token."""
 
     key: Hashable
     tokens: list[int]
     finish: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class DecodeBatch(ABC):
@@ -132,6 +167,12 @@ class Engine(ABC):
                 if update.finish is not None:
                     finished.add(update.key)
             batch.filter([k for k in batch.keys if k not in finished])
+
+    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (log-softmax of the
+        model's logits), with the `top` most likely tokens'; None for the first, which has no
+        context."""
+        raise NotImplementedError(f"the {self.backend} backend does not compute prompt log-probabilities")
 
     def compiles_after_warmup(self) -> int:
         """How many programs were compiled after warm-up ended (the goal is 0)."""
