@@ -15,7 +15,8 @@ from pydantic import ValidationError
 import convert_model
 from service.config import Settings
 from service.engine import GenerationRow, quality
-from service.engine.litert_gpt2 import LiteRTGPT2Engine, sample
+from service.engine.litert_gpt2 import LiteRTGPT2Engine
+from service.engine.sampling import next_token
 from service.model_files import LITERT_FILES, LITERT_META, has_litert_files, read_manifest, sha256_of, verify_manifest
 
 
@@ -186,12 +187,12 @@ def test_tokenizer_matches_the_tensorflow_backend(litert_engine, tf_engine):
 
 def test_sampling_depends_only_on_the_row_s_own_seed_stream_and_index():
     logits = np.random.default_rng(1).normal(size=300).astype(np.float32)
-    draws = [sample(logits, 1.0, 42, 0, i) for i in range(50)]
-    assert draws == [sample(logits, 1.0, 42, 0, i) for i in range(50)]
-    assert draws != [sample(logits, 1.0, 42, 1, i) for i in range(50)]
-    assert draws != [sample(logits, 1.0, 43, 0, i) for i in range(50)]
-    assert sample(logits, 0.0, 42, 0, 0) == int(np.argmax(logits))
-    assert sample(logits, 1e-4, 42, 0, 0) == int(np.argmax(logits))
+    draws = [next_token(logits, GenerationRow((0,), 1, 1.0, 42, 0), i) for i in range(50)]
+    assert draws == [next_token(logits, GenerationRow((0,), 1, 1.0, 42, 0), i) for i in range(50)]
+    assert draws != [next_token(logits, GenerationRow((0,), 1, 1.0, 42, 1), i) for i in range(50)]
+    assert draws != [next_token(logits, GenerationRow((0,), 1, 1.0, 43, 0), i) for i in range(50)]
+    assert next_token(logits, GenerationRow((0,), 1, 0.0, 42, 0), 0) == int(np.argmax(logits))
+    assert next_token(logits, GenerationRow((0,), 1, 1e-4, 42, 0), 0) == int(np.argmax(logits))
 
 
 def test_metrics_name_the_backend_and_precision(litert_model_dir):

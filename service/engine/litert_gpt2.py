@@ -20,6 +20,7 @@ import ctypes
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -28,14 +29,14 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from service.engine.base import DecodeBatch, Engine, GenerationRow, RowUpdate
+from service.engine.base import DecodeBatch, Engine, GenerationRow, RowUpdate, TokenLogprob
+from service.engine.sampling import next_token, token_logprob
 from service.model_files import LITERT_META, litert_model_file
 
 log = logging.getLogger(__name__)
 
 MASKED = -1e4  # transformers' TF GPT-2 mask value
 MADV_DONTNEED = 4
-SAMPLE_BLOCK = 256  # vocabulary entries per block in the sampling search
 
 
 class Decoder:
@@ -224,8 +225,12 @@ class LiteRTGPT2Engine(Engine):
         embeddings = Rows(model_dir / meta["embeddings"])
         self.vocab_size = int(embeddings.shape[0])
         positions = np.load(model_dir / meta["positions"])
-        threads = num_threads or len(os.sched_getaffinity(0))
-        self.decoder = Decoder(model_dir / litert_model_file(self.precision), embeddings, positions, threads)
+        self._threads = num_threads or len(os.sched_getaffinity(0))
+        self._model_path = model_dir / litert_model_file(self.precision)
+        self._embeddings, self._positions = embeddings, positions
+        self.decoder = Decoder(self._model_path, embeddings, positions, self._threads)
+        self._scorer: Decoder | None = None  # prompt_logprobs' own decoder, made on first use
+        self._scorer_lock = threading.Lock()
         self.compactions = 0
 
     # --- Engine interface -------------------------------------------------------------------
@@ -248,6 +253,22 @@ class LiteRTGPT2Engine(Engine):
 
     def new_batch(self) -> LiteRTBatch:
         return LiteRTBatch(self)
+
+    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int) -> list[TokenLogprob | None]:
+        """Teacher-forced through the `decode` signature, one token a call, on a second decoder
+        made on first use: the first one belongs to the scheduler's batch, and `prefill` returns
+        no logits. It costs a decode call per prompt token, and its own packed weights (the
+        model file's size again) once used."""
+        with self._scorer_lock:
+            if self._scorer is None:
+                self._scorer = Decoder(self._model_path, self._embeddings, self._positions, self._threads)
+            scorer = self._scorer
+            scorer.arrange([None], self.cache_size_for(len(prompt_ids)))
+            out: list[TokenLogprob | None] = [None]
+            for i in range(len(prompt_ids) - 1):
+                logits = scorer.step(np.array([prompt_ids[i]], np.int64))[0]
+                out.append(token_logprob(logits, prompt_ids[i + 1], top))
+            return out
 
     def cache_size_for(self, slots: int) -> int:
         return next(c for c in self.cache_sizes if c >= slots)
@@ -273,6 +294,7 @@ class LiteRTBatch(DecodeBatch):
         self._keys: list[Hashable | None] = []  # per batch position; None is a hole
         self._rows: list[GenerationRow | None] = []
         self._generated: list[int] = []  # new tokens so far, per position
+        self._history: list[list[int] | None] = []  # prompt + new tokens, for rows with a repetition penalty
         self._next = np.zeros([0], np.int64)  # the token each position feeds to the next step
         self._hole_cost = 0.0  # seconds of calls spent on holes since the last rearrangement
 
@@ -296,6 +318,7 @@ class LiteRTBatch(DecodeBatch):
             self._decoder.clear_row(b)
             self._decoder.prefill(b, row.prompt_ids[:-1])
             self._keys[b], self._rows[b], self._generated[b] = key, row, 0
+            self._history[b] = list(row.prompt_ids) if row.repetition_penalty != 1.0 else None
             self._next[b] = row.prompt_ids[-1]
         if not self._holes():
             self._hole_cost = 0.0
@@ -315,14 +338,18 @@ class LiteRTBatch(DecodeBatch):
         for b, row in enumerate(self._rows):
             if row is None:
                 continue
-            token = sample(logits[b], row.temperature, row.seed, row.stream, self._generated[b])
+            history = self._history[b]
+            token = next_token(logits[b], row, self._generated[b], history or ())
+            logprobs = None if row.logprobs is None else [token_logprob(logits[b], token, row.logprobs)]
             self._next[b] = token
             if token == eos:
-                updates.append(RowUpdate(self._keys[b], [], "eos_token"))
+                updates.append(RowUpdate(self._keys[b], [], "eos_token", logprobs))
                 continue
+            if history is not None:
+                history.append(token)
             self._generated[b] += 1
             finish = "length" if self._generated[b] >= row.max_tokens else None
-            updates.append(RowUpdate(self._keys[b], [token], finish))
+            updates.append(RowUpdate(self._keys[b], [token], finish, logprobs))
         if holes:
             self._hole_cost += decoder.last_step_seconds * len(holes) / len(self._keys)
         else:
@@ -351,6 +378,7 @@ class LiteRTBatch(DecodeBatch):
         self._keys = [self._keys[b] for b in live] + [None] * extra
         self._rows = [self._rows[b] for b in live] + [None] * extra
         self._generated = [self._generated[b] for b in live] + [0] * extra
+        self._history = [self._history[b] for b in live] + [None] * extra
         self._next = np.concatenate([self._next[live], np.zeros([extra], np.int64)]).astype(np.int64)
         if dropped and live:
             self._engine.compactions += 1
@@ -376,32 +404,6 @@ def _drop_mapped_pages(path: Path) -> int:
             if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
                 released += end - start
     return released
-
-
-def sample(logits: np.ndarray, temperature: float, seed: int, stream: int, index: int) -> int:
-    """Greedy where temperature is 0, else a draw from softmax(logits / temperature).
-
-    The draw is inverse-CDF with one uniform number from Philox keyed by (seed, stream) at
-    counter `index` (the token's index in the row), so a row's tokens depend only on its own
-    seed, stream and logits, never on its neighbours. The search goes by blocks of the vocabulary
-    (their sums, then within the chosen block), as in the TF backend: a running sum over all
-    50257 entries cost 0.4 ms a row, several times the rest of the draw.
-    """
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    x = logits / np.float32(temperature)
-    x -= x.max()
-    weights = np.exp(x)
-    blocks = np.concatenate([weights, np.zeros(-len(weights) % SAMPLE_BLOCK, np.float32)]).reshape(-1, SAMPLE_BLOCK)
-    block_sums = blocks.sum(axis=1, dtype=np.float64)
-    cumulative = np.cumsum(block_sums)
-    u = np.random.Generator(np.random.Philox(key=seed + (stream << 64), counter=index)).random()
-    target = u * cumulative[-1]
-    block = min(int(np.searchsorted(cumulative, target, side="right")), len(cumulative) - 1)
-    within = np.cumsum(blocks[block], dtype=np.float64) + (cumulative[block] - block_sums[block])
-    # Rounding can put the target past the block's last token: take that token then.
-    last = int(np.flatnonzero(blocks[block])[-1])
-    return block * SAMPLE_BLOCK + min(int(np.searchsorted(within, target, side="right")), last)
 
 
 def resolve_precision(precision: str, meta: dict) -> str:
