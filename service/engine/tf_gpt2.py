@@ -20,6 +20,14 @@ Two programs are compiled, each once per shape:
   one call, so Python's per-call cost is paid once per chunk. Inside a call the cache is a loop
   variable, each row's new key and value scattered in place into its own next slot; it is
   copied once per call, not once per step.
+and, for batches holding a row beyond plain temperature sampling (top_k, top_p, a repetition
+penalty or log-probabilities), a third:
+- logits, at each batch size: the logits of the batch's hidden states, for the host to choose
+  those rows' tokens with `sampling.next_token` (the LiteRT backend's sampler) and report their
+  log-probabilities. Decode then runs one step with those tokens forced in, and samples the
+  batch's plain rows itself as it always does. So a plain row's tokens come from the same
+  program and numbers whichever rows share its batch, and a row beyond plain sampling always
+  takes this path: neither depends on its neighbours.
 """
 
 from __future__ import annotations
@@ -41,7 +49,9 @@ from tensorflow.compiler.tf2xla.python import xla  # noqa: E402
 from transformers import GPT2TokenizerFast, TFGPT2LMHeadModel  # noqa: E402
 from transformers.tf_utils import stable_softmax  # noqa: E402
 
-from service.engine.base import DecodeBatch, Engine, FinishReason, GenerationRow, RowUpdate  # noqa: E402
+from service.engine import sampling  # noqa: E402
+from service.engine.base import (  # noqa: E402
+    DecodeBatch, Engine, FinishReason, GenerationRow, RowUpdate, TokenLogprob)
 from service.engine.layout import Buckets  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -60,6 +70,7 @@ class _Row:
     work: GenerationRow
     produced: int = 0  # new tokens so far; the row's filled slots are its prompt's plus these
     finish: FinishReason | None = None
+    generated: list[int] = dataclasses.field(default_factory=list)  # for a repetition penalty
 
     @property
     def length(self) -> int:
@@ -121,8 +132,21 @@ class TFDecodeBatch(DecodeBatch):
         if not any(r is not None and r.finish is None for r in rows):
             return [RowUpdate(r.key, [], r.finish) for r in rows if r is not None]
         running = [r if r is not None and r.finish is None else None for r in rows]
-        tokens, steps, self._h, self._caches = self._engine.decode_call(self._h, self._caches, running)
-        eos = self._engine.eos_id
+        engine = self._engine
+        chosen: dict[int, int] = {}
+        logprobs: dict[int, TokenLogprob] = {}
+        if any(r is not None and not r.work.plain for r in running):
+            logits = engine.logits(self._h)
+            for b, r in enumerate(running):
+                if r is None or r.work.plain:
+                    continue
+                history = (*r.work.prompt_ids, *r.generated) if r.work.repetition_penalty != 1.0 else ()
+                chosen[b] = sampling.next_token(logits[b], r.work, r.produced, history)
+                if r.work.logprobs is not None:
+                    logprobs[b] = sampling.token_logprob(logits[b], chosen[b], r.work.logprobs)
+        tokens, steps, self._h, self._caches = engine.decode_call(
+            self._h, self._caches, running, chosen if chosen else None)
+        eos = engine.eos_id
         updates = []
         for b, r in enumerate(rows):
             if r is None:
@@ -133,11 +157,14 @@ class TFDecodeBatch(DecodeBatch):
                     r.finish = "eos_token"
                     break
                 new.append(int(token))
+                r.generated.append(int(token))
                 r.produced += 1
                 if r.produced >= r.work.max_tokens:
                     r.finish = "length"
                     break
-            updates.append(RowUpdate(r.key, new, r.finish))
+            # A row beyond plain sampling runs one step a call: its token's log-probability is this call's.
+            updates.append(RowUpdate(r.key, new, r.finish, [logprobs[b]] if b in logprobs else
+                                     ([] if r.work.logprobs is not None else None)))
         return updates
 
     def filter(self, keys: Sequence[Hashable]) -> None:
@@ -255,7 +282,9 @@ class TFGPT2Engine(Engine):
         self._decode = tf.function(self._decode_steps, jit_compile=True, input_signature=[
             tf.TensorSpec([None, 1, embd], tf.float32), rows, caches,
             tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.uint64), tf.TensorSpec([None], tf.uint64),
-            rows, rows, tf.TensorSpec([None], tf.bool)])
+            rows, rows, tf.TensorSpec([None], tf.bool), rows])
+        self._logits_program = tf.function(self._logits, jit_compile=True, input_signature=[
+            tf.TensorSpec([None, 1, embd], tf.float32)])
         self._shapes: set[tuple[str, int, int]] = set()  # (program, batch, cache) compiled so far
         self._shapes_at_warmup: int | None = None
         self.compactions = 0  # times rows leaving moved a batch to a smaller shape
@@ -278,6 +307,8 @@ class TFGPT2Engine(Engine):
             t0 = time.monotonic()
             self._run_prefill(tf.zeros([1, chunk], tf.int32), 0, self._empty_cache(1, cache))
             for batch in self.buckets.batch_sizes:
+                if cache == self.buckets.cache_sizes[0]:
+                    self.logits(tf.zeros([batch, 1, self.model.config.n_embd]))
                 self.decode_call(tf.zeros([batch, 1, self.model.config.n_embd]), self._empty_cache(batch, cache),
                             [None] * batch)
             log.info("compiled cache %d (prefill and %d batch sizes) in %.1f s", cache,
@@ -309,12 +340,16 @@ class TFGPT2Engine(Engine):
         last = n - 1 - (slots - chunk)  # the last real token's place in the last chunk
         return x[:, last:last + 1], caches
 
-    def decode_call(self, h, caches, rows: Sequence[_Row | None]):
+    def decode_call(self, h, caches, rows: Sequence[_Row | None], chosen: dict[int, int] | None = None):
         """One decode call over a batch whose position b holds `rows[b]` (None: skip it).
+        With `chosen` (position: token), one step only, in which those positions take the
+        tokens given and the others sample as usual.
         Returns (tokens [batch, decode_chunk] as numpy, steps run, h, caches)."""
         def column(value, filler, dtype):
             return tf.constant(np.array([filler if r is None else value(r) for r in rows], dtype))
 
+        chosen = chosen or {}
+        limit = (lambda r: r.produced + 1) if chosen else (lambda r: r.work.max_tokens)
         self._note_shape("decode", caches)
         tokens, steps, h, caches = self._decode(
             h, column(lambda r: r.length, 0, np.int32), caches,
@@ -322,18 +357,32 @@ class TFGPT2Engine(Engine):
             column(lambda r: r.work.seed, 0, np.uint64),
             column(lambda r: r.work.stream << 32, 0, np.uint64),
             column(lambda r: r.produced, 0, np.int32),
-            column(lambda r: r.work.max_tokens, 1, np.int32),
-            column(lambda r: False, True, np.bool_))
+            column(limit, 1, np.int32),
+            column(lambda r: False, True, np.bool_),
+            tf.constant(np.array([chosen.get(b, -1) for b in range(len(rows))], np.int32)))
         return tokens.numpy(), int(steps), h, caches
+
+    def logits(self, h) -> np.ndarray:
+        """The logits [batch, vocab] (float32) each row's next token is chosen from."""
+        self._note_shape("logits", int(h.shape[0]), 0)
+        return self._logits_program(h).numpy()
+
+    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int) -> list[TokenLogprob | None]:
+        # transformers' own forward, eagerly: a prompt is scored once, so compiling buys nothing.
+        logits = self.model(tf.constant([list(prompt_ids)], tf.int32)).logits[0].numpy()
+        return [None] + [sampling.token_logprob(logits[i - 1], prompt_ids[i], top) for i in range(1, len(prompt_ids))]
 
     def _run_prefill(self, tokens, start: int, caches):
         self._note_shape("prefill", caches)
         return self._prefill(tokens, tf.constant(start, tf.int32), caches)
 
-    def _note_shape(self, program: str, caches) -> None:
+    def _note_shape(self, program: str, caches_or_batch, cache: int = 0) -> None:
         """XLA compiles a program once per shape, and (batch, cache) fixes every input's shape."""
-        batch, _, cache, _ = caches[0][0].shape
-        shape = (program, batch, cache)
+        if isinstance(caches_or_batch, int):
+            batch = caches_or_batch
+        else:
+            batch, _, cache, _ = caches_or_batch[0][0].shape
+        shape = (program, int(batch), int(cache))
         if shape not in self._shapes:
             self._shapes.add(shape)
             if self._shapes_at_warmup is not None:
@@ -347,9 +396,11 @@ class TFGPT2Engine(Engine):
         at = tf.stack([0, 0, start, 0])
         return self._forward(tokens, start[None], caches, lambda cache, new: xla.dynamic_update_slice(cache, new, at))
 
-    def _decode_steps(self, h, length, caches, temperature, seed, stream, generated, max_new, done):
+    def _decode_steps(self, h, length, caches, temperature, seed, stream, generated, max_new, done, forced):
         """Up to `decode_chunk` steps: sample from `h`'s logits, record, forward the token into
-        each row's next slot (`length`, its filled slots). Rows marked done only ride along."""
+        each row's next slot (`length`, its filled slots). Rows marked done only ride along.
+        A row whose `forced` is a token (not -1) takes it instead of sampling (one step: the host
+        chose it)."""
         batch = tf.shape(h)[0]
         steps = self.decode_chunk
         out = tf.fill([batch, steps], self.eos_id)
@@ -359,6 +410,7 @@ class TFGPT2Engine(Engine):
 
         def step(i, h, length, caches, generated, done, out):
             token = self._sample(self._logits(h), temperature, seed, stream, generated)
+            token = tf.where(forced >= 0, forced, token)
             token = tf.where(done, self.eos_id, token)
             out = xla.dynamic_update_slice(out, token[:, None], tf.stack([0, i]))
             generated += tf.cast(~done, tf.int32)
