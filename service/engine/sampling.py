@@ -17,7 +17,7 @@ import numpy as np
 from service.engine.base import GenerationRow, TokenLogprob
 
 SAMPLE_BLOCK = 256  # vocabulary entries per block in the sampling search
-TOP_P_CANDIDATES = 1024  # top-p sorts only this many of the likeliest tokens, unless they fall short
+BINS = 256  # top-p's log-weight bins, a quarter unit each (the last holds everything lighter)
 
 
 def next_token(logits: np.ndarray, row: GenerationRow, index: int, history: Sequence[int] = ()) -> int:
@@ -27,13 +27,17 @@ def next_token(logits: np.ndarray, row: GenerationRow, index: int, history: Sequ
         logits = penalize_repetition(logits, history, row.repetition_penalty)
     if row.temperature <= 0:
         return int(np.argmax(logits))
-    x = logits / np.float32(row.temperature)
-    if row.top_k > 0 and row.top_k < len(x):
-        x = keep_top_k(x, row.top_k)
+    shifted = logits / np.float32(row.temperature)
+    shifted -= shifted.max()
+    weights = np.exp(shifted)
+    if 0 < row.top_k < len(shifted):
+        kth = np.partition(shifted, len(shifted) - row.top_k)[len(shifted) - row.top_k]
+        cut = shifted < kth
+        weights[cut] = 0
+        shifted[cut] = -np.inf
     if row.top_p < 1.0:
-        x = keep_top_p(x, row.top_p)
-    x = x - x.max()
-    return draw(np.exp(x), row.seed, row.stream, index)
+        weights *= nucleus(shifted, weights, row.top_p)
+    return draw(weights, row.seed, row.stream, index)
 
 
 def penalize_repetition(logits: np.ndarray, history: Sequence[int], penalty: float) -> np.ndarray:
@@ -46,33 +50,28 @@ def penalize_repetition(logits: np.ndarray, history: Sequence[int], penalty: flo
     return out
 
 
-def keep_top_k(x: np.ndarray, k: int) -> np.ndarray:
-    """transformers' TopKLogitsWarper: logits below the k-th largest become -inf."""
-    kth = np.partition(x, len(x) - k)[len(x) - k]
-    return np.where(x < kth, -np.inf, x).astype(np.float32)
+def nucleus(shifted: np.ndarray, weights: np.ndarray, top_p: float) -> np.ndarray:
+    """transformers' TopPLogitsWarper as a mask: sorted ascending, tokens whose cumulative
+    probability is at most 1 - top_p go (at least the likeliest stays). `shifted` are the
+    logits less their maximum (-inf where already filtered), `weights` their exponentials.
 
-
-def keep_top_p(x: np.ndarray, top_p: float) -> np.ndarray:
-    """transformers' TopPLogitsWarper: sorted ascending, tokens whose cumulative probability is at
-    most 1 - top_p go (at least the likeliest stays).
-
-    Sorting the whole vocabulary costs milliseconds a row; the likeliest `TOP_P_CANDIDATES`
-    tokens nearly always hold the mass, so only they are sorted, unless they fall short."""
-    finite = np.isfinite(x)
-    weights = np.exp(x - x[finite].max()) * finite
+    Sorting the whole vocabulary costs milliseconds a row, so the tokens are binned by
+    log-weight (quarter-unit bins): a bin whose tokens, with every lighter bin, hold at most
+    1 - top_p of the mass goes whole, a heavier one stays whole, and only the bin where the
+    cumulative mass crosses 1 - top_p is sorted."""
     total = weights.sum(dtype=np.float64)
-    candidates = np.argpartition(weights, -TOP_P_CANDIDATES)[-TOP_P_CANDIDATES:] if len(x) > TOP_P_CANDIDATES \
-        else np.arange(len(x))
-    if weights[candidates].sum(dtype=np.float64) < top_p * total:  # the tail matters: sort it all
-        candidates = np.arange(len(x))
-    order = candidates[np.argsort(weights[candidates], kind="stable")]  # ascending
-    # The tokens outside the candidates are less likely than all of them: their mass comes first.
-    cumulative = (total - weights[candidates].sum(dtype=np.float64)) + np.cumsum(weights[order], dtype=np.float64)
-    remove = cumulative / total <= 1 - top_p
-    remove[-1] = False
-    keep = np.zeros(len(x), bool)
-    keep[order[~remove]] = True
-    return np.where(keep, x, -np.inf).astype(np.float32)
+    bins = np.minimum(-shifted * 4, BINS - 1).astype(np.int64)  # 0 holds the likeliest
+    mass = np.bincount(bins, weights=weights, minlength=BINS)
+    lighter = np.cumsum(mass[::-1])[::-1] - mass  # mass of every bin lighter than each bin
+    limit = (1 - top_p) * total
+    crossing = int(np.flatnonzero(lighter + mass > limit)[-1])  # the lightest bin that cannot go whole
+    inside = np.flatnonzero(bins == crossing)
+    order = inside[np.argsort(weights[inside], kind="stable")]  # ascending
+    cumulative = lighter[crossing] + np.cumsum(weights[order], dtype=np.float64)
+    keep = bins < crossing
+    keep[order[cumulative > limit]] = True
+    keep[int(np.argmax(shifted))] = True  # at least the likeliest stays
+    return keep
 
 
 def draw(weights: np.ndarray, seed: int, stream: int, index: int) -> int:
