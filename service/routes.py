@@ -62,7 +62,8 @@ def create_router(settings: Settings) -> APIRouter:
                 engine.check_fits(i, ids, body.max_tokens)
             except PromptTooLong as problem:
                 too_long.append(problem)
-            rows.append(GenerationRow(tuple(ids), body.max_tokens, body.temperature, seed, i))
+            rows.append(GenerationRow(tuple(ids), body.max_tokens, body.temperature, seed, i, top_k=body.top_k,
+                                      top_p=body.top_p, repetition_penalty=body.repetition_penalty))
         if too_long:
             raise PromptsTooLong(too_long)
         stops = [body.stop] if isinstance(body.stop, str) else body.stop or []

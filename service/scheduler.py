@@ -21,7 +21,7 @@ from typing import Literal
 
 
 from service.detokenize import IncrementalDetokenizer, first_stop
-from service.engine import DecodeBatch, Engine, FinishReason, GenerationRow, RowUpdate
+from service.engine import DecodeBatch, Engine, FinishReason, GenerationRow, RowUpdate, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class RowEvent:
     index: int
     tokens: list[int]
     finish: FinishReason | Literal["stop_sequence"] | None = None
+    logprobs: list[TokenLogprob] | None = None  # with the row's `logprobs` set: see RowUpdate
 
 
 @dataclass(eq=False)
@@ -67,6 +68,7 @@ class _Row:
     admitted: float | None = None
     first_token: float | None = None
     tokens: list[int] = field(default_factory=list)  # made but not yet sent to the request
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, when the row asked for them
     generated: int = 0
     stop: _StopWatch | None = None
 
@@ -298,11 +300,14 @@ class Scheduler:
                 if r.generated > 1:
                     self.stats.time_per_output_token((now - r.first_token) / (r.generated - 1))
             r.tokens += update.tokens
+            if update.logprobs:
+                r.logprobs += update.logprobs
             request = r.request
             due = request.stream and r.tokens and now >= request.next_send
             if due or finish is not None:
-                events.append((request, RowEvent(r.index, r.tokens, finish)))
-                r.tokens = []
+                logprobs = r.logprobs if r.row.logprobs is not None else None
+                events.append((request, RowEvent(r.index, r.tokens, finish, logprobs)))
+                r.tokens, r.logprobs = [], []
         for request, _ in events:
             if request.stream and now >= request.next_send:
                 request.next_send = now + request.interval

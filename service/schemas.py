@@ -66,6 +66,13 @@ def generate_request_model(settings: Settings) -> type[BaseModel]:
         seed: Optional[StrictInt] = Field(
             None, ge=0, le=MAX_SEED,
             description="Makes sampling reproducible: prompt i of the request draws from the stream (seed, i).")
+        top_k: StrictInt = Field(0, ge=0, description="Sample only from the k likeliest tokens (0: off).")
+        top_p: Annotated[float, Field(strict=True)] = Field(
+            1.0, gt=0, le=1, allow_inf_nan=False,
+            description="Sample only from the smallest set of likeliest tokens whose probabilities reach top_p (1: off).")
+        repetition_penalty: Annotated[float, Field(strict=True)] = Field(
+            1.0, gt=0, le=10, allow_inf_nan=False,
+            description="transformers' repetition penalty over the prompt and the new tokens (1: off); greedy rows too.")
         stop: Optional[Union[Annotated[StrictStr, Field(min_length=1)],
                              Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1, max_length=16)]]] = Field(
             None, description="Up to 16 strings: a prompt's text ends before the first of them to appear (matched on "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from starlette.requests import Request as HTTPRequest
@@ -80,6 +80,7 @@ class ChoiceDelta:
     text: str
     finish: str | None
     tokens: int
+    logprobs: list = field(default_factory=list)  # TokenLogprobs of the tokens since the last delta
 
 
 async def completion_deltas(request: Request, decode: Callable[[Sequence[int]], str],
@@ -93,6 +94,7 @@ async def completion_deltas(request: Request, decode: Callable[[Sequence[int]], 
     rows = len(request.rows)
     pieces = [IncrementalDetokenizer(decode) for _ in range(rows)]
     text, sent, tokens, done = [""] * rows, [0] * rows, [0] * rows, [False] * rows
+    logprobs: list[list] = [[] for _ in range(rows)]
     hold = max((len(stop) for stop in stops), default=1) - 1
     try:
         while not all(done):
@@ -107,18 +109,20 @@ async def completion_deltas(request: Request, decode: Callable[[Sequence[int]], 
                 if done[i]:
                     continue  # made before the row's stop string was seen
                 tokens[i] += len(event.tokens)
+                logprobs[i] += event.logprobs or []
                 text[i] += pieces[i].add(event.tokens)
                 if event.finish is not None:
                     text[i] += pieces[i].flush()
                 cut = first_stop(text[i], stops, max(0, sent[i] - hold))
                 if cut is not None:
-                    deltas.append(ChoiceDelta(i, text[i][sent[i]:cut], "stop_sequence", tokens[i]))
+                    deltas.append(ChoiceDelta(i, text[i][sent[i]:cut], "stop_sequence", tokens[i], logprobs[i]))
                 elif event.finish is not None:
-                    deltas.append(ChoiceDelta(i, text[i][sent[i]:], event.finish, tokens[i]))
+                    deltas.append(ChoiceDelta(i, text[i][sent[i]:], event.finish, tokens[i], logprobs[i]))
                 else:
                     upto = max(sent[i], len(text[i]) - hold)
                     if upto > sent[i]:
-                        deltas.append(ChoiceDelta(i, text[i][sent[i]:upto], None, tokens[i]))
+                        deltas.append(ChoiceDelta(i, text[i][sent[i]:upto], None, tokens[i], logprobs[i]))
+                        logprobs[i] = []
                     sent[i] = upto
                     continue
                 done[i] = True

@@ -275,3 +275,96 @@ def test_a_row_joining_right_after_another_left_takes_its_place_and_matches_alon
     if engine.backend == "litert":
         assert max(shapes) == 2  # the joining row took the finished row's place: no third row
         assert engine.compactions - compactions <= 1  # at most when row 2 left for good
+
+
+# --- Sampling controls and log-probabilities ---------------------------------------------------
+
+def test_greedy_with_a_repetition_penalty_is_transformers_generate(engine, hf_model):
+    ids = engine.encode(PROMPTS[2])
+    out = engine.generate([GenerationRow(tuple(ids), 30, repetition_penalty=1.3)])[0]
+    ref = hf_model.generate(tf.constant([ids]), max_new_tokens=30, do_sample=False, repetition_penalty=1.3,
+                            pad_token_id=engine.eos_id, attention_mask=tf.ones([1, len(ids)], tf.int32))
+    new = [int(t) for t in ref.numpy()[0][len(ids):]]
+    assert out == (new[: new.index(engine.eos_id)] if engine.eos_id in new else new)
+    assert out != engine.generate([GenerationRow(tuple(ids), 30)])[0]  # the penalty changed something
+
+
+def log_softmax(x):
+    x = x.astype(np.float64) - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def test_logprobs_are_transformers_log_softmax(engine, hf_model):
+    ids = engine.encode(PROMPTS[3])
+    batch = engine.new_batch()
+    batch.extend([(0, GenerationRow(tuple(ids), 12, 0.9, 7, 0, logprobs=3)), (1, GenerationRow(tuple(ids), 5))])
+    tokens, logprobs = [], []
+    while 0 in batch.keys:
+        finished = set()
+        for u in batch.step():
+            if u.key == 0:
+                tokens += u.tokens
+                logprobs += u.logprobs
+            if u.finish is not None:
+                finished.add(u.key)
+        batch.filter([k for k in batch.keys if k not in finished])
+    assert len(logprobs) == len(tokens) + (len(tokens) < 12)  # end-of-text has its entry too
+    reference = hf_model(tf.constant([ids + tokens])).logits.numpy()[0]
+    for i, entry in enumerate(logprobs):
+        expected = log_softmax(reference[len(ids) - 1 + i])
+        assert entry.token == (tokens + [engine.eos_id])[i]
+        assert abs(entry.logprob - expected[entry.token]) < 1e-4
+        assert [t for t, _ in entry.top] == list(np.argsort(-expected, kind="stable")[:3])
+        assert all(abs(lp - expected[t]) < 1e-4 for t, lp in entry.top)
+
+
+def test_prompt_logprobs_are_transformers_log_softmax(engine, hf_model):
+    ids = engine.encode(PROMPTS[3])
+    out = engine.prompt_logprobs(ids, 2)
+    reference = hf_model(tf.constant([ids])).logits.numpy()[0]
+    assert out[0] is None and len(out) == len(ids)
+    for i in range(1, len(ids)):
+        expected = log_softmax(reference[i - 1])
+        assert out[i].token == ids[i] and abs(out[i].logprob - expected[ids[i]]) < 1e-4
+        assert [t for t, _ in out[i].top] == list(np.argsort(-expected, kind="stable")[:2])
+
+
+def filtered_softmax(logits, temperature, top_k=0, top_p=1.0):
+    """transformers' TopK and TopP warpers on logits / temperature, as probabilities."""
+    x = logits / temperature
+    if top_k:
+        x = np.where(x < np.sort(x)[-top_k], -np.inf, x)
+    if top_p < 1:
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        order = np.argsort(p)
+        remove = np.cumsum(p[order]) <= 1 - top_p
+        remove[-1] = False
+        x[order[remove]] = -np.inf
+    p = np.exp(x - x.max())
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("controls", [dict(top_k=5), dict(top_p=0.6), dict(top_k=8, top_p=0.8)])
+def test_top_k_and_top_p_draw_from_the_filtered_softmax(engine, hf_model, controls):
+    ids = engine.encode(PROMPTS[2])
+    logits = hf_model(tf.constant([ids])).logits.numpy()[0, -1].astype(np.float64)
+    expected = filtered_softmax(logits, 1.3, **controls)
+    n = 400
+    draws = []
+    for start in range(0, n, 4):
+        rows = [GenerationRow(tuple(ids), 1, 1.3, seed, 0, **controls) for seed in range(start, start + 4)]
+        draws += [o[0] if o else engine.eos_id for o in engine.generate(rows)]
+    counts = np.bincount(draws, minlength=len(logits)).astype(float)
+    assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(expected))  # nothing filtered out is drawn
+    rng = np.random.default_rng(0)
+    noise = [0.5 * np.abs(rng.multinomial(n, expected) / n - expected).sum() for _ in range(200)]
+    assert 0.5 * np.abs(counts / n - expected).sum() <= max(noise)
+
+
+def test_seeded_rows_with_controls_do_not_depend_on_their_neighbours(engine):
+    row = GenerationRow(tuple(engine.encode(PROMPTS[2])), 24, 1.0, 99, 2, top_k=20, top_p=0.9,
+                        repetition_penalty=1.2)
+    alone = engine.generate([row])[0]
+    neighbours = [GenerationRow(tuple(engine.encode(p)), 10, 0.7, 3, i) for i, p in enumerate(PROMPTS[3:])]
+    assert engine.generate(neighbours + [row])[-1] == alone

@@ -98,9 +98,9 @@ def test_unknown_fields_are_ignored(client):
 
 
 @pytest.mark.parametrize("ask, param", [
-    (dict(logprobs=1), "logprobs"),
-    (dict(echo=True), "echo"),
-    (dict(top_p=0.5), "top_p"),
+    (dict(logprobs=6), "logprobs"),
+    (dict(top_p=0), "top_p"),
+    (dict(extra_body={"top_k": -2}), "top_k"),
     (dict(presence_penalty=0.5), "presence_penalty"),
     (dict(best_of=2), "best_of"),
     (dict(logit_bias={"5": 1.0}), "logit_bias"),
@@ -167,3 +167,55 @@ def queue_full(url, engine):
     for t in pool:
         t.join(10)
     assert client.completions.create(model="fake", prompt="gh", max_tokens=2).choices[0].text == "hg"
+
+
+def log_softmax(x):
+    import numpy as np
+
+    x = x.astype(np.float64) - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(client, engine, hf_model):
+    """What evaluation harnesses do: send context + continuation as token ids, echo them back
+    with their log-probabilities, generate nothing, and sum."""
+    import numpy as np
+    import tensorflow as tf
+
+    ids = engine.encode(PROMPT + " return a + b")
+    r = client.completions.create(model="tiny-gpt2", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == engine.decode(ids) and r.usage.completion_tokens == 0
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    reference = hf_model(tf.constant([ids])).logits.numpy()[0]
+    for i in range(1, len(ids)):
+        expected = log_softmax(reference[i - 1])
+        assert abs(lp.token_logprobs[i] - expected[ids[i]]) < 1e-4
+        best = int(np.argmax(expected))
+        assert abs(lp.top_logprobs[i][engine.decode([best])] - expected[best]) < 1e-4
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
+    # With one new token: one more entry, after the prompt's.
+    r = client.completions.create(model="tiny-gpt2", prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    assert len(r.choices[0].logprobs.tokens) == len(ids) + 1
+    assert r.choices[0].logprobs.token_logprobs[:len(ids)] == lp.token_logprobs
+
+
+def test_generated_logprobs_are_the_same_streamed_or_not(client):
+    """(The engine tests compare the numbers with transformers.)"""
+    ask = dict(model="tiny-gpt2", prompt=PROMPT, max_tokens=8, temperature=0.8, seed=5, logprobs=2)
+    r = client.completions.create(**ask)
+    lp = r.choices[0].logprobs
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**ask, stream=True)]
+    assert sum((s.token_logprobs for s in streamed if s), []) == lp.token_logprobs
+    assert sum((s.tokens for s in streamed if s), []) == lp.tokens
+    assert len(lp.tokens) >= r.usage.completion_tokens  # end-of-text, if generated, has its entry
+    assert all(len(top) <= 3 for top in lp.top_logprobs)  # the top 2 and the chosen token
+    assert lp.text_offset[0] == len(PROMPT)
+    assert "".join(lp.tokens)[:len(r.choices[0].text)] == r.choices[0].text
+
+
+def test_top_k_top_p_and_repetition_penalty_are_seeded_and_reproducible(client):
+    ask = dict(model="tiny-gpt2", prompt="Once upon", max_tokens=12, temperature=1.0, top_p=0.7, seed=21,
+               extra_body={"top_k": 20, "repetition_penalty": 1.2})
+    assert client.completions.create(**ask).choices[0].text == client.completions.create(**ask).choices[0].text

@@ -169,3 +169,13 @@ def test_stop_takes_up_to_16_non_empty_strings(client):
     for stop in ([], [""], ["x"] * 17):
         r = generate(client, prompts="abc", max_tokens=3, stop=stop)
         assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["body", "stop"], r.json()
+
+
+def test_generate_takes_the_sampling_controls(client):
+    body = dict(prompts=["Once upon", "import os"], max_tokens=10, temperature=1.0, seed=4, top_k=10, top_p=0.8,
+                repetition_penalty=1.3)
+    first = generate(client, **body)
+    assert first.status_code == 200 and generate(client, **body).json() == first.json()
+    for bad in (dict(top_k=-1), dict(top_p=0), dict(top_p=1.5), dict(repetition_penalty=0)):
+        r = generate(client, prompts="x", max_tokens=2, **bad)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", next(iter(bad))]

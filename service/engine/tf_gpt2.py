@@ -27,7 +27,9 @@ penalty or log-probabilities), a third:
   log-probabilities. Decode then runs one step with those tokens forced in, and samples the
   batch's plain rows itself as it always does. So a plain row's tokens come from the same
   program and numbers whichever rows share its batch, and a row beyond plain sampling always
-  takes this path: neither depends on its neighbours.
+  takes this path: neither depends on its neighbours. It costs one call a token and a second
+  pass over the output embedding: on DistilGPT2 at batch 4 (2 cores), 38 ms a step against 21
+  for the plain loop, plus the host's filters (top_p about 1 ms a row).
 """
 
 from __future__ import annotations

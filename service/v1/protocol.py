@@ -42,13 +42,14 @@ class CompletionRequest(BaseModel):
     user: Optional[StrictStr] = None
     seed: Optional[StrictInt] = None
     suffix: Optional[StrictStr] = None
+    # Extensions (vLLM's names): not in OpenAI's API, ignored by its servers.
+    top_k: Optional[StrictInt] = Field(None, ge=-1, description="Sample from the k likeliest tokens; 0, -1 or null: off.")
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=10, allow_inf_nan=False,
+                                                description="transformers' repetition penalty; 1 or null: off.")
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for the first field set to something this server does not do yet."""
         checks = [
-            ("logprobs", self.logprobs is not None, "logprobs are not supported by this server yet"),
-            ("echo", bool(self.echo), "echo is not supported by this server yet"),
-            ("top_p", self.top_p not in (None, 1.0), "top_p other than 1 is not supported by this server yet"),
             ("presence_penalty", self.presence_penalty not in (None, 0.0), "presence_penalty is not supported"),
             ("frequency_penalty", self.frequency_penalty not in (None, 0.0), "frequency_penalty is not supported"),
             ("best_of", self.best_of not in (None, 1), "best_of other than 1 is not supported"),
@@ -64,10 +65,19 @@ class CompletionRequest(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class CompletionLogprobs(BaseModel):
+    """One entry per token: the prompt's first has no log-probability (null) and no top dict."""
+
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[Literal["stop", "length"]] = None
 
 

@@ -6,19 +6,22 @@ import json
 import secrets
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Annotated
+
+import anyio
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.config import Settings
-from service.engine import GenerationRow
+from service.engine import GenerationRow, TokenLogprob
 from service.errors import OpenAIError
 from service.runtime import Runtime
 from service.schemas import MAX_SEED
-from service.streaming import completion_deltas, unless_disconnected
-from service.v1.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse, ModelCard,
-                                 ModelList, Usage)
+from service.streaming import ChoiceDelta, completion_deltas, unless_disconnected
+from service.v1.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+                                 ErrorResponse, ModelCard, ModelList, Usage)
 
 MAX_STOPS = 16
 ERRORS = {status: {"model": ErrorResponse, "description": why} for status, why in [
@@ -64,6 +67,10 @@ def create_v1_router(settings: Settings) -> APIRouter:
         n = body.n or 1
         temperature = 1.0 if body.temperature is None else body.temperature
         _check_limits(body, settings, len(prompts) * n, max_tokens, temperature)
+        if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], str)):
+            prompt_texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        else:
+            prompt_texts = [engine.decode(ids) for ids in prompts]
         for ids in prompts:
             if len(ids) + max_tokens > engine.context_window:
                 raise OpenAIError(
@@ -73,20 +80,33 @@ def create_v1_router(settings: Settings) -> APIRouter:
                     param="prompt", code="context_length_exceeded")
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         # Choice i * n + j is prompt i's j-th sample: its own random stream of the seed.
-        rows = [GenerationRow(tuple(ids), max_tokens, temperature, seed, i * n + j)
+        controls = dict(top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p,
+                        repetition_penalty=body.repetition_penalty or 1.0, logprobs=body.logprobs)
+        rows = [GenerationRow(tuple(ids), max_tokens, temperature, seed, i * n + j, **controls)
                 for i, ids in enumerate(prompts) for j in range(n)]
-        stops = body.stops
-        request = scheduler.submit(rows, stream=bool(body.stream), interval=settings.stream_interval_ms / 1000,
-                                   stops=stops)
-        runtime.metrics.requests.inc()
+        echoes = [_Echo(prompt_texts[i // n] if body.echo else "", len(prompt_texts[i // n]), None)
+                  for i in range(len(rows))]
+        if body.echo and body.logprobs is not None:
+            scored = [await _prompt_logprobs(engine, ids, body.logprobs) for ids in prompts]
+            echoes = [_Echo(e.text, e.offset, _lists(engine, scored[i // n], 0)) for i, e in enumerate(echoes)]
         reply = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
         prompt_tokens = sum(len(ids) for ids in prompts)
-        deltas = completion_deltas(request, engine.decode, stops)
+        runtime.metrics.requests.inc()
+        stops = body.stops
+        if max_tokens == 0:  # echo alone: the prompts scored, nothing generated
+            request, deltas = None, _nothing(len(rows))
+        else:
+            request = scheduler.submit(rows, stream=bool(body.stream), interval=settings.stream_interval_ms / 1000,
+                                       stops=stops)
+            deltas = completion_deltas(request, engine.decode, stops)
+        want_logprobs = body.logprobs is not None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chunks(deltas, reply, len(rows), prompt_tokens, include_usage, runtime),
+            return StreamingResponse(_chunks(deltas, reply, echoes, want_logprobs, prompt_tokens, include_usage,
+                                             runtime, engine),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        choices = await unless_disconnected(_collect(deltas, len(rows)), request, http)
+        collected = _collect(deltas, echoes, want_logprobs, engine)
+        choices = await (collected if request is None else unless_disconnected(collected, request, http))
         if choices is None:  # the client is gone: nobody reads this
             return Response(status_code=499)
         completion_tokens = sum(tokens for _, tokens in choices)
@@ -118,9 +138,8 @@ def _prompt_ids(prompt, engine) -> list[list[int]]:
 
 
 def _check_limits(body: CompletionRequest, settings: Settings, rows: int, max_tokens: int, temperature: float) -> None:
-    if max_tokens < 1:
-        raise OpenAIError(400, "max_tokens must be at least 1 (0 needs echo, which is not supported yet)",
-                          param="max_tokens")
+    if max_tokens < 1 and not body.echo:
+        raise OpenAIError(400, "max_tokens must be at least 1 (0 only with echo)", param="max_tokens")
     if max_tokens > settings.max_tokens_limit:
         raise OpenAIError(400, f"max_tokens is {max_tokens}, over this server's limit of {settings.max_tokens_limit}",
                           param="max_tokens")
@@ -136,30 +155,98 @@ def _check_limits(body: CompletionRequest, settings: Settings, rows: int, max_to
         raise OpenAIError(400, f"seed must be from 0 to {MAX_SEED}", param="seed")
 
 
-async def _collect(deltas, choices: int) -> list[tuple[CompletionChoice, int]]:
+@dataclass(frozen=True)
+class _Echo:
+    """What a choice starts with: the prompt's text with echo (else ""), where its completion's
+    text offsets start (the prompt's length), and the prompt's log-probability lists."""
+
+    text: str
+    offset: int
+    logprobs: CompletionLogprobs | None
+
+
+async def _prompt_logprobs(engine, ids: list[int], top: int) -> list[tuple[int, TokenLogprob | None]]:
+    try:
+        scored = await anyio.to_thread.run_sync(engine.prompt_logprobs, ids, top)
+    except NotImplementedError as exc:
+        raise OpenAIError(400, f"echo with logprobs: {exc}", param="echo") from None
+    return list(zip(ids, scored))
+
+
+def _lists(engine, entries: list[tuple[int, TokenLogprob | None]], offset: int) -> CompletionLogprobs:
+    """OpenAI's logprobs lists for (token, its log-probability) pairs, text offsets from `offset`.
+    Each top dict holds the chosen token too; token strings are each token decoded alone."""
+    tokens, values, tops, offsets = [], [], [], []
+    for token, entry in entries:
+        text = engine.decode([token])
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        values.append(None if entry is None else entry.logprob)
+        tops.append(None if entry is None else
+                    {**{engine.decode([t]): lp for t, lp in entry.top}, text: entry.logprob})
+    return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+
+
+def _joined(a: CompletionLogprobs | None, b: CompletionLogprobs) -> CompletionLogprobs:
+    if a is None:
+        return b
+    return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
+
+
+async def _nothing(choices: int):
+    """The deltas of rows that generate nothing (max_tokens 0 with echo)."""
+    yield [ChoiceDelta(i, "", "length", 0) for i in range(choices)]
+
+
+async def _collect(deltas, echoes: list[_Echo], want_logprobs: bool, engine) -> list[tuple[CompletionChoice, int]]:
+    choices = len(echoes)
     text, finish, tokens = [""] * choices, [None] * choices, [0] * choices
+    entries: list[list] = [[] for _ in range(choices)]
     async for batch in deltas:
         for d in batch:
             text[d.index] += d.text
             tokens[d.index] = d.tokens
+            entries[d.index] += [(e.token, e) for e in d.logprobs]
             if d.finish is not None:
                 finish[d.index] = _openai_finish(d.finish)
-    return [(CompletionChoice(text=text[i], index=i, finish_reason=finish[i]), tokens[i]) for i in range(choices)]
+    out = []
+    for i, echo in enumerate(echoes):
+        logprobs = _joined(echo.logprobs, _lists(engine, entries[i], echo.offset)) if want_logprobs else None
+        out.append((CompletionChoice(text=echo.text + text[i], index=i, finish_reason=finish[i], logprobs=logprobs),
+                    tokens[i]))
+    return out
 
 
-async def _chunks(deltas, reply: dict, choices: int, prompt_tokens: int, include_usage: bool, runtime: Runtime):
-    """OpenAI's stream: a `text_completion` chunk per piece of a choice, the last with its
-    finish_reason; with include_usage, a chunk with no choices and the usage; then [DONE]."""
+async def _chunks(deltas, reply: dict, echoes: list[_Echo], want_logprobs: bool, prompt_tokens: int,
+                  include_usage: bool, runtime: Runtime, engine):
+    """OpenAI's stream: a `text_completion` chunk per piece of a choice (with echo, the prompt
+    first), the last with its finish_reason; with include_usage, a chunk with no choices and the
+    usage; then [DONE]."""
+    choices = len(echoes)
     tokens = [0] * choices
+    offsets = [echo.offset for echo in echoes]
     extra = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, text: str, finish, logprobs) -> str:
+        choice = {"text": text, "index": index, "logprobs": logprobs and logprobs.model_dump(), "finish_reason": finish}
+        return _data({**reply, "object": "text_completion", "choices": [choice], **extra})
+
     try:
+        echoed = [chunk(i, e.text, None, e.logprobs) for i, e in enumerate(echoes) if e.text]
+        if echoed:
+            yield "".join(echoed)
         async for batch in deltas:
             lines = []
             for d in batch:
                 runtime.metrics.generated_tokens.inc(d.tokens - tokens[d.index])
                 tokens[d.index] = d.tokens
-                choice = {"text": d.text, "index": d.index, "logprobs": None, "finish_reason": _openai_finish(d.finish)}
-                lines.append(_data({**reply, "object": "text_completion", "choices": [choice], **extra}))
+                logprobs = None
+                if want_logprobs:
+                    logprobs = _lists(engine, [(e.token, e) for e in d.logprobs], offsets[d.index])
+                    offsets[d.index] += sum(len(t) for t in logprobs.tokens)
+                lines.append(chunk(d.index, d.text, _openai_finish(d.finish), logprobs))
             yield "".join(lines)
     except Exception as exc:  # the status has gone out: say so in the stream
         yield _data({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
