@@ -152,6 +152,10 @@ def request_bodies(scenario: config.Scenario) -> list[dict]:
         body = {"prompts": [prompt], "max_tokens": scenario.max_tokens, "temperature": scenario.temperature}
         if scenario.sampled:
             body["seed"] = 1000 + i
+        if scenario.top_k:
+            body["top_k"] = scenario.top_k
+        if scenario.top_p < 1.0:
+            body["top_p"] = scenario.top_p
         bodies.append(body)
     return bodies
 

@@ -63,6 +63,8 @@ def scenario_result(scenario, load: LoadResult, metrics_before: dict, metrics_af
         "requests": scenario.requests,
         "max_tokens": scenario.max_tokens,
         "temperature": scenario.temperature,
+        "top_k": scenario.top_k,
+        "top_p": scenario.top_p,
         "distinct_prompts": len(scenario.prompts),
         "ok": len(ok),
         "errors": len(errors),
@@ -155,6 +157,7 @@ def compute_ratios(scenarios: dict, baselines: dict) -> dict:
         "overload_vs_batch": _ratio(tps("overload"), tps("batch")),
         "sampling_cost_single": _ratio(tps("single"), tps("single_sampled")),
         "sampling_cost_batch": _ratio(tps("batch"), tps("batch_sampled")),
+        "filtering_cost_batch": _ratio(tps("batch_sampled"), tps("batch_filtered")),
         "torch_b8_vs_naive_tf": _ratio(base("pt:mixed_b8"), base("tf:mixed_b1")),
         "torch_b8_vs_b1": _ratio(base("pt:mixed_b8"), base("pt:mixed_b1")),
     }
@@ -170,6 +173,7 @@ RATIO_PARTS = {
     "long_batch_vs_torch_b8": ("long_batch", "pt:long_b8"),
     "overload_vs_batch": ("overload", "batch"),
     "sampling_cost": ("single", "single_sampled", "batch", "batch_sampled"),
+    "filtering_cost_batch": ("batch_sampled", "batch_filtered"),
 }
 
 
@@ -317,6 +321,10 @@ def compute_bars(backend: str, scenarios: dict, baselines: dict, service: dict,
             Bar("warmup", "warm-up: process start to /health ok", fmt_bar(warmup, ".1f", " s"),
                 f"≤ {WARMUP_LIMIT_LITERT_S:.0f} s", _at_most(warmup, WARMUP_LIMIT_LITERT_S)),
             sampling_bar,
+            Bar("filtering_cost_batch", f"{name('batch_filtered')} (top_k {by_role.get('batch_filtered', {}).get('top_k')}, "
+                f"top_p {by_role.get('batch_filtered', {}).get('top_p')}) vs {name('batch_sampled')}: time per token "
+                "at batch 8", fmt_bar(ratios["filtering_cost_batch"], ".3f", "×"), "≤ 1.15×",
+                _at_most(ratios["filtering_cost_batch"], 1.15), shared=shared(*RATIO_PARTS["filtering_cost_batch"])),
             compiles_bar,
             *stream_bars(streams or {}, lambda *parts: any(
                 ((p.get("cpu") or {}).get("other_cores") or 0) > SHARED_CORES for p in parts)),
