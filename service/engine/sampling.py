@@ -17,7 +17,7 @@ import numpy as np
 from service.engine.base import GenerationRow, TokenLogprob
 
 SAMPLE_BLOCK = 256  # vocabulary entries per block in the sampling search
-BINS = 256  # top-p's log-weight bins, a quarter unit each (the last holds everything lighter)
+BINS = 1024  # top-p's log-weight bins, 1/16 unit each (the last holds everything lighter)
 
 
 def next_token(logits: np.ndarray, row: GenerationRow, index: int, history: Sequence[int] = ()) -> int:
@@ -27,17 +27,42 @@ def next_token(logits: np.ndarray, row: GenerationRow, index: int, history: Sequ
         logits = penalize_repetition(logits, history, row.repetition_penalty)
     if row.temperature <= 0:
         return int(np.argmax(logits))
+    if 0 < row.top_k < len(logits):
+        # Only the k likeliest (and ties) can be drawn: the rest of the work is on them alone.
+        candidates = top_k_candidates(logits, row.top_k)
+        shifted = logits[candidates] / np.float32(row.temperature)
+        shifted -= shifted.max()
+        weights = np.exp(shifted)
+        if row.top_p < 1.0:
+            weights *= nucleus(shifted, weights, row.top_p)
+        return int(candidates[draw(weights, row.seed, row.stream, index)])
     shifted = logits / np.float32(row.temperature)
     shifted -= shifted.max()
     weights = np.exp(shifted)
-    if 0 < row.top_k < len(shifted):
-        kth = np.partition(shifted, len(shifted) - row.top_k)[len(shifted) - row.top_k]
-        cut = shifted < kth
-        weights[cut] = 0
-        shifted[cut] = -np.inf
     if row.top_p < 1.0:
         weights *= nucleus(shifted, weights, row.top_p)
     return draw(weights, row.seed, row.stream, index)
+
+
+def top_k_candidates(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest logits and any tied with the k-th (transformers' TopKLogitsWarper
+    keeps ties), in id order.
+
+    A partition of the whole vocabulary costs 0.3 ms a row; the k-th largest logit is at least
+    the k-th largest of the vocabulary blocks' maxima, so only the blocks reaching that are
+    searched."""
+    blocks = np.concatenate([logits, np.full(-len(logits) % SAMPLE_BLOCK, -np.inf, logits.dtype)])
+    blocks = blocks.reshape(-1, SAMPLE_BLOCK)
+    maxima = blocks.max(axis=1)
+    if k <= len(maxima):
+        floor = np.partition(maxima, len(maxima) - k)[len(maxima) - k]
+        searched = np.flatnonzero(maxima >= floor)
+    else:
+        searched = np.arange(len(maxima))
+    ids = (searched[:, None] * SAMPLE_BLOCK + np.arange(SAMPLE_BLOCK)).ravel()
+    values = blocks[searched].ravel()
+    kth = np.partition(values, len(values) - k)[len(values) - k]
+    return ids[values >= kth]
 
 
 def penalize_repetition(logits: np.ndarray, history: Sequence[int], penalty: float) -> np.ndarray:
@@ -56,11 +81,11 @@ def nucleus(shifted: np.ndarray, weights: np.ndarray, top_p: float) -> np.ndarra
     logits less their maximum (-inf where already filtered), `weights` their exponentials.
 
     Sorting the whole vocabulary costs milliseconds a row, so the tokens are binned by
-    log-weight (quarter-unit bins): a bin whose tokens, with every lighter bin, hold at most
+    log-weight (bins of 1/16): a bin whose tokens, with every lighter bin, hold at most
     1 - top_p of the mass goes whole, a heavier one stays whole, and only the bin where the
     cumulative mass crosses 1 - top_p is sorted."""
     total = weights.sum(dtype=np.float64)
-    bins = np.minimum(-shifted * 4, BINS - 1).astype(np.int64)  # 0 holds the likeliest
+    bins = np.minimum(-shifted * 16, BINS - 1).astype(np.int64)  # 0 holds the likeliest
     mass = np.bincount(bins, weights=weights, minlength=BINS)
     lighter = np.cumsum(mass[::-1])[::-1] - mass  # mass of every bin lighter than each bin
     limit = (1 - top_p) * total
