@@ -219,3 +219,36 @@ def test_top_k_top_p_and_repetition_penalty_are_seeded_and_reproducible(client):
     ask = dict(model="tiny-gpt2", prompt="Once upon", max_tokens=12, temperature=1.0, top_p=0.7, seed=21,
                extra_body={"top_k": 20, "repetition_penalty": 1.2})
     assert client.completions.create(**ask).choices[0].text == client.completions.create(**ask).choices[0].text
+
+
+def test_a_failed_generation_is_a_500_and_the_server_goes_on(model_dir):
+    from service.config import Settings
+
+    engine = FakeEngine(fail_with=RuntimeError("out of cheese"))
+    app = create_app(Settings(model_dir=model_dir, served_model_name="fake"), engine_factory=lambda s: engine)
+    with served(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.completions.create(model="fake", prompt="ab", max_tokens=2)
+        assert caught.value.status_code == 500
+        assert caught.value.body == {"message": "generation failed: out of cheese", "type": "server_error",
+                                     "param": None, "code": None}
+        engine.fail_with = None
+        assert client.completions.create(model="fake", prompt="ab", max_tokens=2).choices[0].text == "ba"
+
+
+def test_a_request_while_loading_is_a_503_with_retry_after(model_dir):
+    from fastapi.testclient import TestClient
+
+    from service.config import Settings
+
+    engine = FakeEngine()
+    engine.warmup_gate.clear()
+    app = create_app(Settings(model_dir=model_dir, served_model_name="fake"), engine_factory=lambda s: engine)
+    with TestClient(app) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", max_retries=0, http_client=http)
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.completions.create(model="fake", prompt="ab", max_tokens=2)
+        assert caught.value.status_code == 503 and caught.value.response.headers["retry-after"] == "5"
+        assert caught.value.body["type"] == "service_unavailable"
+        engine.warmup_gate.set()
