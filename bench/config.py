@@ -350,7 +350,7 @@ def make_preset(name: str) -> Preset:
     else:
         # The tiny service batches at most 4 rows: 3 long clients leave the short request a row.
         stream_scenarios = (
-            HeadOfLine("head_of_line", 3, MIXED_PROMPTS[:3], 600, SHORT_PROMPT, 16, 2, 1),
+            HeadOfLine("head_of_line", 3, MIXED_PROMPTS[:3], 900, SHORT_PROMPT, 16, 2, 1),
             UnevenLoad("uneven_c4", 4, 2, mixed, (4, 32), 0.05, 8),
             StreamOverhead("stream_overhead", SHORT_PROMPT, 32, 2),
         )

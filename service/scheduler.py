@@ -353,8 +353,4 @@ def _advance(batch: DecodeBatch, leaving: list, joining: list) -> list[RowUpdate
         gone = set(leaving)
         batch.filter([key for key in batch.keys if key not in gone])
     batch.extend(joining)
-    updates = batch.step()
-    finished = {u.key for u in updates if u.finish is not None}
-    if finished:
-        batch.filter([key for key in batch.keys if key not in finished])
-    return updates
+    return batch.advance()

@@ -183,12 +183,8 @@ def drive(engine, first, joins):
         batch.extend(joining)
         if not len(batch):
             break
-        finished = set()
-        for update in batch.step():
+        for update in batch.advance():
             out[update.key] += update.tokens
-            if update.finish is not None:
-                finished.add(update.key)
-        batch.filter([k for k in batch.keys if k not in finished])
         calls += 1
     return out, calls
 
@@ -300,14 +296,10 @@ def test_logprobs_are_transformers_log_softmax(engine, hf_model):
     batch.extend([(0, GenerationRow(tuple(ids), 12, 0.9, 7, 0, logprobs=3)), (1, GenerationRow(tuple(ids), 5))])
     tokens, logprobs = [], []
     while 0 in batch.keys:
-        finished = set()
-        for u in batch.step():
+        for u in batch.advance():
             if u.key == 0:
                 tokens += u.tokens
                 logprobs += u.logprobs
-            if u.finish is not None:
-                finished.add(u.key)
-        batch.filter([k for k in batch.keys if k not in finished])
     assert len(logprobs) == len(tokens) + (len(tokens) < 12)  # end-of-text has its entry too
     reference = hf_model(tf.constant([ids + tokens])).logits.numpy()[0]
     for i, entry in enumerate(logprobs):

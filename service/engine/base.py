@@ -107,6 +107,14 @@ class DecodeBatch(ABC):
     @abstractmethod
     def filter(self, keys: Sequence[Hashable]) -> None: ...
 
+    def advance(self) -> list[RowUpdate]:
+        """One decode call, after which the rows that finished leave; returns its updates."""
+        updates = self.step()
+        finished = {u.key for u in updates if u.finish is not None}
+        if finished:
+            self.filter([key for key in self.keys if key not in finished])
+        return updates
+
 
 class PromptTooLong(ValueError):
     """A prompt's tokens plus `max_tokens` exceed the model's context window."""
@@ -161,12 +169,8 @@ class Engine(ABC):
             batch.extend([waiting.pop() for _ in range(min(room, len(waiting)))])
             if not len(batch):
                 return outputs
-            finished = set()
-            for update in batch.step():
+            for update in batch.advance():
                 outputs[update.key] += update.tokens
-                if update.finish is not None:
-                    finished.add(update.key)
-            batch.filter([k for k in batch.keys if k not in finished])
 
     def prompt_logprobs(self, prompt_ids: Sequence[int], top: int) -> list[TokenLogprob | None]:
         """Each prompt token's log-probability given the tokens before it (log-softmax of the
