@@ -29,18 +29,19 @@ async def generate_events(request: Request, decode: Callable[[Sequence[int]], st
                 on_tokens(d.tokens - generated[d.index])
                 generated[d.index] = d.tokens
                 if d.text:
-                    chunk.append(_event({"index": d.index, "text": d.text}))
+                    chunk.append(sse_event({"index": d.index, "text": d.text}))
                 if d.finish is not None:
-                    chunk.append(_event({"index": d.index, "text": "", "finish_reason": d.finish,
+                    chunk.append(sse_event({"index": d.index, "text": "", "finish_reason": d.finish,
                                          "prompt_tokens": prompt_tokens[d.index], "generated_tokens": d.tokens}))
             if chunk:
                 yield "".join(chunk)
     except GenerationFailed as exc:  # the status has gone out: say so in the stream
-        yield _event({"error": str(exc)})
+        yield sse_event({"error": str(exc)})
     yield "data: [DONE]\n\n"
 
 
-def _event(data: dict) -> str:
+def sse_event(data: dict) -> str:
+    """One server-sent event: a `data:` line holding `data` as JSON, and a blank line."""
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 

@@ -2,24 +2,22 @@
 POST /generate (one batch may mix both). Errors are answered in OpenAI's envelope
 (service/errors.py)."""
 
-import json
 import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated
 
 import anyio
-
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.config import Settings
 from service.engine import GenerationRow, TokenLogprob
 from service.errors import OpenAIError
 from service.runtime import Runtime
+from service.routes import RuntimeDep
 from service.schemas import MAX_SEED
-from service.streaming import ChoiceDelta, completion_deltas, unless_disconnected
+from service.streaming import ChoiceDelta, completion_deltas, sse_event, unless_disconnected
 from service.v1.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                  ErrorResponse, ModelCard, ModelList, Usage)
 
@@ -31,13 +29,6 @@ ERRORS = {status: {"model": ErrorResponse, "description": why} for status, why i
     (500, "Generation failed"),
     (503, "The model is loading, or the server is shutting down (see Retry-After)"),
 ]}
-
-
-def get_runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
-
-
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
 def create_v1_router(settings: Settings) -> APIRouter:
@@ -231,7 +222,7 @@ async def _chunks(deltas, reply: dict, echoes: list[_Echo], want_logprobs: bool,
 
     def chunk(index: int, text: str, finish, logprobs) -> str:
         choice = {"text": text, "index": index, "logprobs": logprobs and logprobs.model_dump(), "finish_reason": finish}
-        return _data({**reply, "object": "text_completion", "choices": [choice], **extra})
+        return sse_event({**reply, "object": "text_completion", "choices": [choice], **extra})
 
     try:
         echoed = [chunk(i, e.text, None, e.logprobs) for i, e in enumerate(echoes) if e.text]
@@ -249,20 +240,16 @@ async def _chunks(deltas, reply: dict, echoes: list[_Echo], want_logprobs: bool,
                 lines.append(chunk(d.index, d.text, _openai_finish(d.finish), logprobs))
             yield "".join(lines)
     except Exception as exc:  # the status has gone out: say so in the stream
-        yield _data({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
+        yield sse_event({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
                                "code": None}})
     else:
         if include_usage:
             usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens),
                           total_tokens=prompt_tokens + sum(tokens))
-            yield _data({**reply, "object": "text_completion", "choices": [], "usage": usage.model_dump()})
+            yield sse_event({**reply, "object": "text_completion", "choices": [], "usage": usage.model_dump()})
     yield "data: [DONE]\n\n"
 
 
 def _openai_finish(reason: str | None) -> str | None:
     """OpenAI's finish_reason: "length" for max_tokens, "stop" for end-of-text or a stop string."""
     return None if reason is None else "length" if reason == "length" else "stop"
-
-
-def _data(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
