@@ -128,7 +128,8 @@ class Scenario:
 
     name: str
     # What the bars call it: single, single_sampled, batch, batch_sampled, batch_filtered (top-k
-    # and top-p), same (8 identical prompts), long_single, long_batch, overload.
+    # and top-p), batch_nucleus (top-p alone), same (8 identical prompts), long_single,
+    # long_batch, overload.
     role: str
     clients: int
     requests: int
@@ -333,6 +334,8 @@ def make_preset(name: str) -> Preset:
         Scenario(f"sampled_c{c8}", "batch_sampled", c8, r8, mixed, n, t),
         # Issue 9: top-k and top-p cost at most 15% per token over plain sampling at batch 8.
         Scenario(f"topkp_c{c8}", "batch_filtered", c8, r8, mixed, n, t, top_k=TOP_K, top_p=TOP_P),
+        # top_p alone filters the whole vocabulary, not top_k's few candidates: its own bar.
+        Scenario(f"topp_c{c8}", "batch_nucleus", c8, r8, mixed, n, t, top_p=TOP_P),
         Scenario(f"same_c{c8}", "same", c8, r8, same, n),
         # Before the long prompts: the memory bar is the peak from process start through 32 clients,
         # and TFLite keeps the arena the long prompts' larger cache grows (reported after them).

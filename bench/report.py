@@ -158,6 +158,7 @@ def compute_ratios(scenarios: dict, baselines: dict) -> dict:
         "sampling_cost_single": _ratio(tps("single"), tps("single_sampled")),
         "sampling_cost_batch": _ratio(tps("batch"), tps("batch_sampled")),
         "filtering_cost_batch": _ratio(tps("batch_sampled"), tps("batch_filtered")),
+        "nucleus_cost_batch": _ratio(tps("batch_sampled"), tps("batch_nucleus")),
         "torch_b8_vs_naive_tf": _ratio(base("pt:mixed_b8"), base("tf:mixed_b1")),
         "torch_b8_vs_b1": _ratio(base("pt:mixed_b8"), base("pt:mixed_b1")),
     }
@@ -174,6 +175,7 @@ RATIO_PARTS = {
     "overload_vs_batch": ("overload", "batch"),
     "sampling_cost": ("single", "single_sampled", "batch", "batch_sampled"),
     "filtering_cost_batch": ("batch_sampled", "batch_filtered"),
+    "nucleus_cost_batch": ("batch_sampled", "batch_nucleus"),
 }
 
 
@@ -325,6 +327,10 @@ def compute_bars(backend: str, scenarios: dict, baselines: dict, service: dict,
                 f"top_p {by_role.get('batch_filtered', {}).get('top_p')}) vs {name('batch_sampled')}: time per token "
                 "at batch 8", fmt_bar(ratios["filtering_cost_batch"], ".3f", "×"), "≤ 1.15×",
                 _at_most(ratios["filtering_cost_batch"], 1.15), shared=shared(*RATIO_PARTS["filtering_cost_batch"])),
+            Bar("nucleus_cost_batch", f"{name('batch_nucleus')} (top_p {by_role.get('batch_nucleus', {}).get('top_p')} "
+                f"alone) vs {name('batch_sampled')}: time per token at batch 8",
+                fmt_bar(ratios["nucleus_cost_batch"], ".3f", "×"), "≤ 1.15×",
+                _at_most(ratios["nucleus_cost_batch"], 1.15), shared=shared(*RATIO_PARTS["nucleus_cost_batch"])),
             compiles_bar,
             *stream_bars(streams or {}, lambda *parts: any(
                 ((p.get("cpu") or {}).get("other_cores") or 0) > SHARED_CORES for p in parts)),

@@ -372,7 +372,7 @@ def test_tiny_run_reports_every_bar(tiny_result):
         "single_vs_torch_b1", "batch_vs_torch_b8", "same_vs_torch_b8", "long_single_vs_torch_b1",
         "long_batch_vs_torch_b8", "overload_errors", "overload_vs_batch", "peak_rss", "warmup", "sampling_cost",
         "compiles_after_warmup", "head_of_line", "uneven_vs_lockstep", "stream_overhead", "stream_first_piece",
-        "filtering_cost_batch"}
+        "filtering_cost_batch", "nucleus_cost_batch"}
     assert ids["litert-fp32"] == {"single_vs_torch_b1"}
     assert ids["tf"] == {"single_vs_torch_b1", "batch_vs_torch_b8", "batch_vs_naive_tf", "overload_errors",
                          "overload_vs_batch", "sampling_cost", "peak_rss", "warmup", "compiles_after_warmup"}
