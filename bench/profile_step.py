@@ -67,9 +67,9 @@ def decode_inputs(details: dict, batch: int, cache: int, model_dir: Path, seed: 
             else:
                 value = rng.normal(0, 0.1, shape)
         elif name == "mask" or name.startswith("mask"):
-            value = np.zeros([batch, 1, 1, cache + 1])
-        else:  # key_i / value_i: [B, H, C, D]
-            value = rng.normal(0, 1.0, [batch, shape[1], cache, shape[3]])
+            value = np.zeros([1, batch, batch * cache + 1])
+        else:  # key_i / value_i: a pool [H, S, D] holding `cache` slots for each row
+            value = rng.normal(0, 1.0, [shape[0], batch * cache, shape[2]])
         inputs[name] = np.ascontiguousarray(value, dtype=d["dtype"])
     return inputs
 
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path, required=True, help="directory holding gpt2.<precision>.tflite")
     p.add_argument("--precision", default="int8", choices=("int8", "fp32"))
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--cache", type=int, default=256, help="cache slots the step attends over")
+    p.add_argument("--cache", type=int, default=256, help="cache slots per row (the pool the step attends over holds batch x this)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="interpreter threads (default: the cores, as the service's NUM_THREADS default)")
     p.add_argument("--repeats", type=int, default=20)

@@ -45,7 +45,7 @@ from service.model_files import (  # noqa: E402
     write_manifest,
 )
 
-CONVERTER_VERSION = 2  # bump when the files' layout or signatures change
+CONVERTER_VERSION = 3  # bump when the files' layout or signatures change
 
 
 def source_fingerprint(model_dir: Path) -> str:

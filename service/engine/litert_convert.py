@@ -5,9 +5,15 @@ One `.tflite` file per precision, each with two signatures over the same weights
   values for its T positions, and no logits: the host prefills all of a prompt but its last
   token, which enters through `decode` with the rest of the batch. So the LM head (a third of
   DistilGPT2's int8 weights) is not in this signature, and XNNPACK packs it once, not twice.
-- `decode`: one new token for each of B rows, attending over a host-owned key/value cache of C
-  slots; returns the logits and each layer's key and value for that token only. The host keeps
-  the cache and writes the new slot itself, so the cache is never copied through a call.
+- `decode`: one new token for each of B rows, attending over a host-owned key/value *pool* of S
+  slots that all rows share; returns the logits and each layer's key and value for that token
+  only ([H, B, D]). The host keeps the pool and writes the new slots itself, so it is never copied through
+  a call. The additive mask [1, B, S + 1] says which slots are each row's own (the last column
+  is the new token itself). Scores are one matmul of every row's query against the whole pool
+  per head: the pool is read once a call, whatever the rows' lengths, where a cache per row
+  [B, C] made every row read as many slots as the longest row holds. The scores of other rows'
+  slots are masked to exactly zero weight (exp underflows), so a row's numbers do not depend on
+  its neighbours.
 
 The graph is written here from the weights (not by calling transformers' layers), in shapes
 XNNPACK delegates whole: 2-D matmuls for every weight (a 3-D one stays fp32 under dynamic-range
@@ -54,11 +60,11 @@ class _Decoder(tf.Module):
         self.w = {name: tf.Variable(value, trainable=False, name=name.replace(".", "_"))
                   for name, value in weights.items()}
         E, H, D = shape.n_embd, shape.n_head, shape.head_dim
-        kv = [tf.TensorSpec([None, H, None, D], tf.float32, name=f"{kind}_{i}")
+        kv = [tf.TensorSpec([H, None, D], tf.float32, name=f"{kind}_{i}")
               for i in range(shape.n_layer) for kind in ("key", "value")]
         self.decode = tf.function(self._decode, input_signature=[
             tf.TensorSpec([None, 1, E], tf.float32, name="embeds"),
-            tf.TensorSpec([None, 1, 1, None], tf.float32, name="mask"),
+            tf.TensorSpec([1, None, None], tf.float32, name="mask"),
             *kv,
         ])
         self.prefill = tf.function(self._prefill, input_signature=[
@@ -81,22 +87,25 @@ class _Decoder(tf.Module):
             x = self._finish_block(i, x, a, batch=1, length=-1)
         return outputs
 
-    def _decode(self, embeds, mask, *caches):
-        """embeds [B, 1, E]; mask [B, 1, 1, C + 1] additive, the last entry for the new token
-        itself; caches: key_0, value_0, key_1, ... each [B, H, C, D]."""
+    def _decode(self, embeds, mask, *pools):
+        """embeds [B, 1, E]; mask [1, B, S + 1] additive (0 on a row's own slots and, last, on the
+        new token itself; -1e4 elsewhere); pools: key_0, value_0, key_1, ... each [H, S, D]."""
+        E, H, D = self.shape.n_embd, self.shape.n_head, self.shape.head_dim
         x, outputs = embeds, {}
         scale = math.sqrt(self.shape.head_dim)
         for i in range(self.shape.n_layer):
-            k_cache, v_cache = caches[2 * i], caches[2 * i + 1]
-            q, k, v = self._qkv(i, x, batch=-1, length=1)  # [B, H, 1, D]
-            # Scores over the cache and over the new token, then one softmax over both: the
-            # cache is read in place, never concatenated with the new slot.
-            w_cache = tf.matmul(q, k_cache, transpose_b=True) / scale  # [B, H, 1, C]
-            w_new = tf.reduce_sum(q * k, axis=-1, keepdims=True) / scale  # [B, H, 1, 1]
-            p = tf.nn.softmax(tf.concat([w_cache, w_new], axis=-1) + mask, axis=-1)
-            a = tf.matmul(p[..., :-1], v_cache) + p[..., -1:] * v  # [B, H, 1, D]
-            x = self._finish_block(i, x, a, batch=-1, length=1)
-            outputs[f"key_{i}"], outputs[f"value_{i}"] = k, v
+            k_pool, v_pool = pools[2 * i], pools[2 * i + 1]
+            h = self._dense(self._norm(x, f"h{i}.ln_1"), f"h{i}.attn.c_attn")  # [B, 3E]
+            q, k, v = (tf.transpose(tf.reshape(t, [-1, H, D]), [1, 0, 2]) for t in tf.split(h, 3, axis=-1))  # [H, B, D]
+            # Scores over the pool and over the new token, then one softmax over both: the pool
+            # is read in place, never concatenated with the new slot.
+            w_pool = tf.matmul(q, k_pool, transpose_b=True) / scale  # [H, B, S]
+            w_new = tf.reduce_sum(q * k, axis=-1, keepdims=True) / scale  # [H, B, 1]
+            p = tf.nn.softmax(tf.concat([w_pool, w_new], axis=-1) + mask, axis=-1)
+            a = tf.matmul(p[..., :-1], v_pool) + p[..., -1:] * v  # [H, B, D]
+            a = tf.reshape(tf.transpose(a, [1, 0, 2]), [-1, E])  # merge heads: [B, E]
+            x = self._finish_merged(i, x, a)
+            outputs[f"key_{i}"], outputs[f"value_{i}"] = k, v  # [H, B, D]
         outputs["logits"] = self._logits(x)
         return outputs
 
@@ -112,6 +121,11 @@ class _Decoder(tf.Module):
     def _finish_block(self, i, x, a, batch, length):
         E = self.shape.n_embd
         a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, E])  # merge heads: [B*T, E]
+        return self._finish_merged(i, x, a, batch, length)
+
+    def _finish_merged(self, i, x, a, batch=-1, length=1):
+        """The rest of block i after attention, with the heads merged: a [B*T, E]."""
+        E = self.shape.n_embd
         x = x + tf.reshape(self._matmul(a, f"h{i}.attn.c_proj"), [batch, length, E])
         m = _gelu_new(self._dense(self._norm(x, f"h{i}.ln_2"), f"h{i}.mlp.c_fc"))
         return x + tf.reshape(self._matmul(m, f"h{i}.mlp.c_proj"), [batch, length, E])

@@ -17,6 +17,7 @@ is not delegated to XNNPACK).
 from __future__ import annotations
 
 import ctypes
+import heapq
 import json
 import logging
 import os
@@ -36,16 +37,26 @@ from service.model_files import LITERT_META, litert_model_file
 log = logging.getLogger(__name__)
 
 MASKED = -1e4  # transformers' TF GPT-2 mask value
+HEADROOM_CALLS = 4  # a pool is sized for its rows' slots and this many more calls
 MADV_DONTNEED = 4
 
 
 class Decoder:
-    """One LiteRT model file, and the key/value cache of the batch it decodes.
+    """One LiteRT model file, and the key/value pool of the batch it decodes.
 
-    Contract: `arrange(sources, C)` makes the batch's rows (kept rows and empty new ones) with C
-    slots each; `prefill(b, ids)` fills empty row b's first len(ids) slots (no logits: a prompt's
-    last token goes through `step`); `step(ids)` puts one token per row into each row's next
-    slot and returns the logits after it (no row's slots may be full).
+    Rows sit at batch positions; a position holds a row or is empty. Every layer's keys and
+    values live in one pool of slots that all rows share: row b owns the slots in `slots[b]` (in
+    the order of its positions), and the decode signature's mask shows each row its own slots
+    only. A row's slots can be anywhere in the pool, so rows join and leave without moving the
+    others, a finished row's slots go back to the free list, and a call reads the pool once
+    however long or short its rows are.
+
+    Contract: `arrange(sources, pool_size)` makes the batch's positions (kept rows and empty new
+    ones) over a pool of `pool_size` slots; `open_row(b)` / `close_row(b)` start and end the row
+    at empty position b; `prefill(b, ids)` puts ids into new slots of row b (no logits: a
+    prompt's last token goes through `step`); `step(ids)` puts one token per row into a new slot
+    of each and returns the logits after it. Both take free slots, which the caller makes sure
+    exist (`free_slots`).
     """
 
     def __init__(self, model_path: Path, embeddings: Rows, positions: np.ndarray, num_threads: int):
@@ -57,11 +68,13 @@ class Decoder:
         self._prefill = self._signature("prefill")
         self._decode = self._signature("decode")
         key = self._runtime.TensorSizeSignature(self._decode.inputs["key_0"], self._decode.subgraph)
-        self.n_head, self.head_dim = int(key[1]), int(key[3])
+        self.n_head, self.head_dim = int(key[0]), int(key[2])
         self.n_layer = sum(1 for name in self._decode.inputs if name.startswith("key_"))
         self.batch_size = 0
-        self.cache_size = 0
-        self.lengths = np.zeros([0], np.int64)  # filled slots per row
+        self.pool_size = 0
+        self.live: list[bool] = []  # per position: does it hold a row
+        self.slots: list[list[int]] = []  # per position: the row's slots, in order
+        self._free: list[int] = []  # a heap: the lowest free slot first
         self.last_arrange_seconds = 0.0  # what the last `arrange` and `step` took
         self.last_step_seconds = 0.0
 
@@ -71,57 +84,81 @@ class Decoder:
                           {n: d["index"] for n, d in runner.get_input_details().items()},
                           {n: d["index"] for n, d in runner.get_output_details().items()})
 
-    # --- the batch's cache -------------------------------------------------------------------
+    # --- the batch's pool -------------------------------------------------------------------
 
-    def arrange(self, sources: Sequence[int | None], cache_size: int) -> None:
-        """Make the batch `sources` long with `cache_size` slots a row: position j takes the cache
-        of current row `sources[j]`, or starts empty where it is None.
+    @property
+    def lengths(self) -> np.ndarray:
+        """Filled slots per position: a row's next token takes that position in its sequence."""
+        return np.array([len(s) for s in self.slots], np.int64)
 
-        Resizing reallocates the signature's tensors (their contents are lost), so the kept rows'
-        filled slots are copied out and back; only filled slots are copied and every other slot
-        is zeroed (masked slots must hold finite values: the mask is added, not selected)."""
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_slots(self) -> int:
+        return self.pool_size - len(self._free)
+
+    def arrange(self, sources: Sequence[int | None], pool_size: int) -> None:
+        """Make the batch `sources` long over `pool_size` slots: position j takes the row at
+        current position `sources[j]`, or is empty where it is None.
+
+        Resizing reallocates the signature's tensors (their contents are lost), so the kept
+        rows' slots are copied out and back, packed at the pool's start; every other slot is
+        zeroed (masked slots must hold finite values: the mask is added, not selected)."""
         started = time.perf_counter()
-        kept = [s for s in sources if s is not None]
-        filled = int(self.lengths[kept].max(initial=0)) if kept else 0
-        if filled > cache_size:
-            raise ValueError(f"a row holds {filled} slots, more than a cache of {cache_size}")
+        kept = [self.slots[s] for s in sources if s is not None]
+        used = sum(len(k) for k in kept)
+        if used > pool_size:
+            raise ValueError(f"the rows hold {used} slots, more than a pool of {pool_size}")
+        order = np.array([slot for k in kept for slot in k], np.int64)
         names = self._cache_names()
-        saved = {name: self._view(self._decode, "inputs", name)[kept, :, :filled] for name in names} if kept else {}
-        saved_mask = self._view(self._decode, "inputs", "mask")[kept, :, :, :filled] if kept else None
-        lengths = np.array([self.lengths[s] if s is not None else 0 for s in sources], np.int64)
-        self._resize_decode(len(sources), cache_size)
-        at = [j for j, s in enumerate(sources) if s is not None]
-        new = [j for j, s in enumerate(sources) if s is None]
+        saved = {name: self._view(self._decode, "inputs", name)[:, order] for name in names} if used else {}
+        self._resize_decode(len(sources), pool_size)
         for name in names:
-            cache = self._view(self._decode, "inputs", name)
-            cache[:, :, filled:] = 0
-            if at:
-                cache[at, :, :filled] = saved[name]
-            if new:
-                cache[new, :, :filled] = 0
+            pool = self._view(self._decode, "inputs", name)
+            pool[:, used:] = 0
+            if used:
+                pool[:, :used] = saved[name]
         mask = self._view(self._decode, "inputs", "mask")
         mask[...] = MASKED
-        mask[..., cache_size] = 0  # the new token always sees itself
-        if at:
-            mask[at, :, :, :filled] = saved_mask
-        self.lengths = lengths
+        mask[..., pool_size] = 0  # the new token always sees itself
+        counts = [len(self.slots[s]) if s is not None else 0 for s in sources]
+        self.live, self.slots, at = [s is not None for s in sources], [], 0
+        for j, n in enumerate(counts):
+            self.slots.append(list(range(at, at + n)))
+            mask[0, j, at:at + n] = 0
+            at += n
+        self._free = list(range(used, pool_size))  # sorted: already a heap
         self.last_arrange_seconds = time.perf_counter() - started
 
-    def clear_row(self, row: int) -> None:
-        """Empty row `row` in place, for a new row to be prefilled there (its old slots stay
-        finite, and masked)."""
-        mask = self._view(self._decode, "inputs", "mask")
-        mask[row] = MASKED
-        mask[row, ..., self.cache_size] = 0
-        self.lengths[row] = 0
+    def open_row(self, b: int) -> None:
+        """Start a row at empty position b."""
+        if self.live[b]:
+            raise ValueError(f"position {b} holds a row")
+        self.live[b] = True
 
-    def _resize_decode(self, batch_size: int, cache_size: int) -> None:
+    def close_row(self, b: int) -> None:
+        """End the row at position b: its slots go back to the free list (they keep finite
+        values, and no row's mask shows them)."""
+        mask = self._view(self._decode, "inputs", "mask")
+        mask[0, b, self.slots[b]] = MASKED
+        for slot in self.slots[b]:
+            heapq.heappush(self._free, slot)
+        self.slots[b], self.live[b] = [], False
+
+    def _take(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise ValueError(f"{n} slots asked, {len(self._free)} free in a pool of {self.pool_size}")
+        return [heapq.heappop(self._free) for _ in range(n)]
+
+    def _resize_decode(self, batch_size: int, pool_size: int) -> None:
         heads, head_dim = self.n_head, self.head_dim
-        shapes = {name: [batch_size, heads, cache_size, head_dim] for name in self._cache_names()}
-        shapes["mask"] = [batch_size, 1, 1, cache_size + 1]
+        shapes = {name: [heads, pool_size, head_dim] for name in self._cache_names()}
+        shapes["mask"] = [1, batch_size, pool_size + 1]
         shapes["embeds"] = [batch_size, 1, self._embeddings.shape[1]]
         self._resize(self._decode, shapes)
-        self.batch_size, self.cache_size = batch_size, cache_size
+        self.batch_size, self.pool_size = batch_size, pool_size
 
     def _cache_names(self) -> list[str]:
         return [f"{kind}_{i}" for i in range(self.n_layer) for kind in ("key", "value")]
@@ -132,31 +169,34 @@ class Decoder:
         n = len(ids)
         if n == 0:
             return
-        if n > self.cache_size:
-            raise ValueError(f"a prompt of {n} tokens does not fit a cache of {self.cache_size} slots")
+        start = len(self.slots[row])
+        if start + n > len(self._positions):
+            raise ValueError(f"a prompt of {start + n} tokens does not fit the context window")
         causal = np.triu(np.full([n, n], MASKED, np.float32), k=1)
         self._resize(self._prefill, {"embeds": [1, n, self._embeddings.shape[1]], "mask": [1, 1, n, n]})
-        self._view(self._prefill, "inputs", "embeds")[0] = self._embed(np.asarray(ids), np.arange(n))
+        self._view(self._prefill, "inputs", "embeds")[0] = self._embed(np.asarray(ids), np.arange(start, start + n))
         self._view(self._prefill, "inputs", "mask")[0, 0] = causal
         self._invoke(self._prefill)
+        slots = self._take(n)
         for name in self._cache_names():
-            self._view(self._decode, "inputs", name)[row, :, :n] = self._view(self._prefill, "outputs", name)[0]
-        self._view(self._decode, "inputs", "mask")[row, 0, 0, :n] = 0
-        self.lengths[row] = n
+            self._view(self._decode, "inputs", name)[:, slots] = self._view(self._prefill, "outputs", name)[0]
+        self._view(self._decode, "inputs", "mask")[0, row, slots] = 0
+        self.slots[row] += slots
 
     def step(self, ids: np.ndarray) -> np.ndarray:
-        """One token per row (in batch order) -> logits [batch, vocab] (a copy)."""
+        """One token per position (in batch order; an empty position's is ignored) -> logits
+        [batch, vocab] (a copy; an empty position's are meaningless)."""
         started = time.perf_counter()
+        rows = np.flatnonzero(self.live)
         at = self.lengths
-        if at.max(initial=0) >= self.cache_size:
-            raise ValueError("a row's cache is full")
+        slots = np.array(self._take(len(rows)), np.int64)
         self._view(self._decode, "inputs", "embeds")[:, 0] = self._embed(ids, at)
         self._invoke(self._decode)
-        rows = np.arange(self.batch_size)
         for name in self._cache_names():
-            self._view(self._decode, "inputs", name)[rows, :, at] = self._view(self._decode, "outputs", name)[:, :, 0]
-        self._view(self._decode, "inputs", "mask")[rows, 0, 0, at] = 0
-        self.lengths = at + 1
+            self._view(self._decode, "inputs", name)[:, slots] = self._view(self._decode, "outputs", name)[:, rows]
+        self._view(self._decode, "inputs", "mask")[0, rows, slots] = 0
+        for b, slot in zip(rows, slots):
+            self.slots[b].append(int(slot))
         logits = self._view(self._decode, "outputs", "logits").copy()
         self.last_step_seconds = time.perf_counter() - started
         return logits
@@ -220,7 +260,9 @@ class LiteRTGPT2Engine(Engine):
         self.eos_id = int(meta["eos_token_id"])
         self.context_window = int(meta["n_positions"])
         self.max_batch_size = max_batch_size
-        self.cache_sizes = cache_buckets(smallest_cache, self.context_window)
+        # The pool holds every row's slots: at most a full window a row, and a slot per row for
+        # the call that fills the last.
+        self.cache_sizes = cache_buckets(smallest_cache, max_batch_size * (self.context_window + 1))
         self._tokenizer = load_tokenizer(model_dir)
         embeddings = Rows(model_dir / meta["embeddings"])
         self.vocab_size = int(embeddings.shape[0])
@@ -264,6 +306,7 @@ class LiteRTGPT2Engine(Engine):
                 self._scorer = Decoder(self._model_path, self._embeddings, self._positions, self._threads)
             scorer = self._scorer
             scorer.arrange([None], self.cache_size_for(len(prompt_ids)))
+            scorer.open_row(0)
             out: list[TokenLogprob | None] = [None]
             for i in range(len(prompt_ids) - 1):
                 logits = scorer.step(np.array([prompt_ids[i]], np.int64))[0]
@@ -271,21 +314,23 @@ class LiteRTGPT2Engine(Engine):
             return out
 
     def cache_size_for(self, slots: int) -> int:
-        return next(c for c in self.cache_sizes if c >= slots)
+        """The smallest pool bucket holding `slots` (the largest, if none does)."""
+        return next((c for c in self.cache_sizes if c >= slots), self.cache_sizes[-1])
 
 
 class LiteRTBatch(DecodeBatch):
     """Rows decoding together in the engine's one decoder (one batch at a time per engine).
 
-    Each `step` is one decode call: one token a row. The batch's cache is the smallest bucket
-    that holds the rows' filled slots: attention reads every allocated slot at every step, so a
-    cache sized for the rows' final lengths would make each step pay for slots nothing has
-    filled yet. Changing the shape (more rows, fewer, a larger bucket) rearranges the cache, a
-    copy of the filled slots. A row that leaves becomes a hole that the next joining row takes
-    in place (a client answered tends to come back). A hole costs a row's share of every call;
-    it is compacted away once the holes have cost, in measured call time, what the last
-    rearrangement cost (the ski-rental rule: never pay more than twice the better choice in
-    hindsight).
+    Each `step` is one decode call: one token a row. The pool is the smallest bucket that holds
+    the rows' filled slots and the next call's, and grows by a bucket when it runs out: a call
+    reads every slot of the pool, so a pool sized for the rows' final lengths would make each
+    call pay for slots nothing has filled yet. A row that leaves gives its slots back to the
+    free list, where the next tokens take them, and leaves a hole in the batch that the next
+    joining row takes in place (a client answered tends to come back). Holes and a pool more
+    than a bucket too large cost a share of every call; they are compacted away once they have
+    cost, in measured call time, what the last rearrangement cost (the ski-rental rule: never
+    pay more than twice the better choice in hindsight). Changing the shape (more positions,
+    fewer, another pool size) rearranges: a copy of the filled slots.
     """
 
     def __init__(self, engine: LiteRTGPT2Engine):
@@ -296,7 +341,7 @@ class LiteRTBatch(DecodeBatch):
         self._generated: list[int] = []  # new tokens so far, per position
         self._history: list[list[int] | None] = []  # prompt + new tokens, for rows with a repetition penalty
         self._next = np.zeros([0], np.int64)  # the token each position feeds to the next step
-        self._hole_cost = 0.0  # seconds of calls spent on holes since the last rearrangement
+        self._waste = 0.0  # seconds of calls spent on holes and spare slots since the last rearrangement
 
     @property
     def keys(self) -> list[Hashable]:
@@ -307,31 +352,27 @@ class LiteRTBatch(DecodeBatch):
             return
         if len(self.keys) + len(entries) > self._engine.max_batch_size:
             raise ValueError(f"a batch holds at most {self._engine.max_batch_size} rows")
-        # Room for every prompt, and for the next step's token.
-        cache_size = self._engine.cache_size_for(max([len(row.prompt_ids) for _, row in entries]
-                                                      + [self._filled() + 1]))
+        decoder = self._decoder
+        # Room for every prompt, and for the next calls' slots of every row.
+        prompts = sum(len(row.prompt_ids) for _, row in entries)
         holes = self._holes()
-        if len(holes) < len(entries) or cache_size != self._decoder.cache_size:
-            self._rearrange(cache_size, extra=len(entries))
+        if len(holes) < len(entries) or decoder.free_slots < prompts + len(self.keys) + len(entries):
+            self._rearrange(extra=len(entries), slots=self._slots_wanted(len(entries)) + prompts)
             holes = self._holes()
         for b, (key, row) in zip(holes, entries):
-            self._decoder.clear_row(b)
-            self._decoder.prefill(b, row.prompt_ids[:-1])
+            decoder.open_row(b)
+            decoder.prefill(b, row.prompt_ids[:-1])
             self._keys[b], self._rows[b], self._generated[b] = key, row, 0
             self._history[b] = list(row.prompt_ids) if row.repetition_penalty != 1.0 else None
             self._next[b] = row.prompt_ids[-1]
-        if not self._holes():
-            self._hole_cost = 0.0
 
     def step(self) -> list[RowUpdate]:
         decoder = self._decoder
-        holes = self._holes()
-        if self._filled() >= decoder.cache_size:
-            self._rearrange(self._engine.cache_size_for(self._filled() + 1))
-        elif holes and self._hole_cost >= decoder.last_arrange_seconds:
-            self._rearrange(self._engine.cache_size_for(self._filled() + 1))
-        holes = self._holes()
-        decoder.lengths[holes] = 0  # a hole's garbage stays in its first slot
+        if decoder.free_slots < len(self.keys):
+            self._rearrange(slots=self._slots_wanted())
+        elif self._waste >= decoder.last_arrange_seconds and (self._holes() or self._spare_slots()):
+            self._rearrange(slots=self._slots_wanted())
+        holes, spare, positions = len(self._holes()), self._spare_slots(), len(self._keys)
         logits = decoder.step(self._next)
         eos = self._engine.eos_id
         updates = []
@@ -350,31 +391,40 @@ class LiteRTBatch(DecodeBatch):
             self._generated[b] += 1
             finish = "length" if self._generated[b] >= row.max_tokens else None
             updates.append(RowUpdate(self._keys[b], [token], finish, logprobs))
-        if holes:
-            self._hole_cost += decoder.last_step_seconds * len(holes) / len(self._keys)
-        else:
-            self._hole_cost = 0.0
+        # A hole costs a row's share of the call, spare slots their share of the pool.
+        self._waste += decoder.last_step_seconds * (holes / positions + spare / decoder.pool_size)
         return updates
 
     def filter(self, keys: Sequence[Hashable]) -> None:
         kept = set(keys)
         for b, key in enumerate(self._keys):
             if key is not None and key not in kept:
+                self._decoder.close_row(b)
                 self._keys[b] = self._rows[b] = None
         if not self.keys:  # empty: the decoder keeps its shape, for the next rows to reuse
-            self._hole_cost = 0.0
+            self._waste = 0.0
 
     def _holes(self) -> list[int]:
         return [b for b, key in enumerate(self._keys) if key is None]
 
-    def _rearrange(self, cache_size: int, extra: int = 0) -> None:
+    def _slots_wanted(self, joining: int = 0) -> int:
+        """The slots a pool is sized for: the rows' filled slots, and `HEADROOM_CALLS` more
+        calls' worth (so that a pool just grown does not grow again at the next call)."""
+        return self._decoder.used_slots + (len(self.keys) + joining) * HEADROOM_CALLS
+
+    def _spare_slots(self) -> int:
+        """Slots a rearrangement now would drop: the pool less the bucket it would be."""
+        return max(0, self._decoder.pool_size - self._engine.cache_size_for(self._slots_wanted()))
+
+    def _rearrange(self, slots: int, extra: int = 0) -> None:
         """Move the rows to a new shape: the live rows in order, then `extra` empty positions
-        (holes for joining rows). Counted in the engine's `compactions` when rows were dropped."""
+        (holes for joining rows), over the smallest pool that holds `slots`. Counted in the
+        engine's `compactions` when rows were dropped."""
         live = [b for b, key in enumerate(self._keys) if key is not None]
         if len(live) + extra == 0:
             return
         dropped = len(self._keys) - len(live)
-        self._decoder.arrange(live + [None] * extra, cache_size)
+        self._decoder.arrange(live + [None] * extra, self._engine.cache_size_for(slots))
         self._keys = [self._keys[b] for b in live] + [None] * extra
         self._rows = [self._rows[b] for b in live] + [None] * extra
         self._generated = [self._generated[b] for b in live] + [0] * extra
@@ -382,11 +432,7 @@ class LiteRTBatch(DecodeBatch):
         self._next = np.concatenate([self._next[live], np.zeros([extra], np.int64)]).astype(np.int64)
         if dropped and live:
             self._engine.compactions += 1
-        self._hole_cost = 0.0
-
-    def _filled(self) -> int:
-        live = [b for b, key in enumerate(self._keys) if key is not None]
-        return int(self._decoder.lengths[live].max()) if live else 0
+        self._waste = 0.0
 
 
 def _drop_mapped_pages(path: Path) -> int:
@@ -412,11 +458,11 @@ def resolve_precision(precision: str, meta: dict) -> str:
     return precision
 
 
-def cache_buckets(step: int, context_window: int) -> tuple[int, ...]:
-    """Cache sizes in multiples of `step` up to the context window: attention costs what the
-    allocated cache costs, so a batch takes the smallest that holds its longest row. Nothing is
-    compiled per size, so the steps can be fine (a 528-slot batch gets 640 slots, not 1024)."""
-    return (*range(step, context_window, step), context_window)
+def cache_buckets(step: int, largest: int) -> tuple[int, ...]:
+    """Pool sizes in multiples of `step` up to `largest`: attention costs what the allocated
+    pool costs, so a batch takes the smallest that holds its rows' slots. Nothing is compiled
+    per size, so the steps can be fine."""
+    return (*range(step, largest, step), largest)
 
 
 class Rows:
