@@ -84,8 +84,24 @@ class Objects:
         return self.one("Deployment", "llm-service")
 
     @property
-    def job(self) -> dict:
-        return self.one("Job", "llm-service-model-init")
+    def job(self) -> dict | None:
+        jobs = self.of("Job")
+        return self.one("Job", "llm-service-model-init") if jobs else None
+
+    @property
+    def pods(self) -> list[dict]:
+        """Every pod template: the API's, and the Job's where the weights are shared."""
+        return [o["spec"]["template"]["spec"] for o in self.all if o["kind"] in ("Deployment", "Job")]
+
+    @property
+    def model_init(self) -> tuple[dict, dict]:
+        """The pod and the container that fill the weights: the Job's, or the API pod's first
+        init container (components/per-pod-weights)."""
+        if self.job is not None:
+            pod = self.job["spec"]["template"]["spec"]
+            return pod, pod["containers"][0]
+        pod = self.api["spec"]["template"]["spec"]
+        return pod, pod["initContainers"][0]
 
 
 @pytest.fixture(params=OVERLAYS)
@@ -138,7 +154,7 @@ def container_port(container: dict, port: int | str) -> int:
 
 
 def test_the_overlays_are_found():
-    assert {"example", "tf"} <= set(OVERLAYS)
+    assert {"example", "tf", "per-pod-weights"} <= set(OVERLAYS)
 
 
 def test_every_overlay_validates_strictly(kubectl, overlay, tmp_path):
@@ -163,14 +179,23 @@ def test_strict_validation_rejects_an_unknown_field(kubectl, tmp_path):
     assert "'runAsNonRot' was unexpected" in done.stdout
 
 
-@pytest.mark.parametrize("workload", ["api", "job"])
-def test_pods_run_unprivileged_on_a_read_only_root(objects, workload):
-    pod = getattr(objects, workload)["spec"]["template"]["spec"]
+def test_every_image_is_the_overlays_own(objects):
+    images = {c["image"] for pod in objects.pods for c in pod_containers(pod)}
+    assert {image.rsplit(":", 1)[0] for image in images} == {"registry.example.com/llm-service"}, images
+
+
+def test_pods_run_unprivileged_on_a_read_only_root(objects):
+    assert len(objects.pods) == (2 if objects.job else 1)
+    for pod in objects.pods:
+        check_unprivileged(pod)
+
+
+def check_unprivileged(pod: dict) -> None:
     assert pod["automountServiceAccountToken"] is False
     assert pod["enableServiceLinks"] is False
     security = pod["securityContext"]
     assert security["runAsNonRoot"] is True
-    # The images' user owns nothing else; fsGroup lets it write a fresh volume (the Job).
+    # The images' user; fsGroup lets it write a fresh volume (model-init).
     assert security["runAsUser"] == security["runAsGroup"] == security["fsGroup"] == IMAGE_UID
     assert security["seccompProfile"] == {"type": "RuntimeDefault"}
     for container in pod_containers(pod):
@@ -181,45 +206,55 @@ def test_pods_run_unprivileged_on_a_read_only_root(objects, workload):
         }, container["name"]
 
 
-@pytest.mark.parametrize("workload", ["api", "job"])
-def test_what_the_service_writes_is_on_a_writable_empty_dir(objects, workload):
-    pod = getattr(objects, workload)["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    main = pod["containers"][0]
-    writable = [m["mountPath"] for m in main["volumeMounts"]
-                if not m.get("readOnly") and "emptyDir" in volumes[m["name"]]]
-    paths = [IMAGE_HF_HOME, "/tmp/"] + [e["value"] for name, e in env_of(main).items() if name == "XLA_CACHE_DIR"]
-    for path in paths:
-        assert any(path.startswith(mount.rstrip("/") + "/") for mount in writable), (path, writable)
-    for volume in volumes.values():
-        if "emptyDir" in volume:
-            assert "sizeLimit" in volume["emptyDir"], volume["name"]
+def test_what_the_service_writes_is_on_a_writable_empty_dir(objects):
+    """HF_HOME, Python's and TensorFlow's temporary files (/tmp) and XLA_CACHE_DIR, for the API
+    and the model-init step; the root filesystem is read-only."""
+    for pod, container in (objects.model_init, (objects.api["spec"]["template"]["spec"], api_container(objects))):
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        writable = [m["mountPath"] for m in container["volumeMounts"]
+                    if not m.get("readOnly") and "emptyDir" in volumes[m["name"]]]
+        paths = [IMAGE_HF_HOME, "/tmp/"] + [e["value"] for n, e in env_of(container).items() if n == "XLA_CACHE_DIR"]
+        for path in paths:
+            assert any(path.startswith(mount.rstrip("/") + "/") for mount in writable), (container["name"], path)
+        for volume in volumes.values():
+            if "emptyDir" in volume:
+                assert "sizeLimit" in volume["emptyDir"], volume["name"]
 
 
-def test_the_weights_are_one_shared_volume_the_api_reads_only(objects):
-    pvc = objects.one("PersistentVolumeClaim", "llm-service-models")
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    job_pod = objects.job["spec"]["template"]["spec"]
+def test_the_api_reads_the_weights_only_after_model_init_wrote_them(objects):
     api_pod = objects.api["spec"]["template"]["spec"]
-    for pod, read_only in ((job_pod, False), (api_pod, True)):
-        (volume,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
-        assert volume["persistentVolumeClaim"]["claimName"] == "llm-service-models"
-        assert volume["persistentVolumeClaim"].get("readOnly", False) is read_only
-        for container in pod_containers(pod):
-            mounts = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
-            assert [(m["mountPath"], m.get("readOnly", False)) for m in mounts] == [("/models", read_only)]
-    # The API's first container waits for the conversion the Job writes last.
-    assert api_pod["initContainers"][0]["name"] == "wait-for-model"
-    assert "has_litert_files" in api_pod["initContainers"][0]["command"][-1]
+    init_pod, init = objects.model_init
+    (models,) = [v for v in api_pod["volumes"] if v["name"] == "models"]
+    if objects.job is not None:
+        # One volume for every replica, filled by the Job, read-only for the API.
+        pvc = objects.one("PersistentVolumeClaim", "llm-service-models")
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert models["persistentVolumeClaim"] == {"claimName": "llm-service-models", "readOnly": True}
+        (job_models,) = [v for v in init_pod["volumes"] if v["name"] == "models"]
+        assert job_models["persistentVolumeClaim"] == {"claimName": "llm-service-models"}
+    else:
+        # Each pod its own copy, filled by its first init container.
+        assert not objects.of("PersistentVolumeClaim")
+        assert sorted(models) == ["emptyDir", "name"]
+        assert api_pod["initContainers"][0] is init
+    assert [(m["mountPath"], m.get("readOnly", False)) for m in init["volumeMounts"] if m["name"] == "models"] \
+        == [("/models", False)]
+    for container in pod_containers(api_pod):
+        if container is not init:
+            assert [(m["mountPath"], m.get("readOnly", False)) for m in container["volumeMounts"]
+                    if m["name"] == "models"] == [("/models", True)], container["name"]
+    # Before the API starts, a step waits for the conversion, which model-init writes last.
+    wait = [c for c in api_pod["initContainers"] if c["name"] == "wait-for-model"]
+    assert wait and "has_litert_files" in wait[0]["command"][-1]
 
 
 def test_the_job_and_the_api_run_what_compose_runs(objects):
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    job = objects.job["spec"]["template"]["spec"]["containers"][0]
-    assert job["command"] == compose["model-init"]["command"]
-    assert job["image"].endswith(":tf")
-    assert env_of(job)["MODEL_DIR"]["value"] == compose["model-init"]["environment"]["MODEL_DIR"]
-    assert objects.job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    _, init = objects.model_init
+    assert init["command"] == compose["model-init"]["command"]
+    assert init["image"].endswith(":tf")
+    assert env_of(init)["MODEL_DIR"]["value"] == compose["model-init"]["environment"]["MODEL_DIR"]
+    assert env_of(init)["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
 
     api = api_container(objects)
     env = env_of(api)
@@ -235,8 +270,8 @@ def test_the_job_and_the_api_run_what_compose_runs(objects):
 def test_every_config_map_reference_resolves(objects):
     maps = {m["metadata"]["name"]: m["data"] for m in objects.of("ConfigMap")}
     references = [e["valueFrom"]["configMapKeyRef"]
-                  for workload in (objects.api, objects.job)
-                  for container in pod_containers(workload["spec"]["template"]["spec"])
+                  for pod in objects.pods
+                  for container in pod_containers(pod)
                   for e in container.get("env", []) if "configMapKeyRef" in e.get("valueFrom", {})]
     assert {r["key"] for r in references} == {"MODEL_ID", "MODEL_REVISION", "SERVED_MODEL_NAME"}
     for reference in references:
@@ -268,7 +303,7 @@ def test_resources_come_from_the_benchmark_and_make_a_guaranteed_pod(objects):
     # NUM_THREADS follows the CPU limit: the default would count the node's cores.
     assert env_of(api)["NUM_THREADS"]["valueFrom"]["resourceFieldRef"] == {
         "containerName": "api", "resource": "limits.cpu", "divisor": "1"}
-    assert "memory" in objects.job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "memory" in objects.model_init[1]["resources"]["limits"]
 
 
 def test_the_grace_period_outlasts_the_drain(objects):
@@ -291,9 +326,17 @@ def test_the_network_policy_admits_the_api_port_only(objects):
     assert list(rule) == ["ports"]  # from anywhere, to these ports only
     api = api_container(objects)
     assert [(container_port(api, p["port"]), p["protocol"]) for p in rule["ports"]] == [(8000, "TCP")]
+    others = [p for p in objects.of("NetworkPolicy") if p is not policies[0]]
+    if objects.job is None:
+        # The pod downloads the weights itself: names and HTTPS, nothing else.
+        (rule,) = spec["egress"]
+        assert list(rule) == ["ports"]
+        assert sorted((p["port"], p["protocol"]) for p in rule["ports"]) == [(53, "TCP"), (53, "UDP"), (443, "TCP")]
+        assert not others
+        return
     assert spec["egress"] == []  # nothing is fetched at run time
     # The Job's pod takes no connection at all.
-    (job_policy,) = [p for p in objects.of("NetworkPolicy") if p is not policies[0]]
+    (job_policy,) = others
     assert job_policy["spec"]["podSelector"]["matchLabels"].items() <= \
         objects.job["spec"]["template"]["metadata"]["labels"].items()
     assert job_policy["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in job_policy["spec"]
