@@ -153,8 +153,20 @@ def container_port(container: dict, port: int | str) -> int:
     return number
 
 
+def exported_gauges() -> set[str]:
+    """The gauges GET /metrics serves, from the service's own registry (before warm-up)."""
+    from types import SimpleNamespace
+
+    from service.metrics import Metrics
+
+    runtime = SimpleNamespace(engine=None, scheduler=None, ready=False, warmup_seconds=None)
+    text = Metrics(runtime).render().decode()
+    return set(re.findall(r"^# TYPE (\S+) gauge$", text, re.MULTILINE))
+
+
 def test_the_overlays_are_found():
-    assert {"example", "tf", "per-pod-weights"} <= set(OVERLAYS)
+    assert {"example", "tf", "per-pod-weights", "queue-autoscaling"} <= set(OVERLAYS)
+    assert "llm_queue_prompts" in exported_gauges()
 
 
 def test_every_overlay_validates_strictly(kubectl, overlay, tmp_path):
@@ -355,7 +367,13 @@ def test_service_autoscaler_and_disruption_budget_select_the_api(objects):
     hpa = objects.one("HorizontalPodAutoscaler", "llm-service")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "llm-service"}
     (metric,) = hpa["spec"]["metrics"]
-    assert metric["resource"]["name"] == "cpu"
+    if metric["type"] == "Pods":
+        # A gauge the service really exports (through a metrics adapter).
+        assert metric["pods"]["metric"]["name"] in exported_gauges()
+        assert metric["pods"]["target"]["type"] == "AverageValue"
+    else:
+        assert metric == {"type": "Resource", "resource": {
+            "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}
     assert 2 <= hpa["spec"]["minReplicas"] <= deployment["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
 
     pdb = objects.one("PodDisruptionBudget", "llm-service")
