@@ -316,7 +316,8 @@ def test_resources_come_from_the_benchmark_and_make_a_guaranteed_pod(objects):
     # NUM_THREADS follows the CPU limit: the default would count the node's cores.
     assert env_of(api)["NUM_THREADS"]["valueFrom"]["resourceFieldRef"] == {
         "containerName": "api", "resource": "limits.cpu", "divisor": "1"}
-    assert "memory" in objects.model_init[1]["resources"]["limits"]
+    # Converting DistilGPT2's shape peaked at 3.1 GiB resident (measured with /usr/bin/time -v).
+    assert quantity(objects.model_init[1]["resources"]["limits"]["memory"]) >= 3122 * 2**20 * 1.25
 
 
 def test_the_grace_period_outlasts_the_drain(objects):
