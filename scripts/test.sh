@@ -3,6 +3,7 @@
 #   ./scripts/test.sh            unit, engine, HTTP and benchmark tests, then the Docker checks
 #   ./scripts/test.sh -k scheduler arguments after the script go to pytest (Docker checks skipped)
 #   SKIP_DOCKER=1 ./scripts/test.sh   skip the Docker checks
+#   SKIP_KUBERNETES=1 ./scripts/test.sh   skip rendering deploy/kubernetes/ (and fetching kubectl)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +32,12 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install --quiet --no-deps -r requirements-nodeps.txt
   rm -f "$VENV"/.installed-*
   touch "$stamp"
+fi
+
+# kubectl (with kustomize) for tests/test_kubernetes.py, pinned and cached under .cache/kubernetes/;
+# kubernetes-validate, the other tool it uses, is in requirements-dev.txt.
+if [ -z "${SKIP_KUBERNETES:-}" ]; then
+  bash scripts/install_kubectl.sh
 fi
 
 "$VENV/bin/python" -m pytest "$@"
