@@ -102,8 +102,8 @@ def load_settings() -> Settings:
     try:
         verify_manifest(settings.model_dir)
     except ModelDirError as exc:
-        raise SystemExit(f"service: refusing to start: {exc}; run model-init (scripts/download_model.py) "
-                         "again to fetch it anew") from None
+        raise SystemExit(f"service: refusing to start: {exc}; fetch the model again "
+                         "(scripts/download_model.py --force; README: Faults)") from None
     settings._manifest_verified = True
     return settings
 

@@ -61,6 +61,9 @@ class ShutdownAborted(SchedulerStopped, GenerationFailed):
     """The server stopped before this row finished (a second signal, or the shutdown's grace
     period ended): answered as a stopping server is (503 + Retry-After)."""
 
+    def __init__(self):
+        super().__init__("the server shut down before this request finished; retry later")
+
 
 @dataclass(frozen=True)
 class RowEvent:
@@ -238,7 +241,7 @@ class Scheduler:
             self._waiting.clear()
             self._changed.notify()
         if waiting:
-            error = ShutdownAborted("the server shut down before this request was served; retry later")
+            error = ShutdownAborted()
             _put_events([(request, error) for request in dict.fromkeys(r.request for r in waiting)])
 
     def submit(self, rows: Sequence[GenerationRow], *, stream: bool = False, interval: float = 0.0,
@@ -267,7 +270,7 @@ class Scheduler:
                 leaving, joining = self._next_changes()
                 if leaving is None:
                     if self._running:  # aborted
-                        self._fail(ShutdownAborted("the server shut down before this request finished; retry later"))
+                        self._fail(ShutdownAborted())
                     return
                 for key in leaving:
                     self._running.pop(key, None)

@@ -238,7 +238,7 @@ def test_abort_during_a_stop_answers_the_rest_at_once():
 
     finished, took, errors = asyncio.run(main())
     assert finished is False and took < 0.1
-    assert errors == ["the server shut down before this request was served; retry later",
+    assert errors == ["the server shut down before this request finished; retry later",
                       "the server shut down before this request finished; retry later"]
 
 
