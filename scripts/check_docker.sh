@@ -349,16 +349,17 @@ sys.exit(f"model files in the image: {found}" if found else 0)
 
 # ---- faults ------------------------------------------------------------------------------
 
-# Three requests of 32 prompts x 1000 tokens (several seconds on the tiny model), sent together;
-# prints each one's HTTP status, or "error" when the connection broke. A 503 must carry
-# Retry-After.
+# Three requests of 32 prompts x $1 tokens (1000: about 20 s on the tiny model here), sent
+# together; prints each one's HTTP status, or "error" when the connection broke. A 503 must
+# carry Retry-After.
 long_requests() {
-    python3 - "$PUBLISH_PORT" <<'EOF'
+    python3 - "$PUBLISH_PORT" "$1" <<'EOF'
 import json, sys, threading, urllib.error, urllib.request
 
 url = f"http://127.0.0.1:{sys.argv[1]}/generate"
 http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-payload = json.dumps({"prompts": [f"p{i}" for i in range(32)], "max_tokens": 1000, "temperature": 0}).encode()
+payload = json.dumps({"prompts": [f"p{i}" for i in range(32)], "max_tokens": int(sys.argv[2]),
+                      "temperature": 0}).encode()
 answers = [None] * 3
 
 def send(i):
@@ -413,7 +414,7 @@ faults() {
     # The process dies as the OOM killer would end it: SIGKILL from outside, not `docker kill`
     # (which counts as stopping it by hand, so the restart policy would leave it down).
     say "fault: api's process SIGKILLed mid-batch -> its requests fail at once, api restarts healthy"
-    long_requests >"$RUN/killed.txt" &
+    long_requests 1000 >"$RUN/killed.txt" &
     clients=$!
     sleep 1.5
     pid=$(docker inspect -f '{{.State.Pid}}' "$api_id")
@@ -428,9 +429,10 @@ faults() {
     [ "$(short_request)" = "200 -" ] || fail "api does not serve after its restart"
     say "    answers: $answers; healthy and serving again $(elapsed "$t0") s later ($status)"
 
-    # SIGTERM: the running and queued requests finish (200), a new one gets 503, exit 0.
+    # SIGTERM: the running and queued requests finish (200), a new one gets 503, exit 0. Half
+    # the tokens: the drain must end well inside the grace period (30 s) on a slower machine.
     say "SIGTERM: docker compose stop api while requests run -> they finish, new ones get 503, exit 0"
-    long_requests >"$RUN/drained.txt" &
+    long_requests 500 >"$RUN/drained.txt" &
     clients=$!
     sleep 1.5
     t0=$(date +%s)
