@@ -1,9 +1,9 @@
 """Graceful shutdown for `python -m service`: drain on SIGTERM, then let uvicorn shut down.
 
 uvicorn's own handling of SIGTERM closes the listening socket at once and then waits for open
-connections (https://www.uvicorn.org/server-behavior/#graceful-process-shutdown), so a request
-arriving during the drain is refused at the TCP level, and afterwards uvicorn re-raises the
-signal, so the process ends with status 143. Here the first signal starts a drain instead:
+connections, so a request arriving during the drain is refused at the TCP level; afterwards it
+re-raises the signal, so the process ends with status 143 (`Server.shutdown` and
+`Server.capture_signals` in https://github.com/encode/uvicorn/blob/0.54.0/uvicorn/server.py). Here the first signal starts a drain instead:
 the server keeps listening and answers new work 503 with Retry-After, while the accepted work
 finishes within SHUTDOWN_GRACE_SECONDS; then uvicorn shuts down as usual and the process exits 0.
 """
