@@ -397,6 +397,26 @@ except urllib.error.HTTPError as e:
 EOF
 }
 
+# Poll /health until it answers 503 "draining" (prints it), for at most 10 s.
+wait_draining() {
+    python3 - "$PUBLISH_PORT" <<'EOF'
+import json, sys, time, urllib.error, urllib.request
+
+http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    try:
+        http.open(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=5).close()
+    except urllib.error.HTTPError as e:
+        body = json.load(e)
+        if e.code == 503 and body.get("status") == "draining":
+            print(e.code, json.dumps(body))
+            sys.exit(0)
+    time.sleep(0.05)
+sys.exit("/health never said draining")
+EOF
+}
+
 wait_healthy() { # $1: container; $2: seconds
     local state
     for _ in $(seq "$2"); do
@@ -438,7 +458,8 @@ faults() {
     t0=$(date +%s)
     compose stop api >"$RUN/stop.log" 2>&1 &
     stopping=$!
-    sleep 1
+    status=$(wait_draining) || fail "api did not report draining on /health"
+    say "    GET /health -> $status"
     status=$(short_request)
     [ "$status" = "503 5" ] || fail "a request during the drain got '$status', not 503 with Retry-After"
     wait "$stopping" || { cat "$RUN/stop.log" >&2; fail "compose stop api"; }
