@@ -10,7 +10,10 @@
 #      LiteRT without restarts or OOM kills, /health and /generate answer on the published port,
 #      the volume holds the weights, the .tflite files and a manifest listing them, a second
 #      model-init does nothing, the litert image holds no TensorFlow, neither image holds model
-#      files; then `docker compose down -v`. It reports both image sizes and api's peak memory.
+#      files; then faults: api's process SIGKILLed mid-batch comes back healthy (restart policy),
+#      and `docker compose stop api` while requests run drains them (each answered 200, a new one
+#      503) and exits 0 within the grace period; then `docker compose down -v`. It reports both
+#      image sizes and api's peak memory.
 #
 #   bash scripts/check_docker.sh
 #
@@ -334,12 +337,142 @@ sys.exit(f"model files in the image: {found}" if found else 0)
 ' || fail "$image holds model files"
     done
 
+    faults
+
     say "docker compose down -v"
     compose down -v --remove-orphans >/dev/null 2>&1 || fail "compose down"
     COMPOSE_UP=
     [ -z "$(docker volume ls -q --filter "name=${PROJECT}_models")" ] || fail "the volume survived down -v"
     # Keep the tagged images (the next run's build cache), drop what earlier builds left dangling.
     docker image prune -f >/dev/null
+}
+
+# ---- faults ------------------------------------------------------------------------------
+
+# Three requests of 32 prompts x $1 tokens (1000: about 20 s on the tiny model here), sent
+# together; prints each one's HTTP status, or "error" when the connection broke. A 503 must
+# carry Retry-After.
+long_requests() {
+    python3 - "$PUBLISH_PORT" "$1" <<'EOF'
+import json, sys, threading, urllib.error, urllib.request
+
+url = f"http://127.0.0.1:{sys.argv[1]}/generate"
+http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+payload = json.dumps({"prompts": [f"p{i}" for i in range(32)], "max_tokens": int(sys.argv[2]),
+                      "temperature": 0}).encode()
+answers = [None] * 3
+
+def send(i):
+    request = urllib.request.Request(url, data=payload, headers={"Content-Type": "application/json"})
+    try:
+        with http.open(request, timeout=120) as r:
+            answers[i] = str(r.status) if len(json.load(r)["results"]) == 32 else "short"
+    except urllib.error.HTTPError as e:
+        answers[i] = f"{e.code}" + ("" if e.code != 503 or e.headers.get("Retry-After") else " without Retry-After")
+    except (urllib.error.URLError, ConnectionError, OSError):
+        answers[i] = "error"
+
+threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(" ".join(answers))
+EOF
+}
+
+# One short POST /generate; prints "status retry-after".
+short_request() {
+    python3 - "$PUBLISH_PORT" <<'EOF'
+import json, sys, urllib.error, urllib.request
+
+http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+request = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/generate", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"prompts": ["Hello"], "max_tokens": 4}).encode())
+try:
+    with http.open(request, timeout=60) as r:
+        print(r.status, "-")
+except urllib.error.HTTPError as e:
+    print(e.code, e.headers.get("Retry-After", "-"))
+EOF
+}
+
+# Poll /health until it answers 503 "draining" (prints it), for at most 10 s.
+wait_draining() {
+    python3 - "$PUBLISH_PORT" <<'EOF'
+import json, sys, time, urllib.error, urllib.request
+
+http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    try:
+        http.open(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=5).close()
+    except urllib.error.HTTPError as e:
+        body = json.load(e)
+        if e.code == 503 and body.get("status") == "draining":
+            print(e.code, json.dumps(body))
+            sys.exit(0)
+    time.sleep(0.05)
+sys.exit("/health never said draining")
+EOF
+}
+
+wait_healthy() { # $1: container; $2: seconds
+    local state
+    for _ in $(seq "$2"); do
+        state=$(docker inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$1")
+        [ "$state" = "running healthy" ] && return 0
+        sleep 1
+    done
+    fail "api not healthy again after $2 s: $state"
+}
+
+faults() {
+    local api_id pid t0 answers took status clients stopping
+    api_id=$(compose ps -q api)
+
+    # The process dies as the OOM killer would end it: SIGKILL from outside, not `docker kill`
+    # (which counts as stopping it by hand, so the restart policy would leave it down).
+    say "fault: api's process SIGKILLed mid-batch -> its requests fail at once, api restarts healthy"
+    long_requests 1000 >"$RUN/killed.txt" &
+    clients=$!
+    sleep 1.5
+    pid=$(docker inspect -f '{{.State.Pid}}' "$api_id")
+    kill -KILL "$pid"
+    t0=$(date +%s)
+    wait "$clients" || fail "the clients of the killed api"
+    answers=$(cat "$RUN/killed.txt")
+    [[ "$answers" =~ error ]] || fail "no request was cut by the kill (answers: $answers): it came too late"
+    wait_healthy "$api_id" 120
+    status=$(docker inspect -f 'restarts={{.RestartCount}}' "$api_id")
+    [ "$status" = "restarts=1" ] || fail "api after the kill: $status"
+    [ "$(short_request)" = "200 -" ] || fail "api does not serve after its restart"
+    say "    answers: $answers; healthy and serving again $(elapsed "$t0") s later ($status)"
+
+    # SIGTERM: the running and queued requests finish (200), a new one gets 503, exit 0. Half
+    # the tokens: the drain must end well inside the grace period (30 s) on a slower machine.
+    say "SIGTERM: docker compose stop api while requests run -> they finish, new ones get 503, exit 0"
+    long_requests 500 >"$RUN/drained.txt" &
+    clients=$!
+    sleep 1.5
+    t0=$(date +%s)
+    compose stop api >"$RUN/stop.log" 2>&1 &
+    stopping=$!
+    status=$(wait_draining) || fail "api did not report draining on /health"
+    say "    GET /health -> $status"
+    status=$(short_request)
+    [ "$status" = "503 5" ] || fail "a request during the drain got '$status', not 503 with Retry-After"
+    wait "$stopping" || { cat "$RUN/stop.log" >&2; fail "compose stop api"; }
+    took=$(elapsed "$t0")
+    wait "$clients" || fail "the clients of the draining api"
+    answers=$(cat "$RUN/drained.txt")
+    [ "$answers" = "200 200 200" ] || fail "requests accepted before SIGTERM got '$answers', not 200 each"
+    status=$(docker inspect -f '{{.State.Status}} exit={{.State.ExitCode}} oom={{.State.OOMKilled}}' "$api_id")
+    [ "$status" = "exited exit=0 oom=false" ] || fail "api after compose stop: $status"
+    docker logs "$api_id" 2>&1 | grep -E "draining: [0-9]+ running and [0-9]+ queued" | tail -n 1 | sed 's/^/    /' >&2
+    docker logs "$api_id" 2>&1 | grep -q "service.runtime: drained" || fail "api's log does not say it drained"
+    [ "$took" -le 35 ] || fail "compose stop took $took s, over the grace period"
+    say "    answers: $answers; a new request: 503; stopped in $took s: $status"
 }
 
 install_tools

@@ -1,17 +1,18 @@
-"""`python -m service`: run the server on HOST:PORT from the settings."""
+"""`python -m service`: run the server on HOST:PORT from the settings, draining on SIGTERM
+(service/shutdown.py)."""
 
-import uvicorn
+import sys
 
 from service.app import configure_logging, create_app
 from service.config import load_settings
+from service.shutdown import serve
 
 
-def main() -> None:
+def main() -> int:
     settings = load_settings()
     configure_logging(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=None)
+    return serve(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.model_files import ModelDirError, check_model_dir, has_litert_files
+from service.model_files import ModelDirError, check_model_dir, has_litert_files, verify_manifest
 
 
 class Settings(BaseSettings):
@@ -45,6 +45,18 @@ class Settings(BaseSettings):
     min_cache_size: int = Field(128, ge=16, description="Smallest cache bucket, in tokens; tf buckets double up to the context window, LiteRT's are its multiples.")
     xla_cache_dir: Path | None = Field(None, description="Directory where compiled programs persist across restarts.")
 
+    # Operating it: shutdown and queue waits.
+    max_queue_wait_seconds: float = Field(
+        60.0, ge=0, description="A request none of whose prompts has joined the batch after this long gets 503 "
+        "with Retry-After (/v1: 429) instead of waiting on (0: no bound).")
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long running and queued prompts may take to finish while new "
+        "requests get 503; then (or on a second signal) the rest get 503 and the server exits.")
+
+    # Set by load_settings once every file's sha256 matched the manifest, so the server does not
+    # read every byte twice.
+    _manifest_verified: bool = PrivateAttr(False)
+
     @field_validator("model_dir")
     @classmethod
     def _model_dir_complete(cls, value: Path) -> Path:
@@ -57,6 +69,10 @@ class Settings(BaseSettings):
             raise ValueError(f"BACKEND=litert, but {self.model_dir} holds no finished LiteRT conversion; "
                              f"run: python scripts/convert_model.py --model-dir {self.model_dir}")
         return self
+
+    @property
+    def manifest_verified(self) -> bool:
+        return self._manifest_verified
 
     @property
     def model_name(self) -> str:
@@ -76,12 +92,20 @@ class Settings(BaseSettings):
 
 
 def load_settings() -> Settings:
-    """Settings from the environment, or exit with one line saying what is wrong."""
+    """Settings from the environment, or exit with one line saying what is wrong: a setting, or
+    a model directory whose files do not match their manifest (every byte is read)."""
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         problems = "; ".join(_describe(e) for e in exc.errors())
         raise SystemExit(f"service: invalid settings: {problems}") from None
+    try:
+        verify_manifest(settings.model_dir)
+    except ModelDirError as exc:
+        raise SystemExit(f"service: refusing to start: {exc}; fetch the model again "
+                         "(scripts/download_model.py --force; README: Faults)") from None
+    settings._manifest_verified = True
+    return settings
 
 
 def _describe(error: dict) -> str:

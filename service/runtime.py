@@ -14,7 +14,7 @@ from service.engine import Engine
 from service.errors import ModelNotReady
 from service.metrics import Metrics
 from service.model_files import verify_manifest
-from service.scheduler import Scheduler
+from service.scheduler import Scheduler, SchedulerStopped
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class Runtime:
     """Loads the engine, warms it up in the background, and serves batches until stopped.
 
     `status` is "loading" until warm-up has compiled every shape and the scheduler runs, then
-    "ok"; "failed" if warm-up raised. Loading the weights happens before the server accepts
+    "ok"; "failed" if warm-up raised; "draining" once `drain()` has begun (new work is refused
+    with 503, what was accepted finishes). Loading the weights happens before the server accepts
     connections, so a broken model directory stops the server at start.
     """
 
@@ -66,8 +67,10 @@ class Runtime:
 
     async def start(self) -> None:
         started = time.monotonic()
-        # Settings checked the files' sizes; the sums (every byte read) are checked once, here.
-        await anyio.to_thread.run_sync(verify_manifest, self.settings.model_dir)
+        # Settings checked the files' sizes; the sums (every byte read) are checked once, here,
+        # unless load_settings did already (it exits with one line when they do not match).
+        if not self.settings.manifest_verified:
+            await anyio.to_thread.run_sync(verify_manifest, self.settings.model_dir)
         self.engine = await anyio.to_thread.run_sync(self._engine_factory, self.settings)
         log.info("model loaded from %s in %.1f s: backend %s, precision %s", self.settings.model_dir,
                  time.monotonic() - started, self.engine.backend, self.engine.precision)
@@ -80,11 +83,14 @@ class Runtime:
             self.status = "failed"
             log.exception("warm-up failed; /health reports failed")
             return
+        if self.status == "draining":  # stopped while warming up: nothing to serve
+            return
         self.scheduler = Scheduler(
             self.engine,
             max_batch_size=self.settings.max_batch_size,
             batch_timeout=self.settings.batch_timeout_ms / 1000,
             max_queue_size=self.settings.max_queue_size,
+            max_queue_wait=self.settings.max_queue_wait_seconds or None,
             stats=self.metrics.scheduler_stats(),
         )
         self.scheduler.start()
@@ -97,14 +103,38 @@ class Runtime:
         return self.status == "ok" and self.scheduler is not None and self.scheduler.alive
 
     def ready_engine(self) -> tuple[Engine, Scheduler]:
+        if self.status == "draining":
+            raise SchedulerStopped("the server is shutting down; retry later")
         if not self.ready:
             raise ModelNotReady("the model is not ready: it is still loading" if self.status == "loading"
                                 else f"the model is not ready (status {self.status})")
         return self.engine, self.scheduler
 
+    async def drain(self) -> bool:
+        """Refuse new work (503, /health "draining"), and let the running and queued prompts
+        finish within SHUTDOWN_GRACE_SECONDS; the ones left then get 503. True if all finished."""
+        if self.status in ("ok", "loading"):
+            self.status = "draining"
+        log.info("draining: %d running and %d queued prompts may take up to %g s",
+                 self.scheduler.running if self.scheduler else 0, self.scheduler.queued if self.scheduler else 0,
+                 self.settings.shutdown_grace_seconds)
+        if self.scheduler is None:
+            return True
+        finished = await self.scheduler.stop(self.settings.shutdown_grace_seconds)
+        log.info("drained" if finished else "stopped with work left (answered 503)")
+        return finished
+
+    def abort(self) -> None:
+        """Stop at once: what is left of the accepted work gets 503."""
+        if self.status in ("ok", "loading"):
+            self.status = "draining"
+        if self.scheduler is not None:
+            self.scheduler.abort()
+
     async def stop(self) -> None:
-        """Finish every queued prompt, then stop (also waits out a running warm-up)."""
+        """Finish every queued prompt within the grace period, then stop (also waits out a
+        running warm-up)."""
         if self._warmup_task is not None:
             await self._warmup_task
         if self.scheduler is not None:
-            await self.scheduler.stop()
+            await self.scheduler.stop(self.settings.shutdown_grace_seconds)

@@ -46,6 +46,25 @@ class GenerationFailed(Exception):
     """A decode call raised: every row in that batch gets this error."""
 
 
+class QueueTimeout(QueueFull, GenerationFailed):
+    """A request waited in the queue longer than `max_queue_wait` with none of its rows admitted.
+
+    Answered as a full queue is (503 + Retry-After; /v1: 429); a streamed request, whose status
+    has gone out, hears of it as of a failed generation."""
+
+    def __init__(self, waited: float, bound: float):
+        Exception.__init__(self, f"server busy: this request waited {waited:.1f} s in the queue, over the "
+                                 f"queue-wait bound of {bound:g} s; retry later")
+
+
+class ShutdownAborted(SchedulerStopped, GenerationFailed):
+    """The server stopped before this row finished (a second signal, or the shutdown's grace
+    period ended): answered as a stopping server is (503 + Retry-After)."""
+
+    def __init__(self):
+        super().__init__("the server shut down before this request finished; retry later")
+
+
 @dataclass(frozen=True)
 class RowEvent:
     """New tokens of prompt `index` of a request, and why it stopped once it has: the engine's
@@ -143,21 +162,29 @@ class Scheduler:
       others to start with it; rows arriving while the batch runs join at the next call.
     - If a decode call raises, every row in that batch gets `GenerationFailed`; the thread starts
       a new batch and goes on serving.
-    - `stop()` refuses new rows, lets every admitted and queued row finish, then ends.
+    - With `max_queue_wait` (seconds), a request none of whose rows has been admitted after that
+      long leaves the queue whole and gets `QueueTimeout` (checked at each decode-call boundary).
+    - `stop(grace)` refuses new rows, lets every admitted and queued row finish within `grace`
+      seconds (None: however long they take), then ends; `abort()`, or the end of the grace,
+      answers the rows left `ShutdownAborted` at once (running ones at the next boundary).
     """
 
     def __init__(self, engine: Engine, *, max_batch_size: int, batch_timeout: float, max_queue_size: int,
-                 stats: SchedulerStats | None = None):
+                 max_queue_wait: float | None = None, stats: SchedulerStats | None = None):
         if max_batch_size < 1 or max_queue_size < 1 or batch_timeout < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, batch_timeout >= 0")
+        if max_queue_wait is not None and max_queue_wait <= 0:
+            raise ValueError("max_queue_wait must be > 0 (or None: no bound)")
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.batch_timeout = batch_timeout
         self.max_queue_size = max_queue_size
+        self.max_queue_wait = max_queue_wait
         self.stats = stats or SchedulerStats()
         self._changed = threading.Condition()  # guards _waiting and _stopping
         self._waiting: deque[_Row] = deque()
         self._stopping = False
+        self._aborted = False
         self._running: dict[int, _Row] = {}  # by key in the batch; the worker thread's own
         self._stopped: list[int] = []  # keys of rows ended by a stop string, to leave the batch
         self._keys = itertools.count()
@@ -189,12 +216,33 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float | None = None) -> bool:
+        """Refuse new rows and let the admitted and queued ones finish, for at most `grace`
+        seconds; then `abort()` the rest. True if every row finished."""
         with self._changed:
             self._stopping = True
             self._changed.notify()
-        if self._ended is not None:
-            await self._ended
+        if self._ended is None:
+            return True
+        done, _ = await asyncio.wait({self._ended}, timeout=grace)
+        if not done:
+            log.warning("shutdown grace of %g s over: %d running and %d queued prompts get 503",
+                        grace, self.running, self.queued)
+            self.abort()
+        await asyncio.shield(self._ended)
+        return not self._aborted
+
+    def abort(self) -> None:
+        """Stop at once: waiting rows get `ShutdownAborted` now, running ones at the next
+        decode-call boundary, and the worker ends. Called on the event loop."""
+        with self._changed:
+            self._stopping = self._aborted = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._changed.notify()
+        if waiting:
+            error = ShutdownAborted()
+            _put_events([(request, error) for request in dict.fromkeys(r.request for r in waiting)])
 
     def submit(self, rows: Sequence[GenerationRow], *, stream: bool = False, interval: float = 0.0,
                stops: Sequence[str] = ()) -> Request:
@@ -221,6 +269,8 @@ class Scheduler:
             while True:
                 leaving, joining = self._next_changes()
                 if leaving is None:
+                    if self._running:  # aborted
+                        self._fail(ShutdownAborted())
                     return
                 for key in leaving:
                     self._running.pop(key, None)
@@ -242,8 +292,10 @@ class Scheduler:
 
     def _next_changes(self) -> tuple[list | None, list[_Row]]:
         """The running rows to drop (their clients left) and the waiting rows to admit, once
-        there is work; (None, []) once stopping with none left."""
+        there is work; (None, []) once stopping with none left, or aborted."""
         with self._changed:
+            if self._aborted:
+                return None, []
             if not self._running:
                 while not self._waiting_live() and not self._stopping:
                     self._changed.wait()
@@ -268,10 +320,33 @@ class Scheduler:
                 r.admitted = now
                 self.stats.queue_wait(now - r.enqueued)
                 joining.append(r)
+            expired = self._expired(now) if self.max_queue_wait is not None else []
+        if expired:
+            self._on_loop(_put_events, [(request, QueueTimeout(now - request.rows[0].enqueued, self.max_queue_wait))
+                                        for request in expired])
         for key in leaving:
             if key in self._running:
                 self._dropped(self._running[key])
         return leaving, joining
+
+    def _expired(self, now: float) -> list[Request]:
+        """Take out of the queue, whole, the requests that have waited past `max_queue_wait`
+        with none of their rows admitted (a request's rows are queued together, in arrival
+        order; only the first in the queue can have rows running already)."""
+        expired = []
+        i = 0
+        if self._waiting and any(r.admitted is not None for r in self._waiting[0].request.rows):
+            being_served = self._waiting[0].request
+            while i < len(self._waiting) and self._waiting[i].request is being_served:
+                i += 1
+        while i < len(self._waiting) and now - self._waiting[i].enqueued > self.max_queue_wait:
+            request = self._waiting[i].request
+            del self._waiting[i]
+            while i < len(self._waiting) and self._waiting[i].request is request:
+                del self._waiting[i]
+            request.cancelled = True  # nothing of it runs now
+            expired.append(request)
+        return expired
 
     def _dropped(self, r: _Row) -> None:
         self.stats.rows_cancelled(1)

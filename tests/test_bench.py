@@ -398,3 +398,49 @@ def test_tiny_run_profiles_the_int8_decode_step(tiny_result):
     assert "BATCH_MATMUL" in profile["by_type"]
     assert "Per-op profile" in tiny_result["_markdown"]
     assert [p.get("cache") for p in tiny_result["profiles"]] == [256, 640]
+
+
+def test_soak_summary_takes_rss_at_the_counted_start_and_end_and_counts_per_minute():
+    from bench.soak import SoakLog, markdown, summarize
+
+    soak = SoakLog(
+        rss=[(-30.0, 300.0), (0.0, 400.0), (60.0, 410.0), (119.0, 430.0), (121.0, 408.0)],
+        tokens=[(-30.0, 0.0), (0.0, 1000.0), (60.0, 7000.0), (121.0, 13100.0)],
+        completed=[-5.0] + [i * 0.5 for i in range(240)],  # 120 a minute in each counted minute
+        errors=[(-10.0, "HTTP 500: warm-up"), (90.0, "ReadTimeout: slow")],
+        rejected_503=3,
+    )
+    s = summarize(soak, minutes=2)
+    assert (s["rss_start_mib"], s["rss_end_mib"], s["rss_max_mib"]) == (400.0, 408.0, 430.0)
+    assert s["rss_drift_percent"] == pytest.approx(2.0)
+    assert (s["requests"], s["errors"], s["errors_in_warmup"], s["first_errors"]) == (
+        240, 1, 1, ["ReadTimeout: slow"])
+    # Tokens: the counter interpolated at the minutes' edges (121 s -> 13100, so 120 s -> 13000).
+    assert [(m["requests"], m["tokens_per_minute"]) for m in s["per_minute"]] == [(120, 6000.0), (120, 6000.0)]
+    assert [(b["name"], b["holds"]) for b in s["bars"]] == [("RSS drift", True), ("errors", False)]
+    result = {"summary": s, "clients": 32, "minutes": 2, "backend": "litert-int8", "started_at": "now",
+              "model_dir": "m", "max_tokens": 64, "temperature": 0.8, "warmup_minutes": 0.5,
+              "revision": {"commit": "abc"}, "load_before": [1.0]}
+    md = markdown(result)
+    assert "| RSS drift | +2.00% | < 5% | yes |" in md and "| errors | 1 | 0 | no |" in md
+    assert "| 2 | 120 | 120.0 | 6000 |" in md and "- `ReadTimeout: slow`" in md
+    # More than 5% of growth is a miss; a partial last minute is scaled to a rate.
+    grown = summarize(SoakLog(rss=[(0.0, 100.0), (150.0, 106.0)], completed=[10.0, 70.0, 130.0, 140.0]),
+                      minutes=2.5)
+    assert grown["bars"][0]["holds"] is False
+    assert [m["requests_per_minute"] for m in grown["per_minute"]] == [1.0, 1.0, 4.0]
+
+
+def test_soak_runs_against_the_tiny_model(litert_model_dir, tmp_path):
+    """`python -m bench soak` end to end for a few seconds: it serves, samples and reports."""
+    r = subprocess.run([sys.executable, "-m", "bench", "soak", "--model-dir", str(litert_model_dir),
+                        "--minutes", "0.1", "--warmup-minutes", "0.02", "--clients", "4", "--max-tokens", "8",
+                        "--sample-seconds", "1", "--results-dir", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads((tmp_path / "soak-latest.json").read_text())
+    s = result["summary"]
+    assert result["backend"] == "litert-int8" and result["clients"] == 4
+    assert s["errors"] == 0 and s["requests"] > 0 and len(s["per_minute"]) == 1
+    assert s["rss_start_mib"] > 0 and s["per_minute"][0]["tokens_per_minute"] > 0
+    assert (tmp_path / "soak-latest.md").read_text().startswith("# Soak: 4 clients for 0.1 minutes (litert-int8)")

@@ -345,6 +345,64 @@ def test_crash_before_manifest_is_not_complete(tmp_path, monkeypatch):
     assert dm.is_complete(model_dir, source_desc)
 
 
+# A source on a slow disk: the real script, whose file copies write 4 KiB every 10 ms, so a
+# kill lands in the middle of one.
+SLOW_SOURCE = """
+import runpy, shutil, sys, time
+
+def copyfile(src, dst, **kwargs):
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        while chunk := f.read(4096):
+            out.write(chunk)
+            out.flush()
+            time.sleep(0.01)
+    return dst
+
+shutil.copyfile = copyfile
+sys.argv = [sys.argv[1]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["first-download", "update"])
+def test_sigkill_mid_copy_shows_nothing_partial_and_the_next_run_completes(tmp_path, previous):
+    import signal
+    import time
+
+    big = {**SERVICE_CONTENT, "tf_model.h5": b"\x89HDF\r\n" + os.urandom(64 * 1024)}  # 16 writes
+    source = write_files(tmp_path / "source", big)
+    model_dir = tmp_path / "volume" / "model"
+    if previous:
+        old = write_files(tmp_path / "old-source", SERVICE_CONTENT)
+        assert run_main(model_dir, MODEL_SOURCE=str(old)) == 0
+        manifest_before = (model_dir / MANIFEST).read_text()
+    env = dict(os.environ, MODEL_DIR=str(model_dir), MODEL_SOURCE=str(source))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SOURCE, str(SCRIPT)], env=env)
+    staged = model_dir.with_name(".model.download") / "model" / "tf_model.h5"
+    deadline = time.monotonic() + 30
+    while not (staged.is_file() and staged.stat().st_size > 0):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert 0 < staged.stat().st_size < len(big["tf_model.h5"])  # killed mid-copy
+
+    # What the service would look at: the previous model, whole, or nothing at all.
+    if previous:
+        assert (model_dir / MANIFEST).read_text() == manifest_before
+        verify_manifest(model_dir)
+        assert (model_dir / "tf_model.h5").read_bytes() == SERVICE_CONTENT["tf_model.h5"]
+    else:
+        assert not model_dir.exists()
+    manifests = {p.parent for p in (tmp_path / "volume").rglob(MANIFEST)}
+    assert manifests == ({model_dir} if previous else set())
+
+    assert run_main(model_dir, MODEL_SOURCE=str(source)) == 0
+    verify_manifest(model_dir)
+    assert (model_dir / "tf_model.h5").read_bytes() == big["tf_model.h5"]
+    assert listing(model_dir.parent) == {"model", ".model.lock"}
+
+
 # ---- retries ------------------------------------------------------------------------------
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from fakes import FakeEngine
 from service.engine import GenerationRow
-from service.scheduler import GenerationFailed, QueueFull, RowEvent, Scheduler, SchedulerStats, SchedulerStopped
+from service.scheduler import (GenerationFailed, QueueFull, QueueTimeout, RowEvent, Scheduler, SchedulerStats,
+                               SchedulerStopped, ShutdownAborted)
 
 
 def row(text: str, max_tokens: int = 50) -> GenerationRow:
@@ -176,6 +177,106 @@ def test_stop_finishes_running_and_queued_rows_then_refuses_new_ones():
         return await a.results(), await b.results()
 
     assert asyncio.run(main()) == ([[98, 97]], [[100, 99]])
+
+
+def test_stop_with_a_grace_answers_what_is_left_when_it_ends():
+    async def main():
+        engine = Slow(0.01)
+        s = start(engine, max_batch_size=1)
+        running = s.submit([row("a" * 40)])  # 40 calls: about 0.4 s
+        queued = s.submit([row("bc")])
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        finished = await s.stop(grace=0.1)
+        took = time.monotonic() - started
+        outcomes = []
+        for request in (running, queued):
+            with pytest.raises(ShutdownAborted, match="the server shut down before this request"):
+                await request.results()
+            outcomes.append("aborted")
+        return finished, took, outcomes, s.alive, engine.calls
+
+    finished, took, outcomes, alive, calls = asyncio.run(main())
+    assert finished is False and outcomes == ["aborted", "aborted"] and not alive
+    assert 0.1 <= took < 0.3
+    assert all(keys == [0] for keys in calls) and len(calls) < 30  # "bc" never ran
+    # As a stopping server's error (503) and as a failed generation (said in a stream).
+    assert issubclass(ShutdownAborted, SchedulerStopped) and issubclass(ShutdownAborted, GenerationFailed)
+
+
+def test_stop_within_the_grace_finishes_everything():
+    async def main():
+        s = start(Slow(0.002), max_batch_size=1)
+        a, b = s.submit([row("ab")]), s.submit([row("cd")])
+        return await s.stop(grace=5), await a.results(), await b.results()
+
+    assert asyncio.run(main()) == (True, [[98, 97]], [[100, 99]])
+
+
+def test_abort_during_a_stop_answers_the_rest_at_once():
+    async def main():
+        engine = Slow(0.01)
+        s = start(engine, max_batch_size=1)
+        running = s.submit([row("a" * 100)])
+        queued = s.submit([row("bc"), row("de")])
+        await asyncio.sleep(0.05)
+        stopping = asyncio.create_task(s.stop(grace=60))
+        await asyncio.sleep(0.05)
+        assert not stopping.done()
+        with pytest.raises(SchedulerStopped):
+            s.submit([row("x")])
+        started = time.monotonic()
+        s.abort()
+        errors = []
+        for request in (queued, running):
+            try:
+                await request.results()
+            except ShutdownAborted as exc:
+                errors.append(str(exc))
+        finished = await stopping
+        return finished, time.monotonic() - started, errors
+
+    finished, took, errors = asyncio.run(main())
+    assert finished is False and took < 0.1
+    assert errors == ["the server shut down before this request finished; retry later",
+                      "the server shut down before this request finished; retry later"]
+
+
+def test_a_request_still_queued_after_the_queue_wait_bound_is_refused_whole():
+    async def main():
+        engine = Slow(0.01)
+        s = start(engine, max_batch_size=1, max_queue_wait=0.1)
+        long = s.submit([row("a" * 30)])  # about 0.3 s, holding the only slot
+        await asyncio.sleep(0.02)
+        late = s.submit([row("bc"), row("de")])
+        started = time.monotonic()
+        with pytest.raises(QueueTimeout, match=r"waited 0\.1 s in the queue, over the queue-wait bound of 0\.1 s"):
+            await late.results()
+        waited = time.monotonic() - started
+        queued_after = s.queued
+        result = await long.results()
+        after = await s.submit([row("fg")]).results()  # serving goes on
+        await s.stop()
+        return waited, queued_after, result, after, engine.calls
+
+    waited, queued_after, result, after, calls = asyncio.run(main())
+    assert 0.1 <= waited < 0.2
+    assert queued_after == 0
+    assert result == [[97] * 30] and after == [[103, 102]]
+    assert {key for keys in calls for key in keys} == {0, 1}  # the late rows never ran
+    # Answered as a full queue is (503 + Retry-After), and said in a stream as a failure.
+    assert issubclass(QueueTimeout, QueueFull) and issubclass(QueueTimeout, GenerationFailed)
+
+
+def test_a_request_with_rows_running_is_not_timed_out_by_its_queued_rows():
+    async def main():
+        s = start(Slow(0.01), max_batch_size=1, max_queue_wait=0.05)
+        request = s.submit([row("a" * 10), row("b" * 10), row("c" * 10)])  # 0.1 s each, one at a time
+        result = await request.results()
+        await s.stop()
+        return result
+
+    assert asyncio.run(main()) == [[97] * 10, [98] * 10, [99] * 10]
 
 
 def test_with_the_batch_empty_the_first_arrival_waits_for_others_up_to_the_timeout():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -63,19 +64,23 @@ def test_a_file_that_does_not_match_the_manifest_is_refused(tmp_path, model_dir)
     assert "tf_model.h5 does not match manifest.json" in r.stderr
 
 
-def test_a_file_whose_bytes_do_not_match_the_manifest_stops_the_server(tmp_path, model_dir):
-    from service.model_files import write_manifest
-
-    for f in model_dir.iterdir():
+def test_a_weight_file_corrupted_after_download_stops_the_server_with_one_line(tmp_path, litert_model_dir):
+    """Same size, other bytes (the sizes check passes; the sha256 does not): both ways of
+    running the server refuse to start, with one line and a nonzero status."""
+    for f in litert_model_dir.iterdir():
         shutil.copy(f, tmp_path / f.name)
-    write_manifest(tmp_path)
-    data = bytearray((tmp_path / "config.json").read_bytes())
-    data[-2] = ord(" ") if data[-2] != ord(" ") else ord("\t")  # same size, other bytes
-    (tmp_path / "config.json").write_bytes(bytes(data))
-    r = run_service({"MODEL_DIR": str(tmp_path), "PORT": str(free_port())})
-    assert r.returncode != 0
-    assert f"model directory {tmp_path}: config.json does not match its sha256 in manifest.json" in r.stderr
-    assert "Application startup failed" in r.stderr
+    weights = tmp_path / "gpt2.fp32.tflite"
+    with weights.open("r+b") as f:
+        f.seek(weights.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    for args in (("-m", "service"), ("-m", "uvicorn", "service.main:app")):
+        r = run_service({"MODEL_DIR": str(tmp_path), "PORT": str(free_port())}, args)
+        assert r.returncode == 1
+        assert r.stderr.strip() == (
+            f"service: refusing to start: model directory {tmp_path}: gpt2.fp32.tflite does not match its sha256 in "
+            "manifest.json; fetch the model again (scripts/download_model.py --force; README: Faults)")
 
 
 def test_bad_numbers_in_the_environment_are_named(model_dir):
@@ -137,8 +142,8 @@ def test_python_m_service_serves_and_stops_cleanly(backend, request, xla_cache, 
     finally:
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=30)[0]
-    # uvicorn shuts down gracefully, then re-raises the signal (exit by SIGTERM, as supervisors expect).
-    assert proc.returncode in (0, -signal.SIGTERM), output
+    # Drained, then shut down: exit status 0 (service/shutdown.py).
+    assert proc.returncode == 0, output
     assert "Application shutdown complete" in output
     # A warm-up seen by the loop shows in the access log (LiteRT's may be over before the first check),
     assert ('"GET /health HTTP/1.1" 503' in output) == ((503, "loading") in seen)
@@ -146,3 +151,106 @@ def test_python_m_service_serves_and_stops_cleanly(backend, request, xla_cache, 
     assert '"POST /generate HTTP/1.1" 200' in output
     if backend == "litert":  # the API logs the conversion's int8 decision at start
         assert "int8 quality gate at conversion: int8 rejected: top-1 agreement" in output
+
+
+def start_service(model_dir, **env_overrides):
+    """`python -m service` on `model_dir` (LiteRT), one prompt at a time so a request of several
+    prompts takes a while; returns the process and its URL once /health answers 200."""
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ, MODEL_DIR=str(model_dir), PORT=str(port), HOST="127.0.0.1", MAX_BATCH_SIZE="1",
+               LOG_LEVEL="INFO") | env_overrides
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+
+
+def post_in_background(url, body):
+    """POST `body` from a thread; returns the thread and a list that receives the response."""
+    import threading
+
+    import httpx
+
+    answer = []
+    thread = threading.Thread(target=lambda: answer.append(httpx.post(url, json=body, timeout=60)))
+    thread.start()
+    return thread, answer
+
+
+# Eight prompts of 1000 tokens, one at a time: about 2 s of decoding on the tiny model.
+LONG = {"prompts": ["Hello", "a", "b", "c", "d", "e", "f", "g"], "max_tokens": 1000, "temperature": 0}
+
+
+def test_sigterm_drains_accepted_work_refuses_new_work_and_exits_0(litert_model_dir):
+    import httpx
+
+    proc, url = start_service(litert_model_dir)
+    try:
+        long, answer = post_in_background(url + "/generate", LONG)
+        time.sleep(0.3)  # it is decoding
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        new = httpx.post(url + "/generate", json={"prompts": ["x"], "max_tokens": 5})
+        assert (new.status_code, new.headers["retry-after"], new.json()) == (
+            503, "5", {"detail": "the server is shutting down; retry later"})
+        v1 = httpx.post(url + "/v1/completions", json={"model": litert_model_dir.name, "prompt": "x", "max_tokens": 5})
+        assert (v1.status_code, v1.headers["retry-after"], v1.json()) == (503, "5", {"error": {
+            "message": "the server is shutting down; retry later", "type": "service_unavailable", "param": None,
+            "code": None}})
+        health = httpx.get(url + "/health")
+        assert (health.status_code, health.json()) == (
+            503, {"status": "draining", "backend": "litert", "precision": "fp32"})
+        long.join(30)
+        assert answer[0].status_code == 200 and len(answer[0].json()["results"]) == 8
+        output = proc.communicate(timeout=30)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert re.search(r"draining: 1 running and [1-7] queued prompts may take up to 30 s", output)
+    assert "service.runtime: drained" in output and "Application shutdown complete" in output
+
+
+def test_a_second_sigterm_answers_the_rest_503_and_exits_at_once(litert_model_dir):
+    proc, url = start_service(litert_model_dir)
+    try:
+        long, answer = post_in_background(url + "/generate", LONG | {"prompts": ["p"] * 32})  # about 8 s
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        second = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+        took = time.monotonic() - second
+        long.join(5)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and took < 3, output
+    assert (answer[0].status_code, answer[0].headers["retry-after"], answer[0].json()) == (
+        503, "5", {"detail": "the server shut down before this request finished; retry later"})
+
+
+def test_at_the_end_of_the_grace_period_the_rest_gets_503(litert_model_dir):
+    proc, url = start_service(litert_model_dir, SHUTDOWN_GRACE_SECONDS="0.5")
+    try:
+        long, answer = post_in_background(url + "/generate", LONG | {"prompts": ["p"] * 32})
+        time.sleep(0.3)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+        took = time.monotonic() - signalled
+        long.join(5)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and 0.5 <= took < 3.5, output
+    assert answer[0].status_code == 503
+    assert "shutdown grace of 0.5 s over: 1 running and" in output
