@@ -12,7 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from service.config import Settings
 
-MAX_SEED = 2**63 - 1
+# The largest integer every JSON client holds exactly (JavaScript's Number.MAX_SAFE_INTEGER, a
+# float64's 53-bit mantissa): a larger seed would change in transit in many clients. The engine
+# takes any 64-bit seed.
+MAX_SEED = 2**53 - 1
 
 STREAM_DESCRIPTION = (
     "Each event is a `data:` line with a JSON object: `{\"index\": i, \"text\": piece}` for new text of "
@@ -26,6 +29,14 @@ class GenerateResponse(BaseModel):
     results: list[str] = Field(description="One continuation per prompt, in the prompts' order; new text only.")
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"results": [" jumps over the lazy dog."]}]})
+
+
+class ErrorMessage(BaseModel):
+    """The body of every error of /generate, /health and /metrics but validation's (422)."""
+
+    detail: str = Field(description="What is wrong.")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"detail": "Incorrect API key provided."}]})
 
 
 class HealthResponse(BaseModel):
@@ -65,7 +76,8 @@ def generate_request_model(settings: Settings) -> type[BaseModel]:
             description="0 is greedy (deterministic); above 0 samples from softmax(logits / temperature).")
         seed: Optional[StrictInt] = Field(
             None, ge=0, le=MAX_SEED,
-            description="Makes sampling reproducible: prompt i of the request draws from the stream (seed, i).")
+            description="Makes sampling reproducible: prompt i of the request draws from the stream (seed, i). "
+            "At most 2^53-1, the largest integer every JSON client holds exactly.")
         top_k: StrictInt = Field(0, ge=0, description="Sample only from the k likeliest tokens (0: off).")
         top_p: Annotated[float, Field(strict=True)] = Field(
             1.0, gt=0, le=1, allow_inf_nan=False,

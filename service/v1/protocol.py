@@ -11,6 +11,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from service.schemas import MAX_SEED
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -40,7 +42,8 @@ class CompletionRequest(BaseModel):
     best_of: Optional[StrictInt] = None
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[StrictStr] = None
-    seed: Optional[StrictInt] = None
+    seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED, description="0 to 2^53-1, the largest integer "
+                                      "every JSON client holds exactly.")
     suffix: Optional[StrictStr] = None
     # Extensions (vLLM's names): not in OpenAI's API, ignored by its servers.
     top_k: Optional[StrictInt] = Field(None, ge=-1, description="Sample from the k likeliest tokens; 0, -1 or null: off.")
