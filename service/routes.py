@@ -18,7 +18,7 @@ from service.config import Settings
 from service.engine import GenerationRow, PromptTooLong
 from service.errors import PromptsTooLong
 from service.runtime import Runtime
-from service.schemas import (STREAM_DESCRIPTION, ErrorMessage, GenerateResponse, HealthResponse,
+from service.schemas import (STREAM_DESCRIPTION, ErrorMessage, GenerateResponse, HealthResponse, event_stream,
                              generate_request_model)
 from service.security import bearer_scheme
 from service.detokenize import first_stop
@@ -73,7 +73,7 @@ def create_router(settings: Settings) -> APIRouter:
 
     @router.post("/generate", response_model=GenerateResponse,
                  dependencies=generate_keyed.get("dependencies", []),
-                 responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                 responses={200: {"content": event_stream("A JSON object of the stream, or `[DONE]`. " + STREAM_DESCRIPTION),
                                   "description": "The results; with `stream`, server-sent events. " + STREAM_DESCRIPTION},
                             **generate_keyed.get("responses", {}),
                             413: {"model": ErrorMessage, "description": "The body is over MAX_BODY_BYTES"},

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from service.schemas import MAX_SEED
+from service.schemas import MAX_SEED, integral
 
 
 class StreamOptions(BaseModel):
@@ -49,6 +49,9 @@ class CompletionRequest(BaseModel):
     top_k: Optional[StrictInt] = Field(None, ge=-1, description="Sample from the k likeliest tokens; 0, -1 or null: off.")
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10, allow_inf_nan=False,
                                                 description="transformers' repetition penalty; 1 or null: off.")
+
+    _integers = field_validator("prompt", "max_tokens", "n", "logprobs", "best_of", "seed", "top_k", mode="before")(
+        classmethod(lambda cls, value: integral(value)))
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for the first field set to something this server does not do yet."""

@@ -17,6 +17,7 @@ from service.engine import GenerationRow, TokenLogprob
 from service.errors import OpenAIError
 from service.runtime import Runtime
 from service.routes import RETRY_AFTER, RuntimeDep, check_total_tokens, keyed
+from service.schemas import event_stream
 from service.streaming import ChoiceDelta, completion_deltas, sse_event, unless_disconnected
 from service.v1.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                  ErrorResponse, ModelCard, ModelList, Usage)
@@ -48,7 +49,8 @@ def create_v1_router(settings: Settings) -> APIRouter:
         return ModelList(data=[ModelCard(id=settings.model_name, created=created)])
 
     @router.post("/completions", response_model=CompletionResponse,
-                 responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                 responses={200: {"content": event_stream("A `text_completion` chunk as JSON (choices and, with "
+                                                          "include_usage, usage), an `error` object, or `[DONE]`"),
                                   "description": "The completion; with `stream`, OpenAI's chunks as server-sent events"},
                             **ERRORS})
     async def completions(body: CompletionRequest, runtime: RuntimeDep, http: Request):
