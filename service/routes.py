@@ -32,17 +32,19 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer"}}}
-UNAUTHORIZED = {401: {"model": ErrorMessage, "description": "No API key, or not one of the server's (only when "
-                      "API_KEY or API_KEY_FILE is set)",
-                      "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}}}
+UNAUTHORIZED = {"description": "No API key, or not one of the server's (only when API_KEY or API_KEY_FILE is set)",
+                "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}}
 
 
-def keyed(settings: Settings, needed: bool = True) -> dict:
-    """The route arguments that document the API key (service/security.py checks it) when keys are
-    configured and the route needs one."""
-    if not (settings.api_keys and needed):
-        return {}
-    return {"dependencies": [Security(bearer_scheme)], "responses": UNAUTHORIZED}
+class KeyDocs:
+    """What a route declares about the API key in the OpenAPI document, when keys are configured
+    and the route needs one (service/security.py checks it, before the route runs): the bearer
+    scheme, and the 401 with its body."""
+
+    def __init__(self, settings: Settings, needed: bool = True, error_body: type = ErrorMessage):
+        on = bool(settings.api_keys) and needed
+        self.dependencies = [Security(bearer_scheme)] if on else []
+        self.responses = {401: UNAUTHORIZED | {"model": error_body}} if on else {}
 
 
 def check_total_tokens(settings: Settings, requested: int, rows: int, max_tokens: int) -> str | None:
@@ -57,8 +59,7 @@ def create_router(settings: Settings) -> APIRouter:
     router = APIRouter()
     GenerateRequest = generate_request_model(settings)
 
-    generate_keyed = keyed(settings)
-    metrics_keyed = keyed(settings, settings.metrics_require_key)
+    generate_key, metrics_key = KeyDocs(settings), KeyDocs(settings, settings.metrics_require_key)
 
     @router.get("/health", response_model=HealthResponse,
                 responses={503: {"model": HealthResponse, "description": "Loading, or warm-up failed"}})
@@ -72,10 +73,10 @@ def create_router(settings: Settings) -> APIRouter:
         return JSONResponse(body, status_code=200 if runtime.ready else 503)
 
     @router.post("/generate", response_model=GenerateResponse,
-                 dependencies=generate_keyed.get("dependencies", []),
+                 dependencies=generate_key.dependencies,
                  responses={200: {"content": event_stream("A JSON object of the stream, or `[DONE]`. " + STREAM_DESCRIPTION),
                                   "description": "The results; with `stream`, server-sent events. " + STREAM_DESCRIPTION},
-                            **generate_keyed.get("responses", {}),
+                            **generate_key.responses,
                             413: {"model": ErrorMessage, "description": "The body is over MAX_BODY_BYTES"},
                             422: {"description": "Invalid request (also a body that is not JSON), a prompt too long "
                                   "for the context window, or more new tokens than MAX_TOTAL_TOKENS"},
@@ -125,9 +126,9 @@ def create_router(settings: Settings) -> APIRouter:
         texts = [engine.decode(o) for o in outputs]
         return GenerateResponse(results=[text[:first_stop(text, stops)] for text in texts])
 
-    @router.get("/metrics", response_class=Response, dependencies=metrics_keyed.get("dependencies", []),
+    @router.get("/metrics", response_class=Response, dependencies=metrics_key.dependencies,
                 responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
-                           **metrics_keyed.get("responses", {})})
+                           **metrics_key.responses})
     async def prometheus_metrics(runtime: RuntimeDep) -> Response:
         """Prometheus metrics (text format): requests, tokens, queue, batch sizes, and histograms of
         queue wait, time to first token and time per output token."""

@@ -16,7 +16,7 @@ from service.config import Settings
 from service.engine import GenerationRow, TokenLogprob
 from service.errors import OpenAIError
 from service.runtime import Runtime
-from service.routes import RETRY_AFTER, RuntimeDep, check_total_tokens, keyed
+from service.routes import RETRY_AFTER, KeyDocs, RuntimeDep, check_total_tokens
 from service.schemas import event_stream
 from service.streaming import ChoiceDelta, completion_deltas, sse_event, unless_disconnected
 from service.v1.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
@@ -37,10 +37,9 @@ for _status in (429, 503):
 
 
 def create_v1_router(settings: Settings) -> APIRouter:
-    auth = keyed(settings)
-    unauthorized = {401: auth["responses"][401] | {"model": ErrorResponse}} if auth else {}
-    router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=auth.get("dependencies", []),
-                       responses=unauthorized)
+    key = KeyDocs(settings, error_body=ErrorResponse)
+    router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=key.dependencies,
+                       responses=key.responses)
     created = int(time.time())
 
     @router.get("/models", response_model=ModelList)
