@@ -157,3 +157,26 @@ def test_python_m_service_logs_json_lines_with_an_access_line_per_request(litert
     line = access[0]
     assert (line["method"], line["path"], line["status"], line["request_id"]) == ("POST", "/generate", 200, "json-1")
     assert line["duration_ms"] >= line["ttft_ms"] > 0 and line["queue_wait_ms"] >= 0
+
+
+class BrokenEncoder(FakeEngine):
+    def encode(self, text):
+        raise RuntimeError("a bug")
+
+
+def test_an_unexpected_error_is_a_500_that_still_carries_the_request_id(model_dir, caplog):
+    caplog.set_level(logging.INFO)
+    app = fake_app(model_dir, BrokenEncoder(), max_queue_size=8)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(client, timeout=5)
+        r = client.post("/generate", json={"prompts": "ab"}, headers={"X-Request-ID": "bug-1"})
+        assert (r.status_code, r.json()) == (500, {"detail": "internal error: RuntimeError"})
+        assert r.headers["x-request-id"] == "bug-1"
+        model = client.get("/v1/models").json()["data"][0]["id"]
+        r = client.post("/v1/completions", json={"model": model, "prompt": "ab"}, headers={"X-Request-ID": "bug-2"})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert r.headers["x-request-id"] == "bug-2"
+        assert 'llm_http_requests_total{method="POST",route="/generate",status="500"} 1.0' in client.get("/metrics").text
+    access = [r.access for r in caplog.records if r.name == "service.access" and r.access["status"] == 500]
+    assert [a["path"] for a in access] == ["/generate", "/v1/completions"]
+    assert any(r.levelname == "ERROR" and r.exc_info for r in caplog.records)
