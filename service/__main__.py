@@ -11,7 +11,9 @@ from service.shutdown import serve
 def main() -> int:
     settings = load_settings()
     configure_logging(settings)
-    return serve(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    # log_config=None: uvicorn's loggers keep configure_logging's handler (LOG_FORMAT, request ids).
+    return serve(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                 log_config=None)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.model_files import ModelDirError, check_model_dir, has_litert_files, verify_manifest
 
@@ -29,6 +29,22 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `python -m service` listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port `python -m service` listens on.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per record; json: one JSON object per line (every logger, "
+        "and one access line per request).")
+
+    api_key: SecretStr | None = Field(
+        None, description="Comma-separated keys; with any key set (here or in API_KEY_FILE), /generate, /v1/* "
+        "(and /metrics with METRICS_REQUIRE_KEY) need `Authorization: Bearer <key>`.")
+    api_key_file: Path | None = Field(None, description="A file with one key per line (blank lines and lines "
+                                      "starting with # are skipped), e.g. a Docker secret.")
+    metrics_require_key: bool = Field(False, description="GET /metrics needs a key too (when keys are set).")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins browsers may call the API from (`*`: any); "
+        "empty: no CORS headers.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body in bytes; larger gets 413.")
+    max_total_tokens: int = Field(
+        16384, ge=1, description="Most new tokens one request may ask for: prompts x max_tokens (x n on /v1).")
 
     max_batch_size: int = Field(8, ge=1, le=64, description="Most prompts decoded together in one batch.")
     batch_timeout_ms: float = Field(0.0, ge=0, le=1000, description="With the batch empty, how long its first prompt waits for others; later prompts join the running batch between decode calls.")
@@ -57,6 +73,8 @@ class Settings(BaseSettings):
     # read every byte twice.
     _manifest_verified: bool = PrivateAttr(False)
 
+    _api_keys: tuple[str, ...] = PrivateAttr(())
+
     @field_validator("model_dir")
     @classmethod
     def _model_dir_complete(cls, value: Path) -> Path:
@@ -69,6 +87,40 @@ class Settings(BaseSettings):
             raise ValueError(f"BACKEND=litert, but {self.model_dir} holds no finished LiteRT conversion; "
                              f"run: python scripts/convert_model.py --model-dir {self.model_dir}")
         return self
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _read_api_keys(self) -> Settings:
+        keys = []
+        if self.api_key is not None:
+            keys += [k.strip() for k in self.api_key.get_secret_value().split(",") if k.strip()]
+        if self.api_key_file is not None:
+            try:
+                lines = self.api_key_file.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"API_KEY_FILE {self.api_key_file} cannot be read: {exc.strerror or exc}") from None
+            file_keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+            if not file_keys:
+                raise ValueError(f"API_KEY_FILE {self.api_key_file} holds no key")
+            keys += file_keys
+        # A bearer token is visible ASCII without spaces; the message never shows the key itself.
+        if any(not k.isascii() or not k.isprintable() or " " in k for k in keys):
+            raise ValueError("an API key may hold only visible ASCII characters (no spaces)")
+        if (self.api_key is not None or self.api_key_file is not None) and not keys:
+            raise ValueError("API_KEY is set but holds no key")
+        self._api_keys = tuple(dict.fromkeys(keys))
+        return self
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """Every accepted key (API_KEY's and API_KEY_FILE's); empty: no key is required."""
+        return self._api_keys
 
     @property
     def manifest_verified(self) -> bool:
@@ -85,7 +137,7 @@ class Settings(BaseSettings):
             return self.backend
         return "litert" if has_litert_files(self.model_dir) else "tf"
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower(cls, value):
         return value.lower() if isinstance(value, str) else value

@@ -11,8 +11,10 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.engine.base import PromptTooLong
+from service.observability import request_id
 from service.scheduler import GenerationFailed, QueueFull, SchedulerStopped
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,25 @@ async def _too_long(request: Request, exc: PromptsTooLong) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+def _undecodable_body(exc: StarletteHTTPException) -> RequestValidationError | None:
+    """FastAPI answers a JSON body that is not even text (bytes that decode in no Unicode
+    encoding) with a 400 its OpenAPI document does not list; it is invalid JSON like any other,
+    so it gets the 422 `json_invalid` that `{not json` gets."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or not isinstance(cause, UnicodeDecodeError):
+        return None
+    return RequestValidationError([{"type": "json_invalid", "loc": ("body", cause.start), "msg": "JSON decode error",
+                                    "input": {}, "ctx": {"error": f"the body is not UTF-8, UTF-16 or UTF-32 text "
+                                                                  f"({cause.reason} at byte {cause.start})"}}])
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    invalid = _undecodable_body(exc)
+    if invalid is not None:
+        return await _invalid_request(request, invalid)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI's own body, except that NaN and Infinity (which Python's JSON parser accepts) are
     # echoed as strings: as floats they cannot be encoded, and the error would become a 500.
@@ -89,12 +110,17 @@ async def _generation_failed(request: Request, exc: GenerationFailed) -> JSONRes
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+    # Answered by Starlette's outermost middleware, past the one that adds the id to the others.
+    headers = {"X-Request-ID": request_id()} if request_id() else None
+    return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500, headers=headers)
 
 
 def _openai(exc: OpenAIError) -> JSONResponse:
     body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+    headers = exc.headers
+    if exc.status == 500 and request_id():  # see _unexpected
+        headers = (headers or {}) | {"X-Request-ID": request_id()}
+    return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
 async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -103,8 +129,16 @@ async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
 
 def _as_openai(exc: Exception) -> OpenAIError:
     """The /v1 face of the service's own errors."""
+    if isinstance(exc, StarletteHTTPException):
+        exc = _undecodable_body(exc) or exc
+    if isinstance(exc, StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        return OpenAIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers,
+                           type="invalid_request_error" if exc.status_code < 500 else "server_error")
     if isinstance(exc, RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return OpenAIError(400, f"The body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}")
         loc = [str(part) for part in first.get("loc", ()) if part != "body"]
         where = ".".join(loc)
         return OpenAIError(400, f"{where}: {first.get('msg', 'invalid request')}" if where else
@@ -132,6 +166,7 @@ def _by_path(handler):
 
 def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OpenAIError, _openai_error)
+    app.add_exception_handler(StarletteHTTPException, _by_path(_http_error))
     app.add_exception_handler(RequestValidationError, _by_path(_invalid_request))
     app.add_exception_handler(QueueFull, _by_path(_queue_full))
     app.add_exception_handler(ModelNotReady, _by_path(_not_ready))

@@ -1,7 +1,10 @@
-"""GET /metrics: Prometheus metrics through prometheus-client, one registry per app.
+"""GET /metrics: Prometheus metrics through prometheus-client, one registry per app, every name
+in the `llm_` namespace.
 
 Histograms of what users feel (queue wait, time to first token, time per output token) are
-fed by the scheduler's hooks; the runtime's state (ready, queue, warm-up) is read when scraped.
+fed by the scheduler's hooks; HTTP requests by route and status and their latency by
+service/observability.py's middleware; the runtime's state (ready, queue, warm-up) is read when
+scraped.
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("llm_requests", "Generate requests accepted (queued for generation).", registry=r)
+        self.http_requests = Counter("llm_http_requests", "HTTP requests answered, by method, route and status.",
+                                     ["method", "route", "status"], registry=r)
+        self.http_request_duration = Histogram(
+            "llm_http_request_duration_seconds", "Seconds from a request's arrival to the end of its answer "
+            "(a stream's last event).", ["method", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens of accepted requests (each prompt once).",
+                                     registry=r)
         self.generated_tokens = Counter("llm_generated_tokens", "New tokens generated.", registry=r)
         self.queue_wait = Histogram("llm_queue_wait_seconds", "Seconds a prompt waited before joining the batch.",
                                     buckets=LATENCY_BUCKETS, registry=r)
@@ -48,6 +58,10 @@ class Metrics:
             batch_size=self.batch_rows.observe,
             rows_cancelled=self.rows_cancelled.inc,
         )
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(method, route, str(status)).inc()
+        self.http_request_duration.labels(method, route).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,11 +8,37 @@ from __future__ import annotations
 
 from typing import Annotated, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from service.config import Settings
 
-MAX_SEED = 2**63 - 1
+# The largest integer every JSON client holds exactly (JavaScript's Number.MAX_SAFE_INTEGER, a
+# float64's 53-bit mantissa): a larger seed would change in transit in many clients. The engine
+# takes any 64-bit seed.
+MAX_SEED = 2**53 - 1
+
+
+
+def integral(value):
+    """A JSON number with no fractional part as an int, in lists too: JSON has one kind of number,
+    and to JSON Schema (and JavaScript) 2.0 is the integer 2. Strings and 2.5 stay as they are,
+    for the strict integer fields to refuse. (A model's `field_validator(mode="before")`: an
+    annotated validator would lose the fields' bounds in the JSON schema.)"""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [integral(v) for v in value]
+    return value
+
+
+def event_stream(payload: str) -> dict:
+    """The OpenAPI content of a server-sent event stream: the schema of one event, whose `data`
+    is a JSON text (or the end marker)."""
+    return {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "contentMediaType": "application/json", "description": payload},
+                       "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}}}
+
 
 STREAM_DESCRIPTION = (
     "Each event is a `data:` line with a JSON object: `{\"index\": i, \"text\": piece}` for new text of "
@@ -26,6 +52,14 @@ class GenerateResponse(BaseModel):
     results: list[str] = Field(description="One continuation per prompt, in the prompts' order; new text only.")
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"results": [" jumps over the lazy dog."]}]})
+
+
+class ErrorMessage(BaseModel):
+    """The body of every error of /generate, /health and /metrics but validation's (422)."""
+
+    detail: str = Field(description="What is wrong.")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"detail": "Incorrect API key provided."}]})
 
 
 class HealthResponse(BaseModel):
@@ -65,7 +99,8 @@ def generate_request_model(settings: Settings) -> type[BaseModel]:
             description="0 is greedy (deterministic); above 0 samples from softmax(logits / temperature).")
         seed: Optional[StrictInt] = Field(
             None, ge=0, le=MAX_SEED,
-            description="Makes sampling reproducible: prompt i of the request draws from the stream (seed, i).")
+            description="Makes sampling reproducible: prompt i of the request draws from the stream (seed, i). "
+            "At most 2^53-1, the largest integer every JSON client holds exactly.")
         top_k: StrictInt = Field(0, ge=0, description="Sample only from the k likeliest tokens (0: off).")
         top_p: Annotated[float, Field(strict=True)] = Field(
             1.0, gt=0, le=1, allow_inf_nan=False,
@@ -80,5 +115,8 @@ def generate_request_model(settings: Settings) -> type[BaseModel]:
         stream: StrictBool = Field(
             False, description="Answer with server-sent events (text/event-stream) as text is made, instead "
             "of one JSON body at the end. " + STREAM_DESCRIPTION)
+
+        _integers = field_validator("max_tokens", "seed", "top_k", mode="before")(
+            classmethod(lambda cls, value: integral(value)))
 
     return GenerateRequest

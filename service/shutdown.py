@@ -78,10 +78,10 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: FastAPI, host: str, port: int, log_level: str) -> int:
+def serve(app: FastAPI, host: str, port: int, log_level: str, log_config: dict | None = None) -> int:
     """Run `app` until a signal stops it; the exit status (0, or uvicorn's 3 when the app's
     start-up failed)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=log_config,
                             timeout_graceful_shutdown=CLOSE_CONNECTIONS_SECONDS)
     server = DrainingServer(config, app)
     server.run()

@@ -195,6 +195,32 @@ def test_sampling_depends_only_on_the_row_s_own_seed_stream_and_index():
     assert next_token(logits, GenerationRow((0,), 1, 1e-4, 42, 0), 0) == int(np.argmax(logits))
 
 
+@pytest.mark.parametrize("top_p", [5e-324, 1e-17])
+def test_a_top_p_so_small_that_1_minus_it_is_1_keeps_only_the_likeliest(top_p):
+    """The fuzzer's find: top_p = 5e-324 (schema-valid, > 0) left no bin heavier than 1 - top_p."""
+    logits = np.random.default_rng(2).normal(size=3000).astype(np.float32)
+    for top_k in (0, 50):
+        draws = {next_token(logits, GenerationRow((0,), 1, 2.0, 7, 0, top_k=top_k, top_p=top_p), i) for i in range(20)}
+        assert draws == {int(np.argmax(logits))}
+
+
+def test_extreme_penalties_and_temperatures_stay_finite_and_take_their_limits():
+    """Also the fuzzer's: repetition_penalty 5e-324 (0 in float32) and tiny temperatures made
+    infinite logits and NaN weights."""
+    import warnings
+
+    logits = np.random.default_rng(3).normal(size=300).astype(np.float32)
+    seen = int(np.argsort(logits)[-5])  # a likely token, not the likeliest
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division by zero, no NaN
+        greedy = next_token(logits, GenerationRow((seen,), 1, 0.0, 1, 0, repetition_penalty=5e-324), 0, [seen])
+        assert greedy == seen  # an unbounded reward for the seen token
+        for temperature in (1e-38, 2.2e-16):
+            row = GenerationRow((seen,), 1, temperature, 1, 0, repetition_penalty=5e-324)
+            assert next_token(logits, row, 0, [seen]) == seen
+            assert next_token(logits, GenerationRow((0,), 1, temperature, 1, 0, top_k=5), 0) == int(np.argmax(logits))
+
+
 def test_metrics_name_the_backend_and_precision(litert_model_dir):
     from fastapi.testclient import TestClient
 

@@ -32,13 +32,19 @@ def next_token(logits: np.ndarray, row: GenerationRow, index: int, history: Sequ
     if 0 < row.top_k < len(logits):
         # Only the k likeliest (and ties) can be drawn: the rest of the work is on them alone.
         candidates = top_k_candidates(logits, row.top_k)
-        shifted = logits[candidates] / np.float32(row.temperature)
+        with np.errstate(over="ignore"):
+            shifted = logits[candidates] / np.float32(row.temperature)
+        if not np.isfinite(shifted.max()):  # a temperature so low the logits overflow: greedy, its limit
+            return int(np.argmax(logits))
         shifted -= shifted.max()
         weights = np.exp(shifted)
         if row.top_p < 1.0:
             weights *= nucleus(shifted, weights, row.top_p)
         return int(candidates[Cdf(weights).sample(next(uniforms))])
-    shifted = logits / np.float32(row.temperature)
+    with np.errstate(over="ignore"):
+        shifted = logits / np.float32(row.temperature)
+    if not np.isfinite(shifted.max()):  # as above
+        return int(np.argmax(logits))
     shifted -= shifted.max()
     weights = np.exp(shifted)
     cdf = Cdf(weights)
@@ -103,7 +109,12 @@ def penalize_repetition(logits: np.ndarray, history: Sequence[int], penalty: flo
     out = logits.copy()
     seen = np.unique(np.asarray(history, np.int64))
     values = out[seen]
-    out[seen] = np.where(values > 0, values / np.float32(penalty), values * np.float32(penalty))
+    # float32's penalty as transformers has it, applied in float64 (which rounds to float32's own
+    # result) and clipped: a penalty near 0 would make a seen token's logit infinite.
+    factor = np.float64(max(np.float32(penalty), np.float32(1e-45)))  # 1e-45: float32's least above 0
+    values = values.astype(np.float64)
+    limit = np.finfo(np.float32).max
+    out[seen] = np.clip(np.where(values > 0, values / factor, values * factor), -limit, limit)
     return out
 
 
@@ -121,7 +132,10 @@ def nucleus(shifted: np.ndarray, weights: np.ndarray, top_p: float) -> np.ndarra
     mass = np.bincount(bins, weights=weights, minlength=BINS)
     lighter = np.cumsum(mass[::-1])[::-1] - mass  # mass of every bin lighter than each bin
     limit = (1 - top_p) * total
-    crossing = int(np.flatnonzero(lighter + mass > limit)[-1])  # the lightest bin that cannot go whole
+    heavier = np.flatnonzero(lighter + mass > limit)
+    if not len(heavier):  # a top_p so small that 1 - top_p rounds to 1: only the likeliest stays
+        return np.arange(len(weights)) == len(shifted) - 1 - int(np.argmax(shifted[::-1]))
+    crossing = int(heavier[-1])  # the lightest bin that cannot go whole
     inside = np.flatnonzero(bins == crossing)
     order = inside[np.argsort(weights[inside], kind="stable")]  # ascending
     cumulative = lighter[crossing] + np.cumsum(weights[order], dtype=np.float64)

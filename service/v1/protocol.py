@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+from service.schemas import MAX_SEED, integral
 
 
 class StreamOptions(BaseModel):
@@ -40,12 +42,16 @@ class CompletionRequest(BaseModel):
     best_of: Optional[StrictInt] = None
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[StrictStr] = None
-    seed: Optional[StrictInt] = None
+    seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED, description="0 to 2^53-1, the largest integer "
+                                      "every JSON client holds exactly.")
     suffix: Optional[StrictStr] = None
     # Extensions (vLLM's names): not in OpenAI's API, ignored by its servers.
     top_k: Optional[StrictInt] = Field(None, ge=-1, description="Sample from the k likeliest tokens; 0, -1 or null: off.")
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10, allow_inf_nan=False,
                                                 description="transformers' repetition penalty; 1 or null: off.")
+
+    _integers = field_validator("prompt", "max_tokens", "n", "logprobs", "best_of", "seed", "top_k", mode="before")(
+        classmethod(lambda cls, value: integral(value)))
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for the first field set to something this server does not do yet."""

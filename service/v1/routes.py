@@ -11,28 +11,35 @@ import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from service import observability
 from service.config import Settings
 from service.engine import GenerationRow, TokenLogprob
 from service.errors import OpenAIError
 from service.runtime import Runtime
-from service.routes import RuntimeDep
-from service.schemas import MAX_SEED
+from service.routes import RETRY_AFTER, KeyDocs, RuntimeDep, check_total_tokens
+from service.schemas import event_stream
 from service.streaming import ChoiceDelta, completion_deltas, sse_event, unless_disconnected
 from service.v1.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                  ErrorResponse, ModelCard, ModelList, Usage)
 
 MAX_STOPS = 16
 ERRORS = {status: {"model": ErrorResponse, "description": why} for status, why in [
-    (400, "Invalid request, a field this server does not support, or a prompt too long for the context window"),
+    (400, "Invalid request (also a body that is not JSON), a field this server does not support, a prompt too "
+          "long for the context window, or more new tokens than MAX_TOTAL_TOKENS"),
     (404, "No such model"),
+    (413, "The body is over MAX_BODY_BYTES"),
     (429, "The queue is full (see Retry-After)"),
     (500, "Generation failed"),
     (503, "The model is loading, or the server is shutting down (see Retry-After)"),
 ]}
+for _status in (429, 503):
+    ERRORS[_status]["headers"] = RETRY_AFTER
 
 
 def create_v1_router(settings: Settings) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+    key = KeyDocs(settings, error_body=ErrorResponse)
+    router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=key.dependencies,
+                       responses=key.responses)
     created = int(time.time())
 
     @router.get("/models", response_model=ModelList)
@@ -41,7 +48,8 @@ def create_v1_router(settings: Settings) -> APIRouter:
         return ModelList(data=[ModelCard(id=settings.model_name, created=created)])
 
     @router.post("/completions", response_model=CompletionResponse,
-                 responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                 responses={200: {"content": event_stream("A `text_completion` chunk as JSON (choices and, with "
+                                                          "include_usage, usage), an `error` object, or `[DONE]`"),
                                   "description": "The completion; with `stream`, OpenAI's chunks as server-sent events"},
                             **ERRORS})
     async def completions(body: CompletionRequest, runtime: RuntimeDep, http: Request):
@@ -83,12 +91,14 @@ def create_v1_router(settings: Settings) -> APIRouter:
         reply = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
         prompt_tokens = sum(len(ids) for ids in prompts)
         runtime.metrics.requests.inc()
+        runtime.metrics.prompt_tokens.inc(prompt_tokens)
         stops = body.stops
         if max_tokens == 0:  # echo alone: the prompts scored, nothing generated
             request, deltas = None, _nothing(len(rows))
         else:
             request = scheduler.submit(rows, stream=bool(body.stream), interval=settings.stream_interval_ms / 1000,
                                        stops=stops)
+            observability.attach(request)
             deltas = completion_deltas(request, engine.decode, stops)
         want_logprobs = body.logprobs is not None
         if body.stream:
@@ -140,10 +150,11 @@ def _check_limits(body: CompletionRequest, settings: Settings, rows: int, max_to
     if rows > settings.max_prompts_per_request:
         raise OpenAIError(400, f"prompts x n is {rows}, over this server's limit of {settings.max_prompts_per_request}",
                           param="n")
+    over = check_total_tokens(settings, rows * max_tokens, rows, max_tokens)
+    if over:
+        raise OpenAIError(400, over, param="max_tokens")
     if len(body.stops) > MAX_STOPS or any(not stop for stop in body.stops):
         raise OpenAIError(400, f"stop takes 1 to {MAX_STOPS} non-empty strings", param="stop")
-    if body.seed is not None and not 0 <= body.seed <= MAX_SEED:
-        raise OpenAIError(400, f"seed must be from 0 to {MAX_SEED}", param="seed")
 
 
 @dataclass(frozen=True)
