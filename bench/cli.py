@@ -464,10 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": profiles,
     }
     md = report.markdown(result)
-    (work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    (work / "result.md").write_text(md)
-    for name, src in (("latest.json", "result.json"), ("latest.md", "result.md")):
-        shutil.copyfile(work / src, args.results_dir / name)
+    report.save(result, md, work, args.results_dir, "latest")
     print(md, flush=True)
     log(f"wrote {work / 'result.json'} and {work / 'result.md'} (also {args.results_dir}/latest.*)")
     if args.strict and any(b["holds"] is False for b in result["bars"]):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shutil
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -634,3 +636,12 @@ if __name__ == "__main__":
     data = rerender(json.loads(path.read_text()))
     path.write_text(json.dumps(data, indent=1) + "\n")
     print(markdown(data), end="")
+
+
+def save(result: dict, md: str, work: Path, results_dir: Path, latest: str) -> None:
+    """result.json and result.md in the run's folder `work`, copied to `results_dir` as
+    `<latest>.json` and `<latest>.md`."""
+    (work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    (work / "result.md").write_text(md)
+    for suffix in ("json", "md"):
+        shutil.copyfile(work / f"result.{suffix}", results_dir / f"{latest}.{suffix}")

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,10 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples": {"rss_mib": soak.rss, "generated_tokens": soak.tokens},
     }
     md = markdown(result)
-    (work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    (work / "result.md").write_text(md)
-    for name, src in (("soak-latest.json", "result.json"), ("soak-latest.md", "result.md")):
-        shutil.copyfile(work / src, args.results_dir / name)
+    report.save(result, md, work, args.results_dir, "soak-latest")
     print(md, flush=True)
     log(f"wrote {work / 'result.json'} and {work / 'result.md'}")
     if args.strict and not all(bar["holds"] for bar in summary["bars"]):
