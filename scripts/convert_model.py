@@ -3,7 +3,7 @@
     python scripts/convert_model.py --model-dir DIR [--force]
 
 Writes, beside the TensorFlow files: `gpt2.fp32.tflite` and `gpt2.int8.tflite` (signatures
-`prefill` and `decode`; int8 = dynamic-range int8 weights), `embeddings.npy` and `positions.npy`
+`extend`, `decode` and `head`; int8 = dynamic-range int8 weights), `embeddings.npy` and `positions.npy`
 (looked up on the host), and `litert.json` (what was converted, from which weights, and the int8
 quality gate's figures and decision). Then it rewrites `manifest.json` with every file's size and
 sha256.
@@ -45,7 +45,7 @@ from service.model_files import (  # noqa: E402
     write_manifest,
 )
 
-CONVERTER_VERSION = 3  # bump when the files' layout or signatures change
+CONVERTER_VERSION = 4  # bump when the files' layout or signatures change
 
 
 def source_fingerprint(model_dir: Path) -> str:

@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     litert_precision: Literal["auto", "int8", "fp32"] = Field(
         "auto", description="LiteRT weights: auto takes int8 if the conversion's quality gate passed it, else fp32.")
     num_threads: int = Field(0, ge=0, le=256, description="LiteRT CPU threads; 0: one per core the process may use.")
+    short_lane: bool = Field(True, description="LiteRT: a short request joining long running rows also gets decode calls of its own, so it is not slowed to their pace (they keep at least half their speed).")
     served_model_name: str | None = Field(
         None, description="The model's name on /v1 (what clients put in `model`); default: the model directory's name.")
     host: str = Field("127.0.0.1", description="Address `python -m service` listens on.")

@@ -84,6 +84,10 @@ class _RuntimeState:
                                 scheduler.running if scheduler else 0)
         yield CounterMetricFamily("llm_decode_calls", "Decode calls run (each one or more tokens a row).",
                                   scheduler.decode_calls if scheduler else 0)
+        yield CounterMetricFamily("llm_short_lane_rows", "Short prompts that also got decode calls of their own "
+                                  "beside long running rows (LiteRT's short lane).", engine.lane_rows if engine else 0)
+        yield CounterMetricFamily("llm_short_lane_calls", "Decode calls of the short lane (also in llm_decode_calls).",
+                                  engine.lane_calls if engine else 0)
         yield CounterMetricFamily("llm_compiles_after_warmup", "Programs compiled after warm-up (should be 0).",
                                   engine.compiles_after_warmup() if engine else 0)
         if engine is not None:

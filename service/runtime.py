@@ -32,7 +32,7 @@ def litert_engine(settings: Settings) -> Engine:
 
     return LiteRTGPT2Engine(settings.model_dir, precision=settings.litert_precision,
                             max_batch_size=settings.max_batch_size, num_threads=settings.num_threads,
-                            smallest_cache=settings.min_cache_size)
+                            smallest_cache=settings.min_cache_size, short_lane=settings.short_lane)
 
 
 def tensorflow_engine(settings: Settings) -> Engine:

@@ -82,8 +82,9 @@ class DecodeBatch(ABC):
     Contract (one thread at a time calls it):
     - `extend(entries)` prefills rows `(key, GenerationRow)` into the batch; they take part from the
       next `step`. Keys are the caller's and unique within the batch.
-    - `step()` runs one decode call and returns one `RowUpdate` per row, in the batch's order: one
-      or more new tokens each (a backend may run several steps per call), and a finish reason for
+    - `step()` runs one decode call and returns one `RowUpdate` per row that took part in it (every
+      row, unless the backend gives some rows calls of their own), in the batch's order: one or
+      more new tokens each (a backend may run several steps per call), and a finish reason for
       the rows that ended. Finished rows must be filtered out before the next `step`.
     - `filter(keys)` keeps only the rows with these keys (finished or cancelled rows leave).
     - A row's tokens are the same whatever shares the batch, or joins or leaves it, and whenever
@@ -144,6 +145,8 @@ class Engine(ABC):
     max_batch_size: int  # most rows a batch holds (the scheduler never extends past it)
     backend: str = "unknown"  # "litert" or "tf": reported by /health and /metrics
     precision: str = "fp32"
+    lane_rows: int = 0  # rows that got decode calls of their own (LiteRT's short lane), and those calls
+    lane_calls: int = 0
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:

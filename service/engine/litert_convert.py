@@ -1,19 +1,23 @@
 """TensorFlow weights in, LiteRT decoder models out (needs TensorFlow; the LiteRT backend does not).
 
-One `.tflite` file per precision, each with two signatures over the same weights:
-- `prefill`: one prompt (batch 1, any length T) with no cache; returns every layer's keys and
-  values for its T positions, and no logits: the host prefills all of a prompt but its last
-  token, which enters through `decode` with the rest of the batch. So the LM head (a third of
-  DistilGPT2's int8 weights) is not in this signature, and XNNPACK packs it once, not twice.
+One `.tflite` file per precision, each with three signatures over the same weights:
 - `decode`: one new token for each of B rows, attending over a host-owned key/value *pool* of S
-  slots that all rows share; returns the logits and each layer's key and value for that token
-  only ([H, B, D]). The host keeps the pool and writes the new slots itself, so it is never copied through
-  a call. The additive mask [1, B, S + 1] says which slots are each row's own (the last column
-  is the new token itself). Scores are one matmul of every row's query against the whole pool
-  per head: the pool is read once a call, whatever the rows' lengths, where a cache per row
-  [B, C] made every row read as many slots as the longest row holds. The scores of other rows'
-  slots are masked to exactly zero weight (exp underflows), so a row's numbers do not depend on
-  its neighbours.
+  slots that all rows share; returns each row's hidden state (the last block's output, before
+  the final layer norm) and each layer's key and value for that token only ([H, B, D]). The
+  host keeps the pool in this signature's own input tensors and writes the new slots itself, so
+  it is never copied through a call. The additive mask [1, B, S + 1] says which slots are each
+  row's own (the last column is the new token itself). Scores are one matmul of every row's
+  query against the whole pool per head: the pool is read once a call, whatever the rows'
+  lengths, where a cache per row [B, C] made every row read as many slots as the longest row
+  holds. The scores of other rows' slots are masked to exactly zero weight (exp underflows), so
+  a row's numbers do not depend on its neighbours.
+- `extend`: N new tokens over a pool of S slots given with the call, and over each other, as the
+  mask [1, N, S + N] allows; returns their keys and values ([H, N, D]) and hidden states. One
+  prompt's tokens (causal among themselves: a prefill), or one token each of a few rows apart
+  from the batch (the scheduler's short lane, whose small pool the host copies in per call).
+- `head`: hidden states [M, E] -> logits [M, V] (the final layer norm and the tied LM head), for
+  either of the others. Being its own signature, the LM head (a third of DistilGPT2's int8
+  weights) is packed by XNNPACK once, not per signature.
 
 The graph is written here from the weights (not by calling transformers' layers), in shapes
 XNNPACK delegates whole: 2-D matmuls for every weight (a 3-D one stays fp32 under dynamic-range
@@ -52,7 +56,7 @@ class Gpt2Shape:
 
 
 class _Decoder(tf.Module):
-    """The two programs over one set of variables (the converter freezes them into the file)."""
+    """The three programs over one set of variables (the converter freezes them into the file)."""
 
     def __init__(self, weights: dict[str, np.ndarray], shape: Gpt2Shape):
         super().__init__()
@@ -67,24 +71,39 @@ class _Decoder(tf.Module):
             tf.TensorSpec([1, None, None], tf.float32, name="mask"),
             *kv,
         ])
-        self.prefill = tf.function(self._prefill, input_signature=[
+        self.extend = tf.function(self._extend, input_signature=[
             tf.TensorSpec([1, None, E], tf.float32, name="embeds"),
-            tf.TensorSpec([1, 1, None, None], tf.float32, name="mask"),
+            tf.TensorSpec([1, None, None], tf.float32, name="mask"),
+            tf.TensorSpec([None], tf.int32, name="rows"),
+            *kv,
         ])
+        self.head = tf.function(self._head, input_signature=[tf.TensorSpec([None, E], tf.float32, name="hidden")])
 
-    # --- the two programs ---------------------------------------------------------------------
+    # --- the three programs ---------------------------------------------------------------------
 
-    def _prefill(self, embeds, mask):
-        """embeds [1, T, E] (token + position embeddings), mask [1, 1, T, T] additive (0 or -1e4)."""
+    def _extend(self, embeds, mask, rows, *pools):
+        """embeds [1, N, E]; mask [1, N, S + N] additive (0 where a new token may look: its own
+        pool slots, then itself and the new tokens before it); rows [M]: the new tokens whose
+        hidden states are wanted (the last block's feed-forward runs for these only: a prefill
+        wants none, and gives one); pools [H, S, D] each."""
+        H, D, E = self.shape.n_head, self.shape.head_dim, self.shape.n_embd
         x, outputs = embeds, {}
+        scale = math.sqrt(self.shape.head_dim)
         for i in range(self.shape.n_layer):
-            q, k, v = self._qkv(i, x, batch=1, length=-1)
-            outputs[f"key_{i}"], outputs[f"value_{i}"] = k, v
-            if i == self.shape.n_layer - 1:
-                break  # the last block's output feeds only the logits, which prefill does not make
-            w = tf.matmul(q, k, transpose_b=True) / math.sqrt(self.shape.head_dim) + mask
-            a = tf.matmul(tf.nn.softmax(w, axis=-1), v)  # [1, H, T, D]
-            x = self._finish_block(i, x, a, batch=1, length=-1)
+            k_pool, v_pool = pools[2 * i], pools[2 * i + 1]
+            h = self._dense(self._norm(x, f"h{i}.ln_1"), f"h{i}.attn.c_attn")  # [N, 3E]
+            q, k, v = (tf.transpose(tf.reshape(t, [-1, H, D]), [1, 0, 2]) for t in tf.split(h, 3, axis=-1))  # [H, N, D]
+            # The pool here is small (a prompt's dummy slot, or the short lane's few rows), so it
+            # is concatenated with the new keys and values: no slice of a dynamic size.
+            w = tf.matmul(q, tf.concat([k_pool, k], axis=1), transpose_b=True) / scale  # [H, N, S + N]
+            a = tf.matmul(tf.nn.softmax(w + mask, axis=-1), tf.concat([v_pool, v], axis=1))  # [H, N, D]
+            outputs[f"key_{i}"], outputs[f"value_{i}"] = k, v  # [H, N, D]
+            if i < self.shape.n_layer - 1:
+                x = self._finish_merged(i, x, self._merge_heads(a), batch=1, length=-1)
+            else:
+                x = tf.gather(tf.reshape(x, [-1, E]), rows)[:, None, :]  # [M, 1, E]
+                x = self._finish_merged(i, x, tf.gather(self._merge_heads(a), rows))
+        outputs["hidden"] = tf.reshape(x, [-1, E])
         return outputs
 
     def _decode(self, embeds, mask, *pools):
@@ -103,25 +122,20 @@ class _Decoder(tf.Module):
             w_new = tf.reduce_sum(q * k, axis=-1, keepdims=True) / scale  # [H, B, 1]
             p = tf.nn.softmax(tf.concat([w_pool, w_new], axis=-1) + mask, axis=-1)
             a = tf.matmul(p[..., :-1], v_pool) + p[..., -1:] * v  # [H, B, D]
-            a = tf.reshape(tf.transpose(a, [1, 0, 2]), [-1, E])  # merge heads: [B, E]
-            x = self._finish_merged(i, x, a)
+            x = self._finish_merged(i, x, self._merge_heads(a))
             outputs[f"key_{i}"], outputs[f"value_{i}"] = k, v  # [H, B, D]
-        outputs["logits"] = self._logits(x)
+        outputs["hidden"] = tf.reshape(x, [-1, E])
         return outputs
+
+    def _head(self, hidden):
+        """hidden [M, E] -> logits [M, V]: the final layer norm, and the tied LM head as one 2-D matmul."""
+        return {"logits": tf.matmul(self._norm(hidden, "ln_f"), self.w["wte"], transpose_b=True)}
 
     # --- GPT-2's pieces -------------------------------------------------------------------------
 
-    def _qkv(self, i, x, batch, length):
-        """Queries, keys, values [B, H, T, D]; exactly one of batch/length is -1 (open)."""
-        E, H, D = self.shape.n_embd, self.shape.n_head, self.shape.head_dim
-        h = self._dense(self._norm(x, f"h{i}.ln_1"), f"h{i}.attn.c_attn")  # [B*T, 3E]
-        q, k, v = tf.split(h, 3, axis=-1)
-        return tuple(tf.transpose(tf.reshape(t, [batch, length, H, D]), [0, 2, 1, 3]) for t in (q, k, v))
-
-    def _finish_block(self, i, x, a, batch, length):
-        E = self.shape.n_embd
-        a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, E])  # merge heads: [B*T, E]
-        return self._finish_merged(i, x, a, batch, length)
+    def _merge_heads(self, a):
+        """[H, N, D] -> [N, E]."""
+        return tf.reshape(tf.transpose(a, [1, 0, 2]), [-1, self.shape.n_embd])
 
     def _finish_merged(self, i, x, a, batch=-1, length=1):
         """The rest of block i after attention, with the heads merged: a [B*T, E]."""
@@ -129,11 +143,6 @@ class _Decoder(tf.Module):
         x = x + tf.reshape(self._matmul(a, f"h{i}.attn.c_proj"), [batch, length, E])
         m = _gelu_new(self._dense(self._norm(x, f"h{i}.ln_2"), f"h{i}.mlp.c_fc"))
         return x + tf.reshape(self._matmul(m, f"h{i}.mlp.c_proj"), [batch, length, E])
-
-    def _logits(self, x):
-        """x [B, 1, E] -> logits [B, V]: the tied LM head as one 2-D matmul."""
-        h = tf.reshape(self._norm(x, "ln_f"), [-1, self.shape.n_embd])
-        return tf.matmul(h, self.w["wte"], transpose_b=True)
 
     def _norm(self, x, name):
         mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
@@ -183,12 +192,13 @@ def convert(weights: dict[str, np.ndarray], shape: Gpt2Shape) -> dict[str, bytes
     with tempfile.TemporaryDirectory() as tmp:
         # The converter takes several signatures from a SavedModel; their weights are shared.
         tf.saved_model.save(module, tmp, signatures={
-            "prefill": module.prefill.get_concrete_function(),
+            "extend": module.extend.get_concrete_function(),
             "decode": module.decode.get_concrete_function(),
+            "head": module.head.get_concrete_function(),
         })
         out = {}
         for precision in ("fp32", "int8"):
-            converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["prefill", "decode"])
+            converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["extend", "decode", "head"])
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no TF ops at run time
             if precision == "int8":
                 converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no dataset: weights only

@@ -1,9 +1,10 @@
 """The LiteRT backend: GPT-2 on TensorFlow Lite's runtime, with no TensorFlow imported.
 
-The model file (made by `scripts/convert_model.py`) has two signatures over one set of weights:
-`prefill` runs one prompt with no cache and returns its keys and values; `decode` runs one token
-for each row of the batch over a key/value cache and returns only that token's keys and values.
-The cache lives in the decode signature's own input tensors, which the host reads and writes
+The model file (made by `scripts/convert_model.py`) has three signatures over one set of weights:
+`decode` runs one token for each row of the batch over a key/value pool and returns that token's
+keys, values and hidden state; `extend` runs a few new tokens over a pool given with the call
+(a prompt's prefill, or the short lane's rows); `head` turns hidden states into logits. The
+batch's pool lives in the decode signature's own input tensors, which the host reads and writes
 through numpy views (no copy per call: copying the cache in and out of each call costs more than
 the step itself at batch 8). After each step the host writes the new slot and opens it in the
 additive attention mask.
@@ -20,6 +21,7 @@ import ctypes
 import heapq
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -38,6 +40,17 @@ log = logging.getLogger(__name__)
 
 MASKED = -1e4  # transformers' TF GPT-2 mask value
 HEADROOM_CALLS = 4  # a pool is sized for its rows' slots and this many more calls
+# The short lane (LiteRTBatch): a joining row also gets calls of its own when it asks for at most
+# LANE_MAX_TOKENS new tokens, its prompt and answer fit LANE_MAX_SLOTS slots (its keys and values
+# are copied into each of its calls), the running rows hold on average at least LANE_SHORTER
+# times its slots (similar rows share calls: splitting them would only cost a call's fixed
+# part), and the batch's last call took at least LANE_CHEAPER times a lane call.
+LANE_MAX_ROWS = 4  # at most this many lane rows at once
+LANE_MAX_TOKENS = 64
+LANE_MAX_SLOTS = 256
+LANE_SHORTER = 4
+LANE_CHEAPER = 2.0
+LANE_AVERAGING = 0.2  # weight of the newest lane call in the lane's running call time
 MADV_DONTNEED = 4
 
 
@@ -65,8 +78,9 @@ class Decoder:
         self._runtime = self._interpreter._interpreter  # the wrapper: per-signature views and calls
         self._embeddings = embeddings
         self._positions = positions
-        self._prefill = self._signature("prefill")
+        self._extend = self._signature("extend")
         self._decode = self._signature("decode")
+        self._head = self._signature("head")
         key = self._runtime.TensorSizeSignature(self._decode.inputs["key_0"], self._decode.subgraph)
         self.n_head, self.head_dim = int(key[0]), int(key[2])
         self.n_layer = sum(1 for name in self._decode.inputs if name.startswith("key_"))
@@ -112,7 +126,7 @@ class Decoder:
         if used > pool_size:
             raise ValueError(f"the rows hold {used} slots, more than a pool of {pool_size}")
         order = np.array([slot for k in kept for slot in k], np.int64)
-        names = self._cache_names()
+        names = self.cache_names()
         saved = {name: self._view(self._decode, "inputs", name)[:, order] for name in names} if used else {}
         self._resize_decode(len(sources), pool_size)
         for name in names:
@@ -154,34 +168,68 @@ class Decoder:
 
     def _resize_decode(self, batch_size: int, pool_size: int) -> None:
         heads, head_dim = self.n_head, self.head_dim
-        shapes = {name: [heads, pool_size, head_dim] for name in self._cache_names()}
+        shapes = {name: [heads, pool_size, head_dim] for name in self.cache_names()}
         shapes["mask"] = [1, batch_size, pool_size + 1]
         shapes["embeds"] = [batch_size, 1, self._embeddings.shape[1]]
         self._resize(self._decode, shapes)
         self.batch_size, self.pool_size = batch_size, pool_size
 
-    def _cache_names(self) -> list[str]:
+    def cache_names(self) -> list[str]:
+        """The pool's tensors: key_0, value_0, key_1, ..."""
         return [f"{kind}_{i}" for i in range(self.n_layer) for kind in ("key", "value")]
 
     # --- the two calls -------------------------------------------------------------------------
 
     def prefill(self, row: int, ids: Sequence[int]) -> None:
-        n = len(ids)
-        if n == 0:
+        """Put a prompt's ids into new slots of the row at empty position `row`."""
+        if self.slots[row]:
+            raise ValueError("a prompt is prefilled into a row with no slots")
+        if not len(ids):
             return
-        start = len(self.slots[row])
-        if start + n > len(self._positions):
-            raise ValueError(f"a prompt of {start + n} tokens does not fit the context window")
-        causal = np.triu(np.full([n, n], MASKED, np.float32), k=1)
-        self._resize(self._prefill, {"embeds": [1, n, self._embeddings.shape[1]], "mask": [1, 1, n, n]})
-        self._view(self._prefill, "inputs", "embeds")[0] = self._embed(np.asarray(ids), np.arange(start, start + n))
-        self._view(self._prefill, "inputs", "mask")[0, 0] = causal
-        self._invoke(self._prefill)
-        slots = self._take(n)
-        for name in self._cache_names():
-            self._view(self._decode, "inputs", name)[:, slots] = self._view(self._prefill, "outputs", name)[0]
+        new = self.encode_prompt(ids)
+        slots = self._take(len(ids))
+        for name, values in zip(self.cache_names(), new):
+            self._view(self._decode, "inputs", name)[:, slots] = values
         self._view(self._decode, "inputs", "mask")[0, row, slots] = 0
         self.slots[row] += slots
+
+    def encode_prompt(self, ids: Sequence[int]) -> list[np.ndarray]:
+        """A prompt's keys and values ([H, n, D] per cache name), its tokens seeing only each
+        other: an `extend` call over a pool of one dummy slot that none of them sees."""
+        n = len(ids)
+        if n > len(self._positions):
+            raise ValueError(f"a prompt of {n} tokens does not fit the context window")
+        mask = np.full([n, 1 + n], MASKED, np.float32)
+        mask[:, 1:] = np.triu(mask[:, 1:], k=1)
+        dummy = np.zeros([self.n_head, 1, self.head_dim], np.float32)
+        new, _ = self.extend(self.embed(np.asarray(ids), np.arange(n)), mask, [dummy] * len(self.cache_names()), [n - 1])
+        return new
+
+    def extend(self, embeds: np.ndarray, mask: np.ndarray, pools: Sequence[np.ndarray],
+               rows: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
+        """The `extend` call: N new tokens' embeddings [N, E] over `pools` (one [H, S, D] per
+        cache name, in `cache_names` order) as `mask` [N, S + N] allows -> (each cache name's new
+        keys or values [H, N, D], the hidden states [len(rows), E] of the new tokens at `rows`);
+        copies."""
+        n, size = embeds.shape[0], pools[0].shape[1]
+        shapes = {name: [self.n_head, size, self.head_dim] for name in self.cache_names()}
+        shapes.update(embeds=[1, n, embeds.shape[1]], mask=[1, n, size + n], rows=[len(rows)])
+        self._resize(self._extend, shapes)
+        self._view(self._extend, "inputs", "embeds")[0] = embeds
+        self._view(self._extend, "inputs", "mask")[0] = mask
+        self._view(self._extend, "inputs", "rows")[...] = rows
+        for name, pool in zip(self.cache_names(), pools):
+            self._view(self._extend, "inputs", name)[...] = pool
+        self._invoke(self._extend)
+        new = [self._view(self._extend, "outputs", name).copy() for name in self.cache_names()]
+        return new, self._view(self._extend, "outputs", "hidden").copy()
+
+    def head(self, hidden: np.ndarray) -> np.ndarray:
+        """Hidden states [M, E] -> logits [M, V] (a copy)."""
+        self._resize(self._head, {"hidden": list(hidden.shape)})
+        self._view(self._head, "inputs", "hidden")[...] = hidden
+        self._invoke(self._head)
+        return self._view(self._head, "outputs", "logits").copy()
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         """One token per position (in batch order; an empty position's is ignored) -> logits
@@ -190,18 +238,47 @@ class Decoder:
         rows = np.flatnonzero(self.live)
         at = self.lengths
         slots = np.array(self._take(len(rows)), np.int64)
-        self._view(self._decode, "inputs", "embeds")[:, 0] = self._embed(ids, at)
+        self._view(self._decode, "inputs", "embeds")[:, 0] = self.embed(ids, at)
         self._invoke(self._decode)
-        for name in self._cache_names():
+        for name in self.cache_names():
             self._view(self._decode, "inputs", name)[:, slots] = self._view(self._decode, "outputs", name)[:, rows]
         self._view(self._decode, "inputs", "mask")[0, rows, slots] = 0
         for b, slot in zip(rows, slots):
             self.slots[b].append(int(slot))
-        logits = self._view(self._decode, "outputs", "logits").copy()
+        logits = self.head(self._view(self._decode, "outputs", "hidden"))
         self.last_step_seconds = time.perf_counter() - started
         return logits
 
-    def _embed(self, ids: Sequence[int], positions: np.ndarray) -> np.ndarray:
+    def step_apart(self, rows: Sequence[int], ids: np.ndarray) -> np.ndarray:
+        """One token for each row at positions `rows` (ids in that order), apart from the rest
+        of the batch: an `extend` call over these rows' own slots only, copied out of the pool,
+        and their new slots written back -> logits [len(rows), vocab]."""
+        lengths = [len(self.slots[b]) for b in rows]
+        own = np.array([slot for b in rows for slot in self.slots[b]], np.int64)
+        size, n = len(own), len(rows)
+        if size:
+            pools = [self._view(self._decode, "inputs", name)[:, own] for name in self.cache_names()]
+        else:  # rows with no slots yet (one-token prompts): a dummy slot none sees
+            pools = [np.zeros([self.n_head, 1, self.head_dim], np.float32)] * len(self.cache_names())
+        width = pools[0].shape[1]
+        mask = np.full([n, width + n], MASKED, np.float32)
+        at = 0
+        for i, length in enumerate(lengths):  # each row sees its own slots, and itself
+            mask[i, at:at + length] = 0
+            mask[i, width + i] = 0
+            at += length
+        new, hidden = self.extend(self.embed(ids, np.array(lengths, np.int64)), mask, pools, range(n))
+        slots = self._take(n)
+        for name, values in zip(self.cache_names(), new):
+            self._view(self._decode, "inputs", name)[:, slots] = values
+        decode_mask = self._view(self._decode, "inputs", "mask")
+        for b, slot in zip(rows, slots):
+            decode_mask[0, b, slot] = 0
+            self.slots[b].append(slot)
+        return self.head(hidden)
+
+    def embed(self, ids: Sequence[int], positions: np.ndarray) -> np.ndarray:
+        """Token + position embeddings [N, E] (looked up on the host)."""
         return self._embeddings[ids] + self._positions[positions]
 
     # --- the interpreter -----------------------------------------------------------------------
@@ -250,7 +327,7 @@ class LiteRTGPT2Engine(Engine):
     backend = "litert"
 
     def __init__(self, model_dir: Path, *, precision: str = "auto", max_batch_size: int = 8,
-                 num_threads: int = 0, smallest_cache: int = 128):
+                 num_threads: int = 0, smallest_cache: int = 128, short_lane: bool = True):
         meta = json.loads((model_dir / LITERT_META).read_text())
         gate = meta["quality"]
         self.precision = resolve_precision(precision, meta)
@@ -274,6 +351,8 @@ class LiteRTGPT2Engine(Engine):
         self._scorer: Decoder | None = None  # prompt_logprobs' own decoder, made on first use
         self._scorer_lock = threading.Lock()
         self.compactions = 0
+        self.short_lane = short_lane
+        self.lane_call_seconds = math.inf  # what a lane call takes: measured by warm-up, then kept up to date
 
     # --- Engine interface -------------------------------------------------------------------
 
@@ -289,9 +368,21 @@ class LiteRTGPT2Engine(Engine):
         started = time.monotonic()
         rows = [GenerationRow((self.eos_id, self.eos_id), 2)] * self.max_batch_size
         self.generate(rows)
+        self.lane_call_seconds = self._time_lane_call()
         released = self.decoder.release_file_pages()
         log.info("warm-up ran %s (%s) in %.1f s; %.0f MiB of mapped model file released", self.backend,
                  self.precision, time.monotonic() - started, released / 2**20)
+
+    def _time_lane_call(self) -> float:
+        """What a lane call of one short row takes (the best of three), against which the
+        batch's calls are weighed."""
+        decoder, ids = self.decoder, np.array([self.eos_id], np.int64)
+        decoder.arrange([None], self.cache_sizes[0])
+        decoder.open_row(0)
+        decoder.prefill(0, [self.eos_id] * 16)
+        seconds = min(_timed(lambda: decoder.step_apart([0], ids)) for _ in range(3))
+        decoder.close_row(0)
+        return seconds
 
     def new_batch(self) -> LiteRTBatch:
         return LiteRTBatch(self)
@@ -318,10 +409,42 @@ class LiteRTGPT2Engine(Engine):
         return next((c for c in self.cache_sizes if c >= slots), self.cache_sizes[-1])
 
 
-class LiteRTBatch(DecodeBatch):
-    """Rows decoding together in the engine's one decoder (one batch at a time per engine).
+@dataclass
+class _RowState:
+    """A row being decoded: its request, the token it feeds to its next call, and what it made."""
 
-    Each `step` is one decode call: one token a row. The pool is the smallest bucket that holds
+    key: Hashable
+    row: GenerationRow
+    next: int  # the token its next call takes in
+    generated: int = 0  # new tokens so far
+    history: list[int] | None = None  # prompt + new tokens, for rows with a repetition penalty
+    short: bool = False  # in the short lane: it also gets calls of its own
+
+    @classmethod
+    def joining(cls, key: Hashable, row: GenerationRow, short: bool = False) -> _RowState:
+        history = list(row.prompt_ids) if row.repetition_penalty != 1.0 else None
+        return cls(key, row, row.prompt_ids[-1], history=history, short=short)
+
+    def advance(self, logits: np.ndarray, eos: int) -> RowUpdate:
+        """Take the next token from this row's logits."""
+        row = self.row
+        token = next_token(logits, row, self.generated, self.history or ())
+        logprobs = None if row.logprobs is None else [token_logprob(logits, token, row.logprobs)]
+        self.next = token
+        if token == eos:
+            return RowUpdate(self.key, [], "eos_token", logprobs)
+        if self.history is not None:
+            self.history.append(token)
+        self.generated += 1
+        return RowUpdate(self.key, [token], "length" if self.generated >= row.max_tokens else None, logprobs)
+
+
+class LiteRTBatch(DecodeBatch):
+    """Rows decoding together in the engine's one decoder (one batch at a time per engine), and
+    a short lane beside them.
+
+    Each `step` is one call: a decode call of the batch (one token a row), or an `extend` call of
+    the short lane (one token a lane row). The pool is the smallest bucket that holds
     the rows' filled slots and the next call's, and grows by a bucket when it runs out: a call
     reads every slot of the pool, so a pool sized for the rows' final lengths would make each
     call pay for slots nothing has filled yet. A row that leaves gives its slots back to the
@@ -331,21 +454,33 @@ class LiteRTBatch(DecodeBatch):
     cost, in measured call time, what the last rearrangement cost (the ski-rental rule: never
     pay more than twice the better choice in hindsight). Changing the shape (more positions,
     fewer, another pool size) rearranges: a copy of the filled slots.
+
+    The short lane: a call reads the whole pool, so with long rows running a short request's
+    every token would cost what their calls cost (several times a call of its own at a few
+    thousand slots). A joining row that is short (at most `LANE_MAX_TOKENS` new tokens, prompt
+    and answer within `LANE_MAX_SLOTS`), much shorter than the running rows, and whose own calls
+    would cost at most half of theirs, is a lane row: it takes part in the batch's calls like
+    any row, and between them gets `extend` calls of its own, over its own slots only (copied
+    out of the pool; they are few). Lane calls take at most as much time as the batch's last
+    call between two batch calls, so running rows keep at least half their speed while short
+    requests pass.
     """
 
     def __init__(self, engine: LiteRTGPT2Engine):
         self._engine = engine
         self._decoder = engine.decoder
-        self._keys: list[Hashable | None] = []  # per batch position; None is a hole
-        self._rows: list[GenerationRow | None] = []
-        self._generated: list[int] = []  # new tokens so far, per position
-        self._history: list[list[int] | None] = []  # prompt + new tokens, for rows with a repetition penalty
-        self._next = np.zeros([0], np.int64)  # the token each position feeds to the next step
+        self._rows: list[_RowState | None] = []  # per batch position; None is a hole
+        self._lane_seconds = 0.0  # time of lane calls since the batch's last call
         self._waste = 0.0  # seconds of calls spent on holes and spare slots since the last rearrangement
 
     @property
     def keys(self) -> list[Hashable]:
-        return [key for key in self._keys if key is not None]
+        return [r.key for r in self._rows if r is not None]
+
+    @property
+    def lane_keys(self) -> list[Hashable]:
+        """The rows that also get calls of their own (the short lane)."""
+        return [r.key for r in self._rows if r is not None and r.short]
 
     def extend(self, entries: Sequence[tuple[Hashable, GenerationRow]]) -> None:
         if not entries:
@@ -353,59 +488,71 @@ class LiteRTBatch(DecodeBatch):
         if len(self.keys) + len(entries) > self._engine.max_batch_size:
             raise ValueError(f"a batch holds at most {self._engine.max_batch_size} rows")
         decoder = self._decoder
+        shorts, lane = [], len(self.lane_keys)
+        for _, row in entries:  # judged against the rows already running
+            shorts.append(lane < LANE_MAX_ROWS and self._is_short(row))
+            lane += shorts[-1]
+        self._engine.lane_rows += sum(shorts)
         # Room for every prompt, and for the next calls' slots of every row.
         prompts = sum(len(row.prompt_ids) for _, row in entries)
         holes = self._holes()
         if len(holes) < len(entries) or decoder.free_slots < prompts + len(self.keys) + len(entries):
             self._rearrange(extra=len(entries), slots=self._slots_wanted(len(entries)) + prompts)
             holes = self._holes()
-        for b, (key, row) in zip(holes, entries):
+        for b, (key, row), short in zip(holes, entries, shorts):
             decoder.open_row(b)
             decoder.prefill(b, row.prompt_ids[:-1])
-            self._keys[b], self._rows[b], self._generated[b] = key, row, 0
-            self._history[b] = list(row.prompt_ids) if row.repetition_penalty != 1.0 else None
-            self._next[b] = row.prompt_ids[-1]
+            self._rows[b] = _RowState.joining(key, row, short)
+
+    def _is_short(self, row: GenerationRow) -> bool:
+        """Whether a joining row gets calls of its own (see the class doc)."""
+        running = [len(self._decoder.slots[b]) for b, r in enumerate(self._rows) if r is not None]
+        needs = len(row.prompt_ids) + row.max_tokens
+        return (self._engine.short_lane and bool(running) and row.max_tokens <= LANE_MAX_TOKENS
+                and needs <= LANE_MAX_SLOTS and sum(running) / len(running) >= LANE_SHORTER * needs
+                and self._decoder.last_step_seconds >= LANE_CHEAPER * self._engine.lane_call_seconds)
 
     def step(self) -> list[RowUpdate]:
+        shorts = [b for b, r in enumerate(self._rows) if r is not None and r.short]
         decoder = self._decoder
         if decoder.free_slots < len(self.keys):
             self._rearrange(slots=self._slots_wanted())
         elif self._waste >= decoder.last_arrange_seconds and (self._holes() or self._spare_slots()):
             self._rearrange(slots=self._slots_wanted())
-        holes, spare, positions = len(self._holes()), self._spare_slots(), len(self._keys)
-        logits = decoder.step(self._next)
+        elif shorts and self._lane_seconds < decoder.last_step_seconds:
+            return self._lane_step(shorts)
+        self._lane_seconds = 0.0
+        holes, spare, positions = len(self._holes()), self._spare_slots(), len(self._rows)
+        logits = decoder.step(np.array([r.next if r is not None else 0 for r in self._rows], np.int64))
         eos = self._engine.eos_id
-        updates = []
-        for b, row in enumerate(self._rows):
-            if row is None:
-                continue
-            history = self._history[b]
-            token = next_token(logits[b], row, self._generated[b], history or ())
-            logprobs = None if row.logprobs is None else [token_logprob(logits[b], token, row.logprobs)]
-            self._next[b] = token
-            if token == eos:
-                updates.append(RowUpdate(self._keys[b], [], "eos_token", logprobs))
-                continue
-            if history is not None:
-                history.append(token)
-            self._generated[b] += 1
-            finish = "length" if self._generated[b] >= row.max_tokens else None
-            updates.append(RowUpdate(self._keys[b], [token], finish, logprobs))
+        updates = [r.advance(logits[b], eos) for b, r in enumerate(self._rows) if r is not None]
         # A hole costs a row's share of the call, spare slots their share of the pool.
         self._waste += decoder.last_step_seconds * (holes / positions + spare / decoder.pool_size)
         return updates
 
+    def _lane_step(self, shorts: list[int]) -> list[RowUpdate]:
+        started = time.perf_counter()
+        rows = [self._rows[b] for b in shorts]
+        logits = self._decoder.step_apart(shorts, np.array([r.next for r in rows], np.int64))
+        eos = self._engine.eos_id
+        updates = [r.advance(logits[i], eos) for i, r in enumerate(rows)]
+        seconds = time.perf_counter() - started
+        self._lane_seconds += seconds
+        self._engine.lane_calls += 1
+        self._engine.lane_call_seconds += LANE_AVERAGING * (seconds - self._engine.lane_call_seconds)
+        return updates
+
     def filter(self, keys: Sequence[Hashable]) -> None:
         kept = set(keys)
-        for b, key in enumerate(self._keys):
-            if key is not None and key not in kept:
+        for b, r in enumerate(self._rows):
+            if r is not None and r.key not in kept:
                 self._decoder.close_row(b)
-                self._keys[b] = self._rows[b] = None
-        if not self.keys:  # empty: the decoder keeps its shape, for the next rows to reuse
+                self._rows[b] = None
+        if not any(r is not None for r in self._rows):  # empty: the decoder keeps its shape, for the next rows to reuse
             self._waste = 0.0
 
     def _holes(self) -> list[int]:
-        return [b for b, key in enumerate(self._keys) if key is None]
+        return [b for b, r in enumerate(self._rows) if r is None]
 
     def _slots_wanted(self, joining: int = 0) -> int:
         """The slots a pool is sized for: the rows' filled slots, and `HEADROOM_CALLS` more
@@ -420,19 +567,21 @@ class LiteRTBatch(DecodeBatch):
         """Move the rows to a new shape: the live rows in order, then `extra` empty positions
         (holes for joining rows), over the smallest pool that holds `slots`. Counted in the
         engine's `compactions` when rows were dropped."""
-        live = [b for b, key in enumerate(self._keys) if key is not None]
+        live = [b for b, r in enumerate(self._rows) if r is not None]
         if len(live) + extra == 0:
             return
-        dropped = len(self._keys) - len(live)
+        dropped = len(self._rows) - len(live)
         self._decoder.arrange(live + [None] * extra, self._engine.cache_size_for(slots))
-        self._keys = [self._keys[b] for b in live] + [None] * extra
         self._rows = [self._rows[b] for b in live] + [None] * extra
-        self._generated = [self._generated[b] for b in live] + [0] * extra
-        self._history = [self._history[b] for b in live] + [None] * extra
-        self._next = np.concatenate([self._next[live], np.zeros([extra], np.int64)]).astype(np.int64)
         if dropped and live:
             self._engine.compactions += 1
         self._waste = 0.0
+
+
+def _timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
 
 
 def _drop_mapped_pages(path: Path) -> int:
