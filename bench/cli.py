@@ -269,6 +269,8 @@ def measure_stream(svc: Service, drive) -> dict:
 
     s["new_tokens_server"] = delta("llm_generated_tokens_total")
     s["rows_cancelled"] = delta("llm_rows_cancelled_total")
+    s["short_lane_rows"] = delta("llm_short_lane_rows_total")  # None where the backend has no lane
+    s["short_lane_calls"] = delta("llm_short_lane_calls_total")
     s["server"] = {key: histogram_window(before, after, metric) for key, metric in STREAM_HISTOGRAMS.items()}
     return s
 

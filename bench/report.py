@@ -432,7 +432,8 @@ def _stream_figures(s: dict) -> str:
                 + ", ".join(f"{r['loaded_requests']} short requests under load, first sent "
                             f"{fmt(r['decoding_after_s'], '.2f')} s after the long requests" for r in rounds)
                 + f"); long requests {fmt(s.get('long_tok_per_s'))} tok/s, first piece p50 "
-                f"{fmt(s.get('long_first_piece_p50_s'), '.3f')} s; server TTFT p50/p95 {hist('ttft')}")
+                f"{fmt(s.get('long_first_piece_p50_s'), '.3f')} s; server TTFT p50/p95 {hist('ttft')}"
+                + _lane(s))
     if s.get("role") == "stream_overhead":
         per_token = s.get("per_token_p50_s")
         return (f"unstreamed {fmt(s.get('unstreamed_p50_s'), '.3f')} s, streamed "
@@ -443,7 +444,14 @@ def _stream_figures(s: dict) -> str:
             f"{fmt(s.get('think_seconds_total'))} s in all, {s.get('max_tokens_total')} tokens asked); client TTFT "
             f"p50/p95 {fmt(s.get('ttft_p50_s'), '.3f')}/{fmt(s.get('ttft_p95_s'), '.3f')} s, latency p50/p95 "
             f"{fmt(s.get('latency_p50_s'), '.2f')}/{fmt(s.get('latency_p95_s'), '.2f')} s; server TTFT p50/p95 "
-            f"{hist('ttft')}, queue wait {hist('queue_wait')}, time per token {hist('tpot')}")
+            f"{hist('ttft')}, queue wait {hist('queue_wait')}, time per token {hist('tpot')}" + _lane(s))
+
+
+def _lane(s: dict) -> str:
+    """The short lane's share of a measurement (LiteRT), from /metrics."""
+    if s.get("short_lane_rows") is None:
+        return ""
+    return f"; short lane: {s['short_lane_rows']} rows, {s.get('short_lane_calls')} calls"
 
 
 def _stream_table(phase: dict) -> list[str]:

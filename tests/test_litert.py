@@ -13,6 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 import convert_model
+from conftest import reference_tokens
 from service.config import Settings
 from service.engine import GenerationRow, quality
 from service.engine.litert_gpt2 import LiteRTGPT2Engine
@@ -251,3 +252,109 @@ def test_a_hole_is_compacted_once_it_has_cost_what_a_rearrangement_costs(litert_
     compactions = engine.compactions
     batch.step()
     assert decoder.batch_size == 1 and engine.compactions == compactions + 1
+
+
+# --- the short lane ----------------------------------------------------------------------------
+
+LONG_TEXT = "the cat sat on the mat and then " * 60
+SHORT_PROMPT = "def add(a, b):"
+
+
+def long_rows(engine, count=2, max_tokens=40):
+    ids = engine.encode(LONG_TEXT)
+    return {f"long{i}": GenerationRow(tuple(ids[i: i + 300]), max_tokens) for i in range(count)}
+
+
+def run_with_joiner(engine, running, joiner, join_after=3):
+    """Decode `running`, let `joiner` (key "short") join after `join_after` calls, and run to the
+    end. Returns every key's tokens, whether the joiner ran in the lane, and each call's keys."""
+    batch = engine.new_batch()
+    batch.extend(list(running.items()))
+    out = {key: [] for key in [*running, "short"]}
+    calls, in_lane = [], None
+    while len(batch):
+        if len(calls) == join_after:
+            batch.extend([("short", joiner)])
+            in_lane = "short" in batch.lane_keys
+        updates = batch.advance()
+        calls.append({u.key for u in updates})
+        for u in updates:
+            out[u.key] += u.tokens
+    return out, in_lane, calls
+
+
+@pytest.fixture
+def lane_pays(litert_engine, monkeypatch):
+    """Timings that make the lane pay (a lane call costs nothing), whatever the machine."""
+    monkeypatch.setattr(litert_engine, "lane_call_seconds", 0.0)
+    return litert_engine
+
+
+def test_a_short_row_beside_long_ones_gets_calls_of_its_own_and_decodes_as_alone(lane_pays, hf_model):
+    engine = lane_pays
+    running = long_rows(engine)
+    joiner = GenerationRow(tuple(engine.encode(SHORT_PROMPT)), 12)
+    lane_rows, lane_calls = engine.lane_rows, engine.lane_calls
+    out, in_lane, calls = run_with_joiner(engine, running, joiner)
+    assert in_lane
+    assert engine.lane_rows == lane_rows + 1
+    for key, row in running.items():
+        assert out[key] == reference_tokens(hf_model, row.prompt_ids, 40, engine.eos_id)
+    assert out["short"] == reference_tokens(hf_model, joiner.prompt_ids, 12, engine.eos_id)
+    lane_only = [keys for keys in calls if keys == {"short"}]  # calls the long rows sat out
+    assert len(lane_only) == engine.lane_calls - lane_calls > 0
+    batch_calls = [keys for keys in calls if "long0" in keys]
+    assert len(batch_calls) == 40  # the long rows still got every token from the batch's calls
+
+
+def test_seeded_sampling_in_the_short_lane_is_the_same_as_alone(lane_pays):
+    engine = lane_pays
+    sampled = GenerationRow(tuple(engine.encode(SHORT_PROMPT)), 24, 1.0, 4321, 3)
+    alone = engine.generate([sampled])[0]
+    out, in_lane, _ = run_with_joiner(engine, long_rows(engine), sampled)
+    assert in_lane and out["short"] == alone
+
+
+def test_a_row_like_the_running_ones_shares_their_calls(lane_pays):
+    engine = lane_pays
+    like = GenerationRow(tuple(engine.encode(LONG_TEXT)[5:305]), 12)  # as long as the running rows
+    assert not run_with_joiner(engine, long_rows(engine), like)[1]
+    many = GenerationRow(tuple(engine.encode(SHORT_PROMPT)), 65)  # more new tokens than a short request
+    assert not run_with_joiner(engine, long_rows(engine), many)[1]
+
+
+def test_no_lane_when_its_calls_would_not_be_cheaper_or_it_is_off(litert_engine, monkeypatch):
+    engine = litert_engine
+    joiner = GenerationRow(tuple(engine.encode(SHORT_PROMPT)), 12)
+    monkeypatch.setattr(engine, "lane_call_seconds", 3600.0)  # a lane call would cost an hour
+    assert not run_with_joiner(engine, long_rows(engine), joiner)[1]
+    monkeypatch.setattr(engine, "lane_call_seconds", 0.0)
+    monkeypatch.setattr(engine, "short_lane", False)
+    assert not run_with_joiner(engine, long_rows(engine), joiner)[1]
+
+
+def test_lane_calls_take_at_most_the_batch_s_call_time_between_two_of_its_calls(lane_pays, monkeypatch):
+    """Running rows keep at least half their speed: between two batch calls, the lane's calls
+    start only while they have taken less time than the batch's last call."""
+    engine, decoder = lane_pays, lane_pays.decoder
+    timeline = []
+
+    def timed(kind, call):
+        def wrapper(*args):
+            started = time.perf_counter()
+            result = call(*args)
+            timeline.append((kind, time.perf_counter() - started))
+            return result
+        return wrapper
+
+    monkeypatch.setattr(decoder, "step", timed("batch", decoder.step))
+    monkeypatch.setattr(decoder, "step_apart", timed("lane", decoder.step_apart))
+    run_with_joiner(engine, long_rows(engine, max_tokens=30), GenerationRow(tuple(engine.encode(SHORT_PROMPT)), 30))
+    assert {kind for kind, _ in timeline} == {"batch", "lane"}
+    batch_call, lane_since = None, 0.0
+    for kind, seconds in timeline:
+        if kind == "batch":
+            batch_call, lane_since = seconds, 0.0
+        else:
+            assert lane_since < batch_call
+            lane_since += seconds
