@@ -2,19 +2,25 @@
 
     python -m bench.profile_step --model-dir DIR [--precision int8] [--batch 8] [--cache 256]
 
+A decode step of the service (`Decoder.step` in service/engine/litert_gpt2.py) invokes two
+signatures: `decode` (the transformer blocks: one token per row over the key/value pool ->
+`hidden` [B, E] and each layer's new keys and values) and then `head` (`hidden` -> `logits`
+[B, V]: the final layer norm and the LM head's FULLY_CONNECTED). The profile covers both.
+
 ai-edge-litert 2.3.0's Python API has no op profiler: the Interpreter takes
 `experimental_force_delegate_node_profiling` but gives no way to read the events, and the
 profiler of the C API (`LiteRtCompiledModelGetProfiler`) is not wrapped for Python. So each op
 is timed alone, as a sub-graph of one op:
 
-1. the `decode` signature runs once in an interpreter that keeps every intermediate tensor
-   (`experimental_preserve_all_tensors`), which gives each op's real input values and shapes;
-2. for each op of that signature's subgraph, a one-op model is cut out of the flatbuffer (its
-   constant inputs keep their buffers, int8 weights and quantization included; the others become
-   inputs), loaded with the same op resolver and thread count as the whole step (XNNPACK
+1. the `decode` signature runs once, then `head` on its `hidden` output, in an interpreter that
+   keeps every intermediate tensor (`experimental_preserve_all_tensors`), which gives each op's
+   real input values and shapes;
+2. for each op of the two signatures' subgraphs, a one-op model is cut out of the flatbuffer
+   (its constant inputs keep their buffers, int8 weights and quantization included; the others
+   become inputs), loaded with the same op resolver and thread count as the whole step (XNNPACK
    delegates what it supports, as when serving), fed the captured inputs and invoked repeatedly;
-3. the whole step is timed the same way (invoke only: its inputs are set once), so the report
-   says how much of the step the ops account for.
+3. the whole step (`decode` invoke then `head` invoke) is timed the same way (invoke only: the
+   inputs of both are set once), so the report says how much of the step the ops account for.
 
 Inside a step every weight and cache tensor is read once, and together they (about 160 MB at
 batch 8, cache 256, DistilGPT2 int8) outgrow the CPU's caches; an op invoked over and over alone
@@ -40,6 +46,9 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# The signatures a decode step invokes, in order; `head`'s input is `decode`'s `hidden` output.
+STEP_SIGNATURES = ("decode", "head")
 
 
 def _litert():
@@ -181,55 +190,67 @@ def profile(model_path: Path, model_dir: Path, batch: int, cache: int, threads: 
     Interpreter = litert_interpreter.Interpreter
     model_bytes = model_path.read_bytes()
 
-    # The whole step, as the service runs it (minus setting inputs: timed invoke only).
+    # The whole step, as the service runs it: `decode` then `head` (minus setting inputs: timed
+    # invokes only).
     whole = Interpreter(model_content=model_bytes, num_threads=threads)
-    runner = whole.get_signature_runner("decode")
-    inputs = decode_inputs(runner.get_input_details(), batch, cache, model_dir)
-    runner(**inputs)  # resizes, allocates and sets the inputs
-    sg_whole = runner._subgraph_index  # noqa: SLF001 (no public way to invoke without copying inputs)
-    step_ms = _median_invoke_ms(lambda: whole._interpreter.Invoke(sg_whole), repeats)
-    step_cold_ms = _median_invoke_ms(lambda: whole._interpreter.Invoke(sg_whole), repeats, flush)
-    del whole, runner
+    runners = [whole.get_signature_runner(name) for name in STEP_SIGNATURES]
+    inputs = decode_inputs(runners[0].get_input_details(), batch, cache, model_dir)
+    hidden = runners[0](**inputs)["hidden"]  # resizes, allocates and sets the inputs
+    runners[1](hidden=hidden)
+    sg_whole = [r._subgraph_index for r in runners]  # noqa: SLF001 (no public way to invoke without copying inputs)
 
-    # Every intermediate tensor of one step, for the ops' inputs and shapes.
+    def invoke_step() -> None:
+        for index in sg_whole:
+            whole._interpreter.Invoke(index)  # noqa: SLF001
+
+    step_ms = _median_invoke_ms(invoke_step, repeats)
+    step_cold_ms = _median_invoke_ms(invoke_step, repeats, flush)
+    del whole, runners
+
+    # Every intermediate tensor of one step, for the ops' inputs and shapes: per signature, its
+    # subgraph's index, tensor shapes and tensor values.
     keep = Interpreter(model_content=model_bytes, num_threads=threads, experimental_preserve_all_tensors=True)
-    keep_runner = keep.get_signature_runner("decode")
-    keep_runner(**inputs)
     cutter = OneOpModels(model_bytes)
-    sg_index = cutter.subgraph_of("decode")
-    sg = cutter.model.subgraphs[sg_index]
-    values: dict[int, np.ndarray] = {}
-    for i in range(len(sg.tensors)):
-        try:
-            values[i] = keep.get_tensor(i, sg_index)
-        except ValueError:
-            pass  # a tensor the runtime never materialised (e.g. an optional one)
-    shapes = {i: list(v.shape) for i, v in values.items()}
-    del keep, keep_runner
+    captured: dict[str, tuple[int, dict[int, list[int]], dict[int, np.ndarray]]] = {}
+    feed = inputs
+    for name in STEP_SIGNATURES:
+        outputs = keep.get_signature_runner(name)(**feed)
+        sg_index = cutter.subgraph_of(name)
+        values: dict[int, np.ndarray] = {}
+        for i in range(len(cutter.model.subgraphs[sg_index].tensors)):
+            try:
+                values[i] = keep.get_tensor(i, sg_index)
+            except ValueError:
+                pass  # a tensor the runtime never materialised (e.g. an optional one)
+        captured[name] = (sg_index, {i: list(v.shape) for i, v in values.items()}, values)
+        if name == "decode":
+            feed = {"hidden": outputs["hidden"]}  # head's input: decode's hidden output
+    del keep
 
     # What invoking a one-op model costs with next to nothing to do (a RESHAPE), cold and warm:
     # subtracted from every op timed the same way. Cold, it is tens of microseconds (the
     # interpreter's own data and the thread pool's wake-up); inside the step it is not paid per op.
-    overhead_ms = _empty_invoke_ms(Interpreter, cutter, sg_index, shapes, values, threads, repeats, flush)
-    overhead_hot_ms = _empty_invoke_ms(Interpreter, cutter, sg_index, shapes, values, threads, repeats, None)
+    overhead_ms = _empty_invoke_ms(Interpreter, cutter, *captured["decode"], threads, repeats, flush)
+    overhead_hot_ms = _empty_invoke_ms(Interpreter, cutter, *captured["decode"], threads, repeats, None)
 
     ops = []
-    for k, op in enumerate(sg.operators):
-        name = cutter.op_name(op)
-        entry = {"index": k, "op": name, "ms": None}
-        weights = [list(sg.tensors[int(i)].shape) for i in op.inputs if int(i) >= 0 and cutter.is_constant(sg, int(i))]
-        entry["weights"] = weights
-        entry["out_shape"] = shapes.get(int(op.outputs[0])) if len(op.outputs) else None
-        try:
-            one = _one_op_interpreter(Interpreter, cutter, sg_index, k, shapes, values, threads)
-            raw = _median_invoke_ms(one._interpreter.Invoke, repeats, flush)  # noqa: SLF001
-            entry["ms"] = max(raw - overhead_ms, 0.0)
-            hot = _median_invoke_ms(one._interpreter.Invoke, repeats)  # noqa: SLF001
-            entry["hot_ms"] = max(hot - overhead_hot_ms, 0.0)
-            del one
-        except Exception as exc:  # an op that cannot stand alone is reported, not fatal
-            entry["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        ops.append(entry)
+    for signature, (sg_index, shapes, values) in captured.items():
+        sg = cutter.model.subgraphs[sg_index]
+        for k, op in enumerate(sg.operators):
+            entry = {"signature": signature, "index": k, "op": cutter.op_name(op), "ms": None}
+            entry["weights"] = [list(sg.tensors[int(i)].shape) for i in op.inputs
+                                if int(i) >= 0 and cutter.is_constant(sg, int(i))]
+            entry["out_shape"] = shapes.get(int(op.outputs[0])) if len(op.outputs) else None
+            try:
+                one = _one_op_interpreter(Interpreter, cutter, sg_index, k, shapes, values, threads)
+                raw = _median_invoke_ms(one._interpreter.Invoke, repeats, flush)  # noqa: SLF001
+                entry["ms"] = max(raw - overhead_ms, 0.0)
+                hot = _median_invoke_ms(one._interpreter.Invoke, repeats)  # noqa: SLF001
+                entry["hot_ms"] = max(hot - overhead_hot_ms, 0.0)
+                del one
+            except Exception as exc:  # an op that cannot stand alone is reported, not fatal
+                entry["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            ops.append(entry)
     return {"model": str(model_path), "batch": batch, "cache": cache, "threads": threads, "repeats": repeats,
             "step_ms": step_ms, "step_cold_ms": step_cold_ms, "flush_mib": flush_mib,
             "invoke_overhead_ms": overhead_ms, "invoke_overhead_hot_ms": overhead_hot_ms, "ops": ops}
@@ -283,8 +304,9 @@ def summarize(result: dict, top: int = 12) -> dict:
     table.append(f"| **sum of ops** | {len(timed)} | {total:.3f} | 100% | {total_hot:.3f} |")
     untimed = [o for o in ops if o["ms"] is None]
     notes = [
-        f"Whole step (invoke only, inputs already set): {step:.2f} ms = {b / step * 1000:.0f} tok/s at batch {b} "
-        f"before any host work ({result['step_cold_ms']:.2f} ms with caches flushed first). The ops timed alone sum "
+        f"Whole step (`decode` invoke + `head` invoke, inputs already set): {step:.2f} ms = "
+        f"{b / step * 1000:.0f} tok/s at batch {b} before any host work ({result['step_cold_ms']:.2f} ms with caches "
+        f"flushed first). The ops timed alone sum "
         f"to {total:.2f} ms with caches flushed before each ({100 * total / step:.0f}% of the step) and "
         f"{total_hot:.2f} ms with warm caches ({100 * total_hot / step:.0f}%); the "
         f"{'flushed' if abs(total - step) <= abs(total_hot - step) else 'warm'} column is the closer to the step. "
@@ -299,9 +321,9 @@ def summarize(result: dict, top: int = 12) -> dict:
     for o in slow:
         w = "; ".join("x".join(map(str, s)) for s in o["weights"]) or "–"
         out = "x".join(map(str, o["out_shape"] or [])) or "–"
-        top_lines.append(f"| {o['index']} | {o['op']} | {w} | {out} | {o['ms']:.3f} |")
-    title = (f"Per-op profile of one `decode` step of `{Path(result['model']).name}`, batch {b}, cache {c} slots "
-             "(`python -m bench.profile_step`):")
+        top_lines.append(f"| {o.get('signature', 'decode')} {o['index']} | {o['op']} | {w} | {out} | {o['ms']:.3f} |")
+    title = (f"Per-op profile of one decode step (`decode` + `head` signatures) of `{Path(result['model']).name}`, "
+             f"batch {b}, cache {c} slots (`python -m bench.profile_step`):")
     return {"title": title, "batch": b, "cache": c, "table": table, "top": top_lines, "notes": notes,
             "step_ms": step, "step_cold_ms": result["step_cold_ms"], "op_sum_ms": total,
             "op_sum_hot_ms": total_hot,
