@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.model_files import (  # noqa: E402
     CONFIG,
     LITERT_FILES,
+    LITERT_FORMAT,
     LITERT_META,
     WEIGHTS,
     ModelDirError,
@@ -45,7 +46,7 @@ from service.model_files import (  # noqa: E402
     write_manifest,
 )
 
-CONVERTER_VERSION = 4  # bump when the files' layout or signatures change
+CONVERTER_VERSION = LITERT_FORMAT  # bump it (in service/model_files.py) when the files' layout or signatures change
 
 
 def source_fingerprint(model_dir: Path) -> str:

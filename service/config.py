@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.model_files import ModelDirError, check_model_dir, has_litert_files, verify_manifest
+from service.model_files import (LITERT_FORMAT, ModelDirError, check_model_dir, has_litert_files, litert_format,
+                                 verify_manifest)
 
 
 class Settings(BaseSettings):
@@ -87,6 +88,11 @@ class Settings(BaseSettings):
         if self.backend == "litert" and not has_litert_files(self.model_dir):
             raise ValueError(f"BACKEND=litert, but {self.model_dir} holds no finished LiteRT conversion; "
                              f"run: python scripts/convert_model.py --model-dir {self.model_dir}")
+        found = litert_format(self.model_dir) if self.serving_backend == "litert" else LITERT_FORMAT
+        if found != LITERT_FORMAT:
+            raise ValueError(f"the LiteRT files in {self.model_dir} are converter version {found}, this service "
+                             f"reads version {LITERT_FORMAT}; run: python scripts/convert_model.py "
+                             f"--model-dir {self.model_dir}")
         return self
 
     @field_validator("cors_origins", mode="before")

@@ -18,6 +18,9 @@ WEIGHTS = "tf_model.h5"
 TOKENIZER_CHOICES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 # LiteRT files, made from the TensorFlow weights by scripts/convert_model.py (litert.json last).
 LITERT_META = "litert.json"
+# The LiteRT files' layout and signatures, recorded in litert.json as `converter_version`; the
+# service reads only this one (scripts/convert_model.py converts again when it differs).
+LITERT_FORMAT = 4
 LITERT_FILES = ("gpt2.fp32.tflite", "gpt2.int8.tflite", "embeddings.npy", "positions.npy", LITERT_META)
 # The files downloads fetch; the converter adds LITERT_FILES.
 SERVICE_FILES = (
@@ -74,6 +77,14 @@ def has_litert_files(model_dir: Path) -> bool:
         return False
     manifest = read_manifest(model_dir)
     return manifest is None or all(name in manifest["files"] for name in LITERT_FILES)
+
+
+def litert_format(model_dir: Path) -> int | None:
+    """The `converter_version` a finished conversion here recorded (None if unreadable)."""
+    try:
+        return int(json.loads((model_dir / LITERT_META).read_text())["converter_version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def sha256_of(path: Path) -> str:

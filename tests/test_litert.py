@@ -155,6 +155,19 @@ def test_litert_without_its_files_is_refused_with_the_command_to_run(model_dir):
     assert f"run: python scripts/convert_model.py --model-dir {model_dir}" in str(caught.value)
 
 
+@pytest.mark.parametrize("backend", ["litert", "auto"])
+def test_files_of_another_converter_version_are_refused_with_the_command_to_run(litert_model_dir, tmp_path, backend):
+    model = copy_model(litert_model_dir, tmp_path / "m", litert=True)
+    meta = json.loads((model / LITERT_META).read_text())
+    (model / LITERT_META).write_text(json.dumps({**meta, "converter_version": 3}))
+    (model / "manifest.json").unlink()  # the old files' manifest would list them as they were
+    with pytest.raises(ValidationError) as caught:
+        Settings(model_dir=model, backend=backend)
+    assert (f"the LiteRT files in {model} are converter version 3, this service reads version "
+            f"{convert_model.CONVERTER_VERSION}; run: python scripts/convert_model.py --model-dir {model}") in str(caught.value)
+    assert not convert_model.is_converted(model, convert_model.source_fingerprint(model))  # the converter redoes them
+
+
 def test_the_environment_error_is_one_line(model_dir, monkeypatch):
     from service.config import load_settings
 
