@@ -257,11 +257,11 @@ def test_a_hole_is_compacted_once_it_has_cost_what_a_rearrangement_costs(litert_
     batch.extend([(0, GenerationRow((5, 6, 7), 50)), (1, GenerationRow((8, 9), 1))])
     batch.filter([u.key for u in batch.step() if u.finish is None])  # row 1 ends: a hole
     assert batch.keys == [0] and decoder.batch_size == 2
-    decoder.last_arrange_seconds = 3600.0  # a rearrangement would cost an hour: keep the hole
+    decoder.arrange_seconds_per_slot = 3600.0  # a rearrangement would cost hours: keep the hole
     for _ in range(5):
         batch.step()
     assert decoder.batch_size == 2
-    decoder.last_arrange_seconds = 0.0  # free: the next call compacts first
+    decoder.arrange_seconds_per_slot = 0.0  # free: the next call compacts first
     compactions = engine.compactions
     batch.step()
     assert decoder.batch_size == 1 and engine.compactions == compactions + 1

@@ -52,6 +52,7 @@ LANE_MAX_SLOTS = 256
 LANE_SHORTER = 4
 LANE_CHEAPER = 2.0
 LANE_AVERAGING = 0.2  # weight of the newest lane call in the lane's running call time
+ARRANGE_SAMPLE_SLOTS = 128  # an `arrange` that moved at least this many slots sets the cost a slot
 MADV_DONTNEED = 4
 
 
@@ -91,6 +92,9 @@ class Decoder:
         self.slots: list[list[int]] = []  # per position: the row's slots, in order
         self._free: list[int] = []  # a heap: the lowest free slot first
         self.last_arrange_seconds = 0.0  # what the last `arrange` and `step` took
+        # What an `arrange` costs per filled slot it moves (the copy out and back, and the
+        # reallocation when the pool grows): measured by those that moved many, 25 us until then.
+        self.arrange_seconds_per_slot = 25e-6
         self.last_step_seconds = 0.0
 
     def _signature(self, name: str) -> _Signature:
@@ -157,6 +161,8 @@ class Decoder:
         taken = {slot for own in slots for slot in own}
         self._free = [slot for slot in range(pool_size) if slot not in taken]  # sorted: already a heap
         self.last_arrange_seconds = time.perf_counter() - started
+        if used >= ARRANGE_SAMPLE_SLOTS:
+            self.arrange_seconds_per_slot = self.last_arrange_seconds / used
 
     def open_row(self, b: int) -> None:
         """Start a row at empty position b."""
@@ -457,15 +463,16 @@ class LiteRTBatch(DecodeBatch):
 
     Each `step` is one call: a decode call of the batch (one token a row), or an `extend` call of
     the short lane (one token a lane row). The pool is the smallest bucket that holds
-    the rows' filled slots and the next call's, and grows by a bucket when it runs out: a call
-    reads every slot of the pool, so a pool sized for the rows' final lengths would make each
-    call pay for slots nothing has filled yet. A row that leaves gives its slots back to the
+    the rows' filled slots and some headroom (`_slots_wanted`), and grows when it runs out: a
+    call reads every slot of the pool, so a pool sized for the rows' final lengths would make
+    each call pay for slots nothing has filled yet. A row that leaves gives its slots back to the
     free list, where the next tokens take them, and leaves a hole in the batch that the next
     joining row takes in place (a client answered tends to come back). Holes and a pool more
     than a bucket too large cost a share of every call; they are compacted away once they have
-    cost, in measured call time, what the last rearrangement cost (the ski-rental rule: never
+    cost, in measured call time, what a rearrangement would cost now (the ski-rental rule: never
     pay more than twice the better choice in hindsight). Changing the shape (more positions,
-    fewer, another pool size) rearranges: a copy of the filled slots.
+    fewer, another pool size) rearranges: a copy of the filled slots. An empty batch takes the
+    shape its joining rows need at once (nothing to copy).
 
     The short lane: a call reads the whole pool, so with long rows running a short request's
     every token would cost what their calls cost (several times a call of its own at a few
@@ -508,7 +515,9 @@ class LiteRTBatch(DecodeBatch):
         # Room for every prompt, and for the next calls' slots of every row.
         prompts = sum(len(row.prompt_ids) for _, row in entries)
         holes = self._holes()
-        if len(holes) < len(entries) or decoder.free_slots < prompts + len(self.keys) + len(entries):
+        # An empty batch is rearranged to fit its new rows at once: there is nothing to copy.
+        if (not self.keys or len(holes) < len(entries)
+                or decoder.free_slots < prompts + len(self.keys) + len(entries)):
             self._rearrange(extra=len(entries), slots=self._slots_wanted(len(entries)) + prompts)
             holes = self._holes()
         for b, (key, row), short in zip(holes, entries, shorts):
@@ -529,7 +538,7 @@ class LiteRTBatch(DecodeBatch):
         decoder = self._decoder
         if decoder.free_slots < len(self.keys):
             self._rearrange(slots=self._slots_wanted())
-        elif self._waste >= decoder.last_arrange_seconds and (self._holes() or self._spare_slots()):
+        elif self._waste >= self._arrange_cost() and (self._holes() or self._spare_slots()):
             self._rearrange(slots=self._slots_wanted())
         elif shorts and self._lane_seconds < decoder.last_step_seconds:
             return self._lane_step(shorts)
@@ -562,6 +571,10 @@ class LiteRTBatch(DecodeBatch):
                 self._rows[b] = None
         if not any(r is not None for r in self._rows):  # empty: the decoder keeps its shape, for the next rows to reuse
             self._waste = 0.0
+
+    def _arrange_cost(self) -> float:
+        """What rearranging now would cost: the filled slots to move, at the measured cost a slot."""
+        return self._decoder.arrange_seconds_per_slot * self._decoder.used_slots
 
     def _holes(self) -> list[int]:
         return [b for b, r in enumerate(self._rows) if r is None]
