@@ -201,7 +201,7 @@ class Decoder:
     def prefill(self, row: int, ids: Sequence[int]) -> None:
         """Put a prompt's ids into new slots of the row at empty position `row`."""
         if self.slots[row]:
-            raise ValueError("a prompt is prefilled into a row with no slots")
+            raise ValueError(f"position {row} already holds slots: a prompt is prefilled into a new row")
         if not len(ids):
             return
         new = self.encode_prompt(ids)
