@@ -635,6 +635,15 @@ def rerender(result: dict) -> dict:
     return result
 
 
+def save(result: dict, md: str, work: Path, results_dir: Path, latest: str) -> None:
+    """result.json and result.md in the run's folder `work`, copied to `results_dir` as
+    `<latest>.json` and `<latest>.md`."""
+    (work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    (work / "result.md").write_text(md)
+    for suffix in ("json", "md"):
+        shutil.copyfile(work / f"result.{suffix}", results_dir / f"{latest}.{suffix}")
+
+
 if __name__ == "__main__":
     # python -m bench.report RESULT.json: rewrite its bars and print its Markdown again.
     import json
@@ -645,11 +654,3 @@ if __name__ == "__main__":
     path.write_text(json.dumps(data, indent=1) + "\n")
     print(markdown(data), end="")
 
-
-def save(result: dict, md: str, work: Path, results_dir: Path, latest: str) -> None:
-    """result.json and result.md in the run's folder `work`, copied to `results_dir` as
-    `<latest>.json` and `<latest>.md`."""
-    (work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    (work / "result.md").write_text(md)
-    for suffix in ("json", "md"):
-        shutil.copyfile(work / f"result.{suffix}", results_dir / f"{latest}.{suffix}")

@@ -88,8 +88,7 @@ class Settings(BaseSettings):
         if self.backend == "litert" and not has_litert_files(self.model_dir):
             raise ValueError(f"BACKEND=litert, but {self.model_dir} holds no finished LiteRT conversion; "
                              f"run: python scripts/convert_model.py --model-dir {self.model_dir}")
-        found = litert_format(self.model_dir) if self.serving_backend == "litert" else LITERT_FORMAT
-        if found != LITERT_FORMAT:
+        if self.serving_backend == "litert" and (found := litert_format(self.model_dir)) != LITERT_FORMAT:
             raise ValueError(f"the LiteRT files in {self.model_dir} are converter version {found}, this service "
                              f"reads version {LITERT_FORMAT}; run: python scripts/convert_model.py "
                              f"--model-dir {self.model_dir}")

@@ -91,11 +91,12 @@ class Decoder:
         self.live: list[bool] = []  # per position: does it hold a row
         self.slots: list[list[int]] = []  # per position: the row's slots, in order
         self._free: list[int] = []  # a heap: the lowest free slot first
-        self.last_arrange_seconds = 0.0  # what the last `arrange` and `step` took
+        self.last_arrange_seconds = 0.0  # what the last `arrange`, `step` and `step_apart` took
         # What an `arrange` costs per filled slot it moves (the copy out and back, and the
         # reallocation when the pool grows): measured by those that moved many, 25 us until then.
         self.arrange_seconds_per_slot = 25e-6
         self.last_step_seconds = 0.0
+        self.last_apart_seconds = 0.0
 
     def _signature(self, name: str) -> _Signature:
         runner = self._interpreter.get_signature_runner(name)
@@ -271,6 +272,7 @@ class Decoder:
         """One token for each row at positions `rows` (ids in that order), apart from the rest
         of the batch: an `extend` call over these rows' own slots only, copied out of the pool,
         and their new slots written back -> logits [len(rows), vocab]."""
+        started = time.perf_counter()
         lengths = [len(self.slots[b]) for b in rows]
         own = np.array([slot for b in rows for slot in self.slots[b]], np.int64)
         size, n = len(own), len(rows)
@@ -293,7 +295,9 @@ class Decoder:
         for b, slot in zip(rows, slots):
             decode_mask[0, b, slot] = 0
             self.slots[b].append(slot)
-        return self.head(hidden)
+        logits = self.head(hidden)
+        self.last_apart_seconds = time.perf_counter() - started
+        return logits
 
     def embed(self, ids: Sequence[int], positions: np.ndarray) -> np.ndarray:
         """Token + position embeddings [N, E] (looked up on the host)."""
@@ -398,9 +402,12 @@ class LiteRTGPT2Engine(Engine):
         decoder.arrange([None], self.cache_sizes[0])
         decoder.open_row(0)
         decoder.prefill(0, [self.eos_id] * 16)
-        seconds = min(_timed(lambda: decoder.step_apart([0], ids)) for _ in range(3))
+        seconds = []
+        for _ in range(3):
+            decoder.step_apart([0], ids)
+            seconds.append(decoder.last_apart_seconds)
         decoder.close_row(0)
-        return seconds
+        return min(seconds)
 
     def new_batch(self) -> LiteRTBatch:
         return LiteRTBatch(self)
@@ -552,12 +559,11 @@ class LiteRTBatch(DecodeBatch):
         return updates
 
     def _lane_step(self, shorts: list[int]) -> list[RowUpdate]:
-        started = time.perf_counter()
         rows = [self._rows[b] for b in shorts]
         logits = self._decoder.step_apart(shorts, np.array([r.next for r in rows], np.int64))
         eos = self._engine.eos_id
         updates = [r.advance(logits[i], eos) for i, r in enumerate(rows)]
-        seconds = time.perf_counter() - started
+        seconds = self._decoder.last_apart_seconds  # the call alone, as the batch's `last_step_seconds`
         self._lane_seconds += seconds
         self._engine.lane_calls += 1
         self._engine.lane_call_seconds += LANE_AVERAGING * (seconds - self._engine.lane_call_seconds)
@@ -607,12 +613,6 @@ class LiteRTBatch(DecodeBatch):
         if dropped and live:
             self._engine.compactions += 1
         self._waste = 0.0
-
-
-def _timed(call) -> float:
-    started = time.perf_counter()
-    call()
-    return time.perf_counter() - started
 
 
 def _drop_mapped_pages(path: Path) -> int:
