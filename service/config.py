@@ -51,8 +51,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, le=64, description="Most prompts decoded together in one batch.")
     batch_timeout_ms: float = Field(0.0, ge=0, le=1000, description="With the batch empty, how long its first prompt waits for others; later prompts join the running batch between decode calls.")
     stream_interval_ms: float = Field(
-        50.0, ge=0, le=1000, description="Streaming: a prompt's first tokens are sent at once, then at most once per "
-        "this many milliseconds with every token made meanwhile (0: every decode call).")
+        50.0, ge=0, le=1000, description="Streaming: a prompt's first tokens are sent at once, then once per tick of "
+        "a clock of this many milliseconds shared by all streams, with every token made meanwhile (0: every decode call).")
     max_queue_size: int = Field(256, ge=1, description="Most prompts waiting; beyond it requests get 503.")
     max_prompts_per_request: int = Field(32, ge=1, description="Most prompts in one request.")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")

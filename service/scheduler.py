@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import sys
 import threading
 import time
@@ -101,8 +102,9 @@ class _Row:
 class Request:
     """One caller's rows: their events arrive on `events` until every row has finished.
 
-    With `stream`, a row's first tokens are sent at once and then at most every `interval`
-    seconds (a `RowEvent` with the tokens made meanwhile), and when it finishes; without, one
+    With `stream`, a row's first tokens are sent at once and then once per tick of an
+    `interval`-second clock that all streamed requests share (a `RowEvent` with the tokens made
+    meanwhile), and when it finishes; without, one
     `RowEvent` per row with all its tokens when it finishes. Each event wakes the event loop,
     which shares the cores (and the GIL) with decoding, so it is not woken per token. A failure
     arrives as a `GenerationFailed`. Made and read on the event loop; the scheduler's thread
@@ -385,7 +387,7 @@ class Scheduler:
                 r.tokens, r.logprobs = [], []
         for request, _ in events:
             if request.stream and now >= request.next_send:
-                request.next_send = now + request.interval
+                request.next_send = _next_tick(now, request.interval)
         if events:
             self._on_loop(_put_events, events)
 
@@ -414,6 +416,14 @@ class _StopWatch:
         start = max(0, len(self.text) - self._hold)
         self.text += self._text.add(tokens)
         return first_stop(self.text, self._stops, start) is not None
+
+
+def _next_tick(now: float, interval: float) -> float:
+    """When a streamed request that was just written may be written again: the next tick of a
+    clock shared by every request with that interval, so that streams that are due together are
+    written after the same decode call, with one wake-up of the event loop, rather than each at
+    its own phase (8 streams at their own phases woke the loop at almost every call)."""
+    return now if interval <= 0 else (math.floor(now / interval) + 1) * interval
 
 
 def _put_events(events: list) -> None:
