@@ -5,6 +5,7 @@ The exactness tests against transformers run on LiteRT through the parametrized 
 (test_engine.py, test_api.py)."""
 
 import json
+import math
 import shutil
 import time
 
@@ -265,6 +266,19 @@ def test_a_hole_is_compacted_once_it_has_cost_what_a_rearrangement_costs(litert_
     compactions = engine.compactions
     batch.step()
     assert decoder.batch_size == 1 and engine.compactions == compactions + 1
+
+
+def test_compacting_holes_is_priced_at_two_rearrangements_and_spare_slots_at_one(litert_engine):
+    """A hole compacted away comes back as a position when the next row joins, so dropping holes
+    costs two rearrangements; a pool with spare slots and no holes costs one; nothing to drop, never."""
+    engine, decoder = litert_engine, litert_engine.decoder
+    batch = engine.new_batch()
+    batch.extend([(0, GenerationRow((5, 6, 7), 50)), (1, GenerationRow((8, 9), 1))])
+    decoder.arrange_seconds_per_slot = 0.001
+    one = decoder.used_slots * 0.001
+    assert batch._compaction_cost() == (one if batch._spare_slots() else math.inf)
+    batch.filter([u.key for u in batch.step() if u.finish is None])  # row 1 ends: a hole
+    assert batch._holes() and batch._compaction_cost() == 2 * decoder.used_slots * 0.001
 
 
 # --- the short lane ----------------------------------------------------------------------------
