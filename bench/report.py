@@ -646,11 +646,9 @@ def save(result: dict, md: str, work: Path, results_dir: Path, latest: str) -> N
 
 if __name__ == "__main__":
     # python -m bench.report RESULT.json: rewrite its bars and print its Markdown again.
-    import json
     import sys
 
     path = Path(sys.argv[1])
     data = rerender(json.loads(path.read_text()))
     path.write_text(json.dumps(data, indent=1) + "\n")
     print(markdown(data), end="")
-

@@ -582,7 +582,7 @@ class LiteRTBatch(DecodeBatch):
             if r is not None and r.key not in kept:
                 self._decoder.close_row(b)
                 self._rows[b] = None
-        if not any(r is not None for r in self._rows):  # empty: the decoder keeps its shape, for the next rows to reuse
+        if not self.keys:  # empty: the decoder keeps its shape, for the next rows to reuse
             self._waste = 0.0
 
     def _arrange_cost(self) -> float:
