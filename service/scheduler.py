@@ -232,6 +232,9 @@ class Scheduler:
                         grace, self.running, self.queued)
             self.abort()
         await asyncio.shield(self._ended)
+        # The worker resolves `_ended` from its last `finally`; wait for the thread itself to
+        # return, so that `alive` is False once stop() is (the thread is a step from its end).
+        await asyncio.to_thread(self._thread.join)
         return not self._aborted
 
     def abort(self) -> None:
