@@ -1,10 +1,11 @@
-"""The host sampler's top-p: rejection against the whole vocabulary, and the nucleus it falls back to."""
+"""The host sampler: its draw over the whole vocabulary, and top-p (rejection against the whole
+vocabulary, and the nucleus it falls back to)."""
 
 import numpy as np
 import pytest
 
 from service.engine.base import GenerationRow
-from service.engine.sampling import in_nucleus, next_token, nucleus
+from service.engine.sampling import Cdf, _uniforms, in_nucleus, next_token, nucleus
 
 
 def nucleus_reference(logits, temperature, top_p):
@@ -53,3 +54,20 @@ def test_top_p_draws_are_seeded():
     draws = [next_token(logits, row, i) for i in range(40)]
     assert draws == [next_token(logits, row, i) for i in range(40)]
     assert draws != [next_token(logits, GenerationRow((0,), 1, 1.0, 8, 3, top_p=0.5), i) for i in range(40)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_draw_is_the_inverse_cdf_of_the_softmax_whatever_vocabulary_came_before(temperature):
+    """The draw reuses per-thread buffers (the weights written straight into a block-padded one)
+    and skips the division at temperature 1: the token is still the inverse CDF of
+    exp(logits / T - max) at the row's uniform number, as a Cdf built afresh gives it, after
+    draws over other vocabulary sizes (the buffers' padding stays zero) and other dtypes."""
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        size = [50257, 300, 256, 1000][trial % 4]
+        dtype = np.float64 if trial % 5 == 4 else np.float32
+        logits = (rng.standard_normal(size) * 4).astype(dtype)
+        row = GenerationRow((0,), 1, temperature, int(rng.integers(1 << 32)), 0)
+        scaled = logits / np.float32(temperature)
+        expected = Cdf(np.exp(scaled - scaled.max())).sample(next(_uniforms(row.seed, row.stream, 3)))
+        assert next_token(logits, row, 3) == expected
