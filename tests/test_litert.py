@@ -281,6 +281,59 @@ def test_compacting_holes_is_priced_at_two_rearrangements_and_spare_slots_at_one
     assert batch._holes() and batch._compaction_cost() == 2 * decoder.used_slots * 0.001
 
 
+
+def test_a_pool_is_sized_for_what_its_rows_can_still_fill_and_never_grows_for_them(litert_engine, hf_model):
+    """Joining prompts get the headroom the filled slots get, but a pool never holds more than
+    the rows can fill (their slots, and a slot for each token still to make): long prompts with
+    short answers get their whole pool at once, and it does not grow while they decode."""
+    engine, decoder = litert_engine, litert_engine.decoder
+    ids = engine.encode(LONG_TEXT)
+    rows = {f"r{i}": GenerationRow(tuple(ids[i: i + 300]), 40) for i in range(2)}
+    demand = 2 * (299 + 40)  # each row: its prompt less the token its first call takes in, and 40 new
+    batch = engine.new_batch()
+    batch.extend(list(rows.items()))
+    # Headroom alone (the filled slots and a quarter more, 747) would be past the demand.
+    assert batch._slots_wanted() > demand
+    assert decoder.pool_size == engine.cache_size_for(demand)
+    pools, out = set(), {key: [] for key in rows}
+    while len(batch):
+        for u in batch.advance():
+            out[u.key] += u.tokens
+        pools.add(decoder.pool_size)
+    assert pools == {engine.cache_size_for(demand)}
+    for key, row in rows.items():
+        assert out[key] == reference_tokens(hf_model, row.prompt_ids, 40, engine.eos_id)
+
+
+def test_a_pool_past_a_share_of_the_largest_has_the_largest_shape_allocated_first(litert_engine, hf_model):
+    """TFLite's arena never shrinks and grows by copying itself: the first pool of at least
+    RESERVE_FROM of the largest shape allocates that shape once (while the pool is small), so a
+    filling pool never grows the arena again. The rows' tokens are unchanged."""
+    from service.engine.litert_gpt2 import RESERVE_FROM, Decoder
+
+    engine = litert_engine
+    largest = (engine.max_batch_size, engine.cache_sizes[-1])
+    decoder = Decoder(engine._model_path, engine._embeddings, engine._positions, 1, largest=largest)
+    shapes = []
+    resize = decoder._resize_decode
+    decoder._resize_decode = lambda b, p: (shapes.append((b, p)), resize(b, p))
+    decoder.arrange([None], engine.cache_sizes[0])
+    assert not decoder.reserved and shapes == [(1, engine.cache_sizes[0])]
+    big = engine.cache_size_for(int(RESERVE_FROM * largest[1]))
+    row = GenerationRow(tuple(engine.encode(LONG_TEXT)[:50]), 10)
+    decoder.arrange([None, None], big)
+    assert decoder.reserved and shapes[1:] == [largest, (2, big)]
+    decoder.open_row(1)
+    decoder.prefill(1, row.prompt_ids[:-1])
+    decoder.arrange([1], big + 128)  # a later growth: the asked shape only
+    assert shapes[3:] == [(1, big + 128)]
+    tokens, token = [], row.prompt_ids[-1]
+    for _ in range(10):
+        token = int(np.argmax(decoder.step(np.array([token], np.int64))[0]))
+        tokens.append(token)
+    assert tokens == reference_tokens(hf_model, row.prompt_ids, 10, engine.eos_id)
+
+
 # --- the short lane ----------------------------------------------------------------------------
 
 LONG_TEXT = "the cat sat on the mat and then " * 60

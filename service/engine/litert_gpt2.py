@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 MASKED = -1e4  # transformers' TF GPT-2 mask value
 HEADROOM_CALLS = 4  # a pool is sized for its rows' slots and this many more calls,
 HEADROOM_SHARE = 4  # or a 1/this share more slots, if more: growing a pool costs a copy of it
+RESERVE_FROM = 0.25  # a pool this share of the largest shape's first allocates that shape (Decoder.arrange)
 # The short lane (LiteRTBatch): a joining row also gets calls of its own when it asks for at most
 # LANE_MAX_TOKENS new tokens, its prompt and answer fit LANE_MAX_SLOTS slots (its keys and values
 # are copied into each of its calls), the running rows hold on average at least LANE_SHORTER
@@ -58,6 +59,7 @@ HOLE_SHARE = 0.6
 # A hole compacted away is a position added back when the next row joins (clients come back):
 # dropping holes costs this many rearrangements.
 HOLE_REFILLS = 2
+ONE_BUFFER_BYTES = 32 * 2**20  # an `arrange` copy this large is one buffer (glibc's largest mmap threshold)
 ARRANGE_SAMPLE_SLOTS = 128  # an `arrange` that moved at least this many slots sets the cost a slot
 MADV_DONTNEED = 4
 
@@ -80,8 +82,13 @@ class Decoder:
     exist (`free_slots`).
     """
 
-    def __init__(self, model_path: Path, embeddings: Rows, positions: np.ndarray, num_threads: int):
+    def __init__(self, model_path: Path, embeddings: Rows, positions: np.ndarray, num_threads: int,
+                 largest: tuple[int, int] | None = None):
         self._model_path = model_path.resolve()
+        # (batch size, pool size): the largest shape, for which the decode signature's tensors
+        # are allocated once a pool passes RESERVE_FROM of it (see `arrange`); None: never.
+        self.largest = largest
+        self.reserved = False
         self._interpreter = Interpreter(model_path=str(self._model_path), num_threads=num_threads)
         self._runtime = self._interpreter._interpreter  # the wrapper: per-signature views and calls
         self._embeddings = embeddings
@@ -134,7 +141,18 @@ class Decoder:
         are (the pool's filled extent is copied whole, a contiguous copy: a growing pool's case),
         else they are packed at the pool's start. Every slot past them is zeroed (masked slots
         must hold finite values: the mask is added, not selected; free slots below them keep a
-        finished row's finite values)."""
+        finished row's finite values).
+
+        The first time a pool reaches `RESERVE_FROM` of the largest, the tensors are allocated at
+        the largest shape (`largest`) before the asked one. TFLite's arena grows by allocating the
+        larger buffer and copying the old one into it before freeing it, and never shrinks; growing
+        it step by step under a filling pool held the old arena, the new one and the copy of the
+        filled slots at once: 1,127 MiB peak for 8 rows filling the window, 509 MiB resident after.
+        Reserved while the pool is still small, later resizes fit the buffer, and only the copy of
+        the filled slots is transient (778 MiB). The reservation is mostly address space: the
+        kernel backs a page when a pool first writes it (XNNPACK zeroes a workspace of about one
+        layer's keys at the largest pool, 28 MiB for DistilGPT2, which a batch that never holds
+        a large pool does not pay)."""
         started = time.perf_counter()
         kept = [self.slots[s] for s in sources if s is not None]
         used = sum(len(k) for k in kept)
@@ -142,23 +160,40 @@ class Decoder:
             raise ValueError(f"the rows hold {used} slots, more than a pool of {pool_size}")
         names = self.cache_names()
         top = 1 + max((slot for k in kept for slot in k), default=-1)
+        order = None
         if top == 0:
-            saved, slots = {}, [[] for _ in sources]
+            slots = [[] for _ in sources]
         elif top <= pool_size:
-            saved = {name: self._view(self._decode, "inputs", name)[:, :top].copy() for name in names}
             slots = [list(self.slots[s]) if s is not None else [] for s in sources]
         else:
             order = np.array([slot for k in kept for slot in k], np.int64)
-            saved = {name: self._view(self._decode, "inputs", name)[:, order] for name in names}
             counts = np.cumsum([0] + [len(self.slots[s]) if s is not None else 0 for s in sources])
             slots = [list(range(counts[j], counts[j + 1])) for j in range(len(sources))]
             top = used
-        self._resize_decode(len(sources), pool_size)
-        for name in names:
+        # A large copy is one buffer, past glibc's largest mmap threshold (32 MiB), so it goes back
+        # to the kernel when freed: a copy a tensor (a few MiB each) raises the threshold and
+        # stays in the heap, fragmented (8 rows filling the window: 95 MiB more resident, and the
+        # peak as much higher). A small copy is a buffer a tensor: they reuse the heap, where one
+        # fresh mapping a rearrangement raised the peak under 32 short-prompt clients by 15 MiB.
+        shape = [self.n_head, top, self.head_dim]
+        if len(names) * math.prod(shape) * 4 >= ONE_BUFFER_BYTES:
+            saved = list(np.empty([len(names), *shape], np.float32))
+        else:
+            saved = [np.empty(shape, np.float32) for _ in names]
+        for name, into in zip(names, saved if top else ()):
             pool = self._view(self._decode, "inputs", name)
+            if order is None:
+                into[...] = pool[:, :top]
+            else:
+                np.take(pool, order, axis=1, out=into)
+        if self.largest is not None and not self.reserved and pool_size >= RESERVE_FROM * self.largest[1]:
+            self._resize_decode(*self.largest)
+            self.reserved = True
+        self._resize_decode(len(sources), pool_size)
+        for name, values in zip(names, saved):
+            pool = self._view(self._decode, "inputs", name)
+            pool[:, :top] = values
             pool[:, top:] = 0
-            if top:
-                pool[:, :top] = saved[name]
         mask = self._view(self._decode, "inputs", "mask")
         mask[...] = MASKED
         mask[..., pool_size] = 0  # the new token always sees itself
@@ -375,7 +410,8 @@ class LiteRTGPT2Engine(Engine):
         self._threads = num_threads or len(os.sched_getaffinity(0))
         self._model_path = model_dir / litert_model_file(self.precision)
         self._embeddings, self._positions = embeddings, positions
-        self.decoder = Decoder(self._model_path, embeddings, positions, self._threads)
+        self.decoder = Decoder(self._model_path, embeddings, positions, self._threads,
+                               largest=(max_batch_size, self.cache_sizes[-1]))
         self._scorer: Decoder | None = None  # prompt_logprobs' own decoder, made on first use
         self._scorer_lock = threading.Lock()
         self.compactions = 0
@@ -532,7 +568,7 @@ class LiteRTBatch(DecodeBatch):
         # An empty batch is rearranged to fit its new rows at once: there is nothing to copy.
         if (not self.keys or len(holes) < len(entries)
                 or decoder.free_slots < prompts + len(self.keys) + len(entries)):
-            self._rearrange(extra=len(entries), slots=self._slots_wanted(len(entries)) + prompts)
+            self._rearrange(extra=len(entries), slots=self._pool_for([row for _, row in entries]))
             holes = self._holes()
         for b, (key, row), short in zip(holes, entries, shorts):
             decoder.open_row(b)
@@ -551,9 +587,9 @@ class LiteRTBatch(DecodeBatch):
         shorts = [b for b, r in enumerate(self._rows) if r is not None and r.short]
         decoder = self._decoder
         if decoder.free_slots < len(self.keys):
-            self._rearrange(slots=self._slots_wanted())
+            self._rearrange(slots=self._pool_for())
         elif self._waste >= self._compaction_cost():
-            self._rearrange(slots=self._slots_wanted())
+            self._rearrange(slots=self._pool_for())
         elif shorts and self._lane_seconds < decoder.last_step_seconds:
             return self._lane_step(shorts)
         self._lane_seconds = 0.0
@@ -599,15 +635,30 @@ class LiteRTBatch(DecodeBatch):
     def _holes(self) -> list[int]:
         return [b for b, r in enumerate(self._rows) if r is None]
 
-    def _slots_wanted(self, joining: int = 0) -> int:
-        """The slots a pool is sized for: the rows' filled slots, and `HEADROOM_CALLS` more
-        calls' worth (so that a pool just grown does not grow again at the next call) or a
-        `1 / HEADROOM_SHARE` share more, whichever is more. Growing copies the filled slots out
-        and back and reallocates (about 40 ms at 2,000 DistilGPT2 slots, 90 ms the first time
-        the arena grows that large), so a large pool grows by a share of its size: at 2,000 slots
-        and 5 rows, every 100 calls rather than every 25, for an eighth more slots read a call on
+    def _pool_for(self, joining: Sequence[GenerationRow] = ()) -> int:
+        """The slots a rearranged pool is sized for: the rows' filled slots (and the joining
+        prompts') with headroom (`_slots_wanted`), but never more than the rows can still fill
+        (`_demand`): such a pool does not grow again for these rows."""
+        prompts = sum(len(row.prompt_ids) - 1 for row in joining)
+        return min(self._slots_wanted(len(joining), prompts), self._demand(joining))
+
+    def _demand(self, joining: Sequence[GenerationRow] = ()) -> int:
+        """The slots the rows hold once every one has made its `max_tokens`: what they hold now,
+        a slot for each token a row has still to make, and a joining row's prompt (less its last
+        token, which its first call takes in) and tokens."""
+        remaining = sum(r.row.max_tokens - r.generated for r in self._rows if r is not None)
+        new = sum(len(row.prompt_ids) - 1 + row.max_tokens for row in joining)
+        return self._decoder.used_slots + remaining + new
+
+    def _slots_wanted(self, joining: int = 0, prompts: int = 0) -> int:
+        """The slots a pool is sized for: the rows' filled slots and the `prompts` slots that
+        joining rows' prefills fill, and `HEADROOM_CALLS` more calls' worth (so that a pool just
+        grown does not grow again at the next call) or a `1 / HEADROOM_SHARE` share more,
+        whichever is more. Growing copies the filled slots out and back (about 40 ms at 2,000
+        DistilGPT2 slots), so a large pool grows by a share of its size: at 2,000 slots and 5
+        rows, every 100 calls rather than every 25, for an eighth more slots read a call on
         average."""
-        used = self._decoder.used_slots
+        used = self._decoder.used_slots + prompts
         return used + max((len(self.keys) + joining) * HEADROOM_CALLS, used // HEADROOM_SHARE)
 
     def _spare_slots(self) -> int:
