@@ -213,7 +213,7 @@ def run_service(preset: config.Preset, backend: config.Backend, model_dir: Path,
                     f"p95 {report.fmt(s['latency_p95_s'], '.2f')} s, {s['errors']} errors, {s['responses_503']} 503s, "
                     f"VmHWM {s['vmhwm_mib']:.0f} MiB (since start {peak_so_far:.0f}), "
                     f"cores ours/others {cpu['own_cores']}/{cpu['other_cores']}")
-                if not scenario.sampled:
+                if scenario.checks_texts:
                     for o in load.outcomes:
                         if o.text is not None:
                             service_texts.setdefault(o.prompt, set()).add(o.text)

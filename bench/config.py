@@ -129,7 +129,7 @@ class Scenario:
     name: str
     # What the bars call it: single, single_sampled, batch, batch_sampled, batch_filtered (top-k
     # and top-p), batch_nucleus (top-p alone), same (8 identical prompts), long_single,
-    # long_batch, overload.
+    # long_batch, overload, window (8 rows filling the context window: memory).
     role: str
     clients: int
     requests: int
@@ -142,6 +142,12 @@ class Scenario:
     @property
     def sampled(self) -> bool:
         return self.temperature > 0
+
+    @property
+    def checks_texts(self) -> bool:
+        """Whether its greedy texts join the determinism and baseline checks: not the window
+        scenario's, which asks the same prompts for another number of tokens."""
+        return not self.sampled and self.role != "window"
 
     def request_prompts(self) -> list[str]:
         return [self.prompts[i % len(self.prompts)] for i in range(self.requests)]
@@ -317,11 +323,14 @@ def make_preset(name: str) -> Preset:
     if name == "full":
         n, n_long, (c1, c8, c32), (r1, r8, r32), single_reps, b8_reps = 64, 128, (1, 8, 32), (8, 64, 128), 3, 2
         r_long1, r_long8, paragraphs = 4, 16, LONG_PARAGRAPHS_PER_PROMPT
+        # MIXED_PROMPTS are at most 80 DistilGPT2 tokens: 944 more fills most of the window.
+        n_window = 944
     elif name == "tiny":
         n, n_long, (c1, c8, c32), (r1, r8, r32), single_reps, b8_reps = 8, 8, (1, 2, 4), (2, 8, 8), 1, 1
         # One paragraph per long prompt: the tiny tokenizer (512 tokens) needs about 2.5 times
         # as many tokens for the same text.
         r_long1, r_long8, paragraphs = 2, 8, 1
+        n_window = 16
     else:
         raise ValueError(f"unknown preset {name!r}")
     short, mixed, same = (SHORT_PROMPT,), MIXED_PROMPTS, (SHORT_PROMPT,) * 8
@@ -342,6 +351,9 @@ def make_preset(name: str) -> Preset:
         Scenario(f"greedy_c{c32}", "overload", c32, r32, mixed, n),
         Scenario(f"long_c{c1}", "long_single", c1, r_long1, longs[:2], n_long),
         Scenario(f"long_c{c8}", "long_batch", c8, r_long8, longs, n_long),
+        # Last: 8 rows filling the window, the largest pool the default settings allow; its peak
+        # from process start must stay under the 1 GB default container limit.
+        Scenario(f"window_c{c8}", "window", c8, len(mixed), mixed, n_window),
     )
     if name == "full":
         # About 2 minutes together (estimate): 4 x 512 tokens at batch 4-5 take ~9 s a round.

@@ -68,6 +68,9 @@ def test_full_preset_matches_the_issue():
     assert len(by_role["same"].prompts) == 8 and by_role["same"].max_tokens == 64
     assert (by_role["long_single"].clients, by_role["long_batch"].clients) == (1, 8)
     assert by_role["long_single"].max_tokens == by_role["long_batch"].max_tokens == 128
+    # 8 rows filling the window, last: its peak is held to the default container limit.
+    assert preset.scenarios[-1] is by_role["window"] and by_role["window"].clients == 8
+    assert by_role["window"].max_tokens + 80 <= 1024 and not by_role["window"].checks_texts
     runs = {r.name: r for r in preset.torch_runs}
     assert runs["same_b8"].prompts == (config.SHORT_PROMPT,) * len(runs["same_b8"].prompts)
     assert runs["same_b8"].batch_size == runs["long_b8"].batch_size == 8 and runs["long_b1"].batch_size == 1
@@ -372,7 +375,7 @@ def test_tiny_run_reports_every_bar(tiny_result):
         "single_vs_torch_b1", "batch_vs_torch_b8", "same_vs_torch_b8", "long_single_vs_torch_b1",
         "long_batch_vs_torch_b8", "overload_errors", "overload_vs_batch", "peak_rss", "warmup", "sampling_cost",
         "compiles_after_warmup", "head_of_line", "uneven_vs_lockstep", "stream_overhead", "stream_first_piece",
-        "filtering_cost_batch", "nucleus_cost_batch"}
+        "filtering_cost_batch", "nucleus_cost_batch", "window_peak_rss"}
     assert ids["litert-fp32"] == {"single_vs_torch_b1"}
     assert ids["tf"] == {"single_vs_torch_b1", "batch_vs_torch_b8", "batch_vs_naive_tf", "overload_errors",
                          "overload_vs_batch", "sampling_cost", "peak_rss", "warmup", "compiles_after_warmup"}
