@@ -170,11 +170,11 @@ class Decoder:
             counts = np.cumsum([0] + [len(self.slots[s]) if s is not None else 0 for s in sources])
             slots = [list(range(counts[j], counts[j + 1])) for j in range(len(sources))]
             top = used
-        # A large copy is one buffer, past glibc's largest mmap threshold (32 MiB), so it goes back
-        # to the kernel when freed: a copy a tensor (a few MiB each) raises the threshold and
-        # stays in the heap, fragmented (8 rows filling the window: 95 MiB more resident, and the
-        # peak as much higher). A small copy is a buffer a tensor: they reuse the heap, where one
-        # fresh mapping a rearrangement raised the peak under 32 short-prompt clients by 15 MiB.
+        # A copy of `ONE_BUFFER_BYTES` or more (about 900 DistilGPT2 slots) is one buffer, past
+        # glibc's largest mmap threshold, so it goes back to the kernel when freed: a copy a
+        # tensor (a few MiB each) raises the threshold and stays in the heap, fragmented (8 rows
+        # filling the window: 95 MiB more resident, and the peak as much higher). A smaller copy
+        # is a buffer a tensor, as before (the peak under 32 short-prompt clients: 306 MiB).
         shape = [self.n_head, top, self.head_dim]
         if len(names) * math.prod(shape) * 4 >= ONE_BUFFER_BYTES:
             saved = list(np.empty([len(names), *shape], np.float32))
@@ -636,28 +636,19 @@ class LiteRTBatch(DecodeBatch):
         return [b for b, r in enumerate(self._rows) if r is None]
 
     def _pool_for(self, joining: Sequence[GenerationRow] = ()) -> int:
-        """The slots a rearranged pool is sized for: the rows' filled slots (and the joining
-        prompts') with headroom (`_slots_wanted`), but never more than the rows can still fill
-        (`_demand`): such a pool does not grow again for these rows."""
-        prompts = sum(len(row.prompt_ids) - 1 for row in joining)
-        return min(self._slots_wanted(len(joining), prompts), self._demand(joining))
-
-    def _demand(self, joining: Sequence[GenerationRow] = ()) -> int:
-        """The slots the rows hold once every one has made its `max_tokens`: what they hold now,
-        a slot for each token a row has still to make, and a joining row's prompt (less its last
-        token, which its first call takes in) and tokens."""
-        remaining = sum(r.row.max_tokens - r.generated for r in self._rows if r is not None)
-        new = sum(len(row.prompt_ids) - 1 + row.max_tokens for row in joining)
-        return self._decoder.used_slots + remaining + new
+        """The slots a rearranged pool is sized for: `_slots_wanted`, counting the joining
+        prompts' slots as filled (so 8 prompts of 900 tokens get a quarter more, which holds
+        their 124 new tokens each: their pool never grows)."""
+        return self._slots_wanted(len(joining), sum(len(row.prompt_ids) - 1 for row in joining))
 
     def _slots_wanted(self, joining: int = 0, prompts: int = 0) -> int:
-        """The slots a pool is sized for: the rows' filled slots and the `prompts` slots that
-        joining rows' prefills fill, and `HEADROOM_CALLS` more calls' worth (so that a pool just
-        grown does not grow again at the next call) or a `1 / HEADROOM_SHARE` share more,
-        whichever is more. Growing copies the filled slots out and back (about 40 ms at 2,000
-        DistilGPT2 slots), so a large pool grows by a share of its size: at 2,000 slots and 5
-        rows, every 100 calls rather than every 25, for an eighth more slots read a call on
-        average."""
+        """The slots a pool is sized for: the rows' filled slots (and `prompts` more that the
+        joining rows' prompts fill), and `HEADROOM_CALLS` more
+        calls' worth (so that a pool just grown does not grow again at the next call) or a
+        `1 / HEADROOM_SHARE` share more, whichever is more. Growing copies the filled slots out
+        and back (about 40 ms at 2,000 DistilGPT2 slots), so a large pool grows by a share of its
+        size: at 2,000 slots and 5 rows, every 100 calls rather than every 25, for an eighth more
+        slots read a call on average."""
         used = self._decoder.used_slots + prompts
         return used + max((len(self.keys) + joining) * HEADROOM_CALLS, used // HEADROOM_SHARE)
 
