@@ -149,7 +149,7 @@ class Decoder:
         it step by step under a filling pool held the old arena, the new one and the copy of the
         filled slots at once (8 DistilGPT2 rows filling the window: about 1.3 GB peak, OOM-killed
         under the 1 GB default limit). Reserved while the pool is still small, later resizes fit
-        the buffer and only the copy of the filled slots is transient (857 MiB peak). The
+        the buffer and only the copy of the filled slots is transient (860 MiB peak). The
         reservation is mostly address space: the kernel backs a page when a pool first writes it
         (XNNPACK zeroes a workspace of about one layer's keys at the largest pool, 28 MiB for
         DistilGPT2, which a batch that never holds a large pool does not pay)."""
