@@ -281,7 +281,6 @@ def test_compacting_holes_is_priced_at_two_rearrangements_and_spare_slots_at_one
     assert batch._holes() and batch._compaction_cost() == 2 * decoder.used_slots * 0.001
 
 
-
 def test_joining_prompts_count_as_filled_slots_for_the_headroom_so_short_answers_never_grow_the_pool(
         litert_engine, hf_model):
     """A pool gets a quarter more than its filled slots, and a joining batch's prompts count as

@@ -568,7 +568,7 @@ class LiteRTBatch(DecodeBatch):
         # An empty batch is rearranged to fit its new rows at once: there is nothing to copy.
         if (not self.keys or len(holes) < len(entries)
                 or decoder.free_slots < prompts + len(self.keys) + len(entries)):
-            self._rearrange(extra=len(entries), slots=self._pool_for([row for _, row in entries]))
+            self._rearrange(extra=len(entries), slots=self._slots_wanted([row for _, row in entries]))
             holes = self._holes()
         for b, (key, row), short in zip(holes, entries, shorts):
             decoder.open_row(b)
@@ -587,9 +587,9 @@ class LiteRTBatch(DecodeBatch):
         shorts = [b for b, r in enumerate(self._rows) if r is not None and r.short]
         decoder = self._decoder
         if decoder.free_slots < len(self.keys):
-            self._rearrange(slots=self._pool_for())
+            self._rearrange(slots=self._slots_wanted())
         elif self._waste >= self._compaction_cost():
-            self._rearrange(slots=self._pool_for())
+            self._rearrange(slots=self._slots_wanted())
         elif shorts and self._lane_seconds < decoder.last_step_seconds:
             return self._lane_step(shorts)
         self._lane_seconds = 0.0
@@ -635,22 +635,17 @@ class LiteRTBatch(DecodeBatch):
     def _holes(self) -> list[int]:
         return [b for b, r in enumerate(self._rows) if r is None]
 
-    def _pool_for(self, joining: Sequence[GenerationRow] = ()) -> int:
-        """The slots a rearranged pool is sized for: `_slots_wanted`, counting the joining
-        prompts' slots as filled (so 8 prompts of 900 tokens get a quarter more, which holds
-        their 124 new tokens each: their pool never grows)."""
-        return self._slots_wanted(len(joining), sum(len(row.prompt_ids) - 1 for row in joining))
-
-    def _slots_wanted(self, joining: int = 0, prompts: int = 0) -> int:
-        """The slots a pool is sized for: the rows' filled slots (and `prompts` more that the
-        joining rows' prompts fill), and `HEADROOM_CALLS` more
-        calls' worth (so that a pool just grown does not grow again at the next call) or a
-        `1 / HEADROOM_SHARE` share more, whichever is more. Growing copies the filled slots out
-        and back (about 40 ms at 2,000 DistilGPT2 slots), so a large pool grows by a share of its
-        size: at 2,000 slots and 5 rows, every 100 calls rather than every 25, for an eighth more
-        slots read a call on average."""
-        used = self._decoder.used_slots + prompts
-        return used + max((len(self.keys) + joining) * HEADROOM_CALLS, used // HEADROOM_SHARE)
+    def _slots_wanted(self, joining: Sequence[GenerationRow] = ()) -> int:
+        """The slots a pool is sized for: the rows' filled slots, with the `joining` rows'
+        prompts counted as filled, and `HEADROOM_CALLS` more calls' worth (so that a pool just
+        grown does not grow again at the next call) or a `1 / HEADROOM_SHARE` share more,
+        whichever is more. Growing copies the filled slots out and back (about 40 ms at 2,000
+        DistilGPT2 slots), so a large pool grows by a share of its size: at 2,000 slots and 5
+        rows, every 100 calls rather than every 25, for an eighth more slots read a call on
+        average. Counting the prompts, 8 prompts of 900 tokens get a pool that holds their 124
+        new tokens each at once: it never grows for them."""
+        used = self._decoder.used_slots + sum(len(row.prompt_ids) - 1 for row in joining)
+        return used + max((len(self.keys) + len(joining)) * HEADROOM_CALLS, used // HEADROOM_SHARE)
 
     def _spare_slots(self) -> int:
         """Slots a rearrangement now would drop: the pool less the bucket it would be."""
