@@ -59,7 +59,6 @@ HOLE_SHARE = 0.6
 # A hole compacted away is a position added back when the next row joins (clients come back):
 # dropping holes costs this many rearrangements.
 HOLE_REFILLS = 2
-ONE_BUFFER_BYTES = 32 * 2**20  # an `arrange` copy this large is one buffer (glibc's largest mmap threshold)
 ARRANGE_SAMPLE_SLOTS = 128  # an `arrange` that moved at least this many slots sets the cost a slot
 MADV_DONTNEED = 4
 
@@ -170,17 +169,12 @@ class Decoder:
             counts = np.cumsum([0] + [len(self.slots[s]) if s is not None else 0 for s in sources])
             slots = [list(range(counts[j], counts[j + 1])) for j in range(len(sources))]
             top = used
-        # A copy of `ONE_BUFFER_BYTES` or more (about 900 DistilGPT2 slots) is one buffer, past
-        # glibc's largest mmap threshold, so it goes back to the kernel when freed: a copy a
-        # tensor (a few MiB each) raises the threshold and stays in the heap, fragmented (8 rows
-        # filling the window: 95 MiB more resident, and the peak as much higher). A smaller copy
-        # is a buffer a tensor, as before (the peak under 32 short-prompt clients: 306 MiB).
-        shape = [self.n_head, top, self.head_dim]
-        if len(names) * math.prod(shape) * 4 >= ONE_BUFFER_BYTES:
-            saved = list(np.empty([len(names), *shape], np.float32))
-        else:
-            saved = [np.empty(shape, np.float32) for _ in names]
-        for name, into in zip(names, saved if top else ()):
+        # The copy is one buffer: once past glibc's largest mmap threshold (32 MiB, about 900
+        # DistilGPT2 slots) it goes back to the kernel when freed. A copy a tensor (a few MiB
+        # each) raised the threshold and stayed in the heap, fragmented (8 rows filling the
+        # window: 95 MiB more resident, and the peak as much higher).
+        saved = np.empty([len(names), self.n_head, top, self.head_dim], np.float32)
+        for name, into in zip(names, saved if top else ()):  # nothing to copy, maybe no tensor yet
             pool = self._view(self._decode, "inputs", name)
             if order is None:
                 into[...] = pool[:, :top]
