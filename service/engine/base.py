@@ -130,6 +130,18 @@ class PromptTooLong(ValueError):
         )
 
 
+class OverMemoryBudget(ValueError):
+    """A row that could never run: a batch holding it alone would pass the memory budget."""
+
+    def __init__(self, index: int, prompt_tokens: int, max_tokens: int, need: int, budget: int):
+        self.index = index
+        super().__init__(
+            f"prompt {index} has {prompt_tokens} tokens; with max_tokens={max_tokens} its key/value memory "
+            f"could reach {need / 2**20:.1f} MiB, more than this server's budget of {budget / 2**20:.1f} MiB "
+            f"for generation (its memory limit less what the model takes); ask for fewer tokens"
+        )
+
+
 class Engine(ABC):
     """Turns rows into token ids, through batches the scheduler extends and filters per call.
 
@@ -186,5 +198,37 @@ class Engine(ABC):
         return 0
 
     def check_fits(self, index: int, prompt_ids: Sequence[int], max_tokens: int) -> None:
+        """Raise `PromptTooLong` when the prompt and `max_tokens` pass the context window, and
+        `OverMemoryBudget` when a batch holding this row alone would pass `memory_budget`."""
         if len(prompt_ids) + max_tokens > self.context_window:
             raise PromptTooLong(index, len(prompt_ids), max_tokens, self.context_window)
+        if self.memory_budget is not None:
+            need = self.batch_bytes([GenerationRow(tuple(prompt_ids), max_tokens)])
+            if need > self.memory_budget:
+                raise OverMemoryBudget(index, len(prompt_ids), max_tokens, need, self.memory_budget)
+
+    # --- memory: what admission reads (service/scheduler.py) -------------------------------
+
+    # Bytes the batches' key/value memory may take, set once after warm-up from the measured
+    # memory left under the process's limit (service/memory.py); None: no bound.
+    memory_budget: int | None = None
+
+    def set_memory_budget(self, budget: int | None) -> None:
+        """Bound the key/value memory of every batch to `budget` bytes from now on (None: no
+        bound). The scheduler admits a row only while `batch_bytes` of the batch with it stays
+        within the budget; a backend whose pool grows by a rule caps its largest pool here."""
+        self.memory_budget = budget
+
+    def batch_bytes(self, rows: Sequence[GenerationRow]) -> int:
+        """The most memory (bytes, beyond what warm-up measured) a batch holding these rows can
+        reach, whatever order they finish in: their key/value slots at full length (prompt +
+        max_tokens), the backend's growth rule and the transient copies it makes. 0: unknown."""
+        return 0
+
+    def kv_slots_used(self) -> int:
+        """Key/value slots the running batch fills now (0 when idle)."""
+        return 0
+
+    def kv_bytes_reserved(self) -> int:
+        """Bytes the running batch's key/value memory holds now (its pool; 0 when idle)."""
+        return 0
