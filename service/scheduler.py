@@ -109,6 +109,23 @@ class _Row:
     generated: int = 0
     stop: _StopWatch | None = None
 
+    def take(self, update: RowUpdate) -> FinishReason | Literal["stop_sequence"] | None:
+        """A decode call's new tokens; why the row ends, if it does (its own failure raises)."""
+        if update.error is not None:
+            raise update.error
+        self.generated += len(update.tokens)
+        self.tokens += update.tokens
+        self.logprobs += update.logprobs or []
+        if update.finish is None and self.stop is not None and self.stop.reached(update.tokens):
+            return "stop_sequence"
+        return update.finish
+
+    def event(self, finish: FinishReason | Literal["stop_sequence"] | None) -> RowEvent:
+        """The tokens made since the last event, as the next one."""
+        event = RowEvent(self.index, self.tokens, finish, self.logprobs if self.row.logprobs is not None else None)
+        self.tokens, self.logprobs = [], []
+        return event
+
 
 @dataclass(eq=False)
 class Request:
@@ -392,6 +409,7 @@ class Scheduler:
         return budget is None or self.engine.batch_bytes([*(x.row for x in self._running.values()), r.row]) <= budget
 
     def _reserve(self) -> None:
+        """What admission holds now: the running rows' worst case (`admitted_bytes`)."""
         self.admitted_bytes = self.engine.batch_bytes([r.row for r in self._running.values()]) if self._running else 0
 
     def _end(self, r: _Row, state: RowState) -> None:
@@ -408,14 +426,14 @@ class Scheduler:
         if state is RowState.GONE:
             self.stats.rows_cancelled(1)
 
-    def _fail(self, request: Request, error: Exception) -> None:
-        """The request's one outcome is `error`: its rows still waiting or running end FAILED."""
+    def _fail(self, request: Request, error: Exception, state: RowState = RowState.FAILED) -> None:
+        """The request's one outcome is `error`: its rows still waiting or running end in `state`."""
         with self._changed:
             if request.failed is not None:
                 return
             request.failed = error
             for r in request.rows:
-                self._end(r, RowState.FAILED)
+                self._end(r, state)
         self._on_loop(request.events.put_nowait, error)
 
     def _end_all(self, error: Exception) -> bool:
@@ -441,12 +459,8 @@ class Scheduler:
             request = r.request
             if request.cancelled:
                 self._end(r, RowState.GONE)
-            elif request.failed is None and all(x.state is RowState.WAITING for x in request.rows):
-                error = QueueTimeout(now - r.enqueued, self.max_queue_wait)
-                request.failed = error
-                for x in request.rows:
-                    self._end(x, RowState.EXPIRED)
-                self._on_loop(request.events.put_nowait, error)
+            elif all(x.state is RowState.WAITING for x in request.rows):
+                self._fail(request, QueueTimeout(now - r.enqueued, self.max_queue_wait), RowState.EXPIRED)
 
     def _waiting_live(self) -> bool:
         """Whether a waiting row's client is still there (the others end GONE)."""
@@ -494,42 +508,25 @@ class Scheduler:
             if r.state is not RowState.RUNNING:
                 continue
             try:
-                if update.error is not None:
-                    raise update.error
-                event = self._advance(r, update, now)
+                finish = r.take(update)
             except Exception as exc:  # the row's own failure: its request alone hears of it
                 log.exception("row %d of a request failed", r.index)
                 self._fail(r.request, GenerationFailed(f"generation failed: {exc}"))
                 continue
-            if event is not None:
-                events.append((r.request, event))
+            if update.tokens and r.first_token is None:
+                r.first_token = now
+                self.stats.time_to_first_token(now - r.enqueued)
+            if finish is not None:
+                self._end(r, RowState.STOPPED if finish == "stop_sequence" else RowState.FINISHED)
+                if r.generated > 1:
+                    self.stats.time_per_output_token((now - r.first_token) / (r.generated - 1))
+            if finish is not None or (r.request.stream and r.tokens and now >= r.request.next_send):
+                events.append((r.request, r.event(finish)))
         for request, _ in events:
             if request.stream and now >= request.next_send:
                 request.next_send = _next_tick(now, request.interval)
         if events:
             self._on_loop(_put_events, events)
-
-    def _advance(self, r: _Row, update: RowUpdate, now: float) -> RowEvent | None:
-        """A row's new tokens; the event to send now, if one is due."""
-        if update.tokens and r.first_token is None:
-            r.first_token = now
-            self.stats.time_to_first_token(now - r.enqueued)
-        r.generated += len(update.tokens)
-        finish = update.finish
-        if finish is None and r.stop is not None and r.stop.reached(update.tokens):
-            finish = "stop_sequence"
-        r.tokens += update.tokens
-        if update.logprobs:
-            r.logprobs += update.logprobs
-        if finish is not None:
-            self._end(r, RowState.STOPPED if finish == "stop_sequence" else RowState.FINISHED)
-            if r.generated > 1:
-                self.stats.time_per_output_token((now - r.first_token) / (r.generated - 1))
-        elif not (r.request.stream and r.tokens and now >= r.request.next_send):
-            return None
-        event = RowEvent(r.index, r.tokens, finish, r.logprobs if r.row.logprobs is not None else None)
-        r.tokens, r.logprobs = [], []
-        return event
 
     def _run_job(self, fn: Callable, args: tuple, future: asyncio.Future) -> None:
         try:
