@@ -360,3 +360,30 @@ def test_seeded_rows_with_controls_do_not_depend_on_their_neighbours(engine):
     alone = engine.generate([row])[0]
     neighbours = [GenerationRow(tuple(engine.encode(p)), 10, 0.7, 3, i) for i, p in enumerate(PROMPTS[3:])]
     assert engine.generate(neighbours + [row])[-1] == alone
+
+
+def test_a_row_whose_sampling_fails_ends_alone_and_the_others_go_on(engine, reference, monkeypatch):
+    from service.engine import litert_gpt2, sampling
+
+    real = sampling.next_token
+
+    def next_token(logits, row, *args):
+        if row.seed == 666 and args[0] == 2:  # the failing row's third token
+            raise FloatingPointError("no finite logits")
+        return real(logits, row, *args)
+
+    monkeypatch.setattr(sampling, "next_token", next_token)
+    monkeypatch.setattr(litert_gpt2, "next_token", next_token)
+    bad = GenerationRow(tuple(engine.encode(PROMPTS[2])), 20, 0.9, 666, 0, top_k=5)
+    good = rows_for(engine, PROMPTS[3:4], [20])[0]
+    batch = engine.new_batch()
+    batch.extend([("bad", bad), ("good", good)])
+    made, errors = {"bad": [], "good": []}, []
+    while batch.keys:
+        for update in batch.advance():
+            made[update.key] += update.tokens
+            if update.error is not None:
+                errors.append((update.key, str(update.error), update.finish))
+    assert errors == [("bad", "no finite logits", None)]
+    assert len(made["bad"]) == 2
+    assert made["good"] == reference(PROMPTS[3], 20)

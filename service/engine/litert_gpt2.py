@@ -487,10 +487,14 @@ class _RowState:
         return cls(key, row, row.prompt_ids[-1], history=history, short=short)
 
     def advance(self, logits: np.ndarray, eos: int) -> RowUpdate:
-        """Take the next token from this row's logits."""
+        """Take the next token from this row's logits (a failure is this row's alone: its update
+        carries the error)."""
         row = self.row
-        token = next_token(logits, row, self.generated, self.history or ())
-        logprobs = None if row.logprobs is None else [token_logprob(logits, token, row.logprobs)]
+        try:
+            token = next_token(logits, row, self.generated, self.history or ())
+            logprobs = None if row.logprobs is None else [token_logprob(logits, token, row.logprobs)]
+        except Exception as exc:
+            return RowUpdate(self.key, [], error=exc)
         self.next = token
         if token == eos:
             return RowUpdate(self.key, [], "eos_token", logprobs)

@@ -137,21 +137,29 @@ class TFDecodeBatch(DecodeBatch):
         engine = self._engine
         chosen: dict[int, int] = {}
         logprobs: dict[int, TokenLogprob] = {}
+        errors: dict[int, Exception] = {}  # a row's own sampling failure: it alone ends
         if any(r is not None and not r.work.plain for r in running):
             logits = engine.logits(self._h)
             for b, r in enumerate(running):
                 if r is None or r.work.plain:
                     continue
                 history = (*r.work.prompt_ids, *r.generated) if r.work.repetition_penalty != 1.0 else ()
-                chosen[b] = sampling.next_token(logits[b], r.work, r.produced, history)
-                if r.work.logprobs is not None:
-                    logprobs[b] = sampling.token_logprob(logits[b], chosen[b], r.work.logprobs)
+                try:
+                    chosen[b] = sampling.next_token(logits[b], r.work, r.produced, history)
+                    if r.work.logprobs is not None:
+                        logprobs[b] = sampling.token_logprob(logits[b], chosen[b], r.work.logprobs)
+                except Exception as exc:
+                    errors[b], chosen[b] = exc, engine.eos_id
         tokens, steps, self._h, self._caches = engine.decode_call(
             self._h, self._caches, running, chosen if chosen else None)
         eos = engine.eos_id
         updates = []
         for b, r in enumerate(rows):
             if r is None:
+                continue
+            if b in errors:
+                r.finish = "eos_token"  # it makes nothing more; the caller filters it out
+                updates.append(RowUpdate(r.key, [], error=errors[b]))
                 continue
             new: list[int] = []
             for token in tokens[b, :steps] if r.finish is None else ():
