@@ -131,7 +131,7 @@ def test_many_rows_ending_on_a_stop_string_never_overfill_the_batch(backend, mod
         assert free.status_code == 200
         cut = [text.split("0")[0] for text in free.json()["results"]]
         assert r.json() == {"results": cut}
-        assert sum("0" in text for text in free.json()["results"]) >= 8  # most rows did stop early
+        assert sum("0" in text for text in free.json()["results"]) >= 3  # rows did stop early, others waiting
         again = httpx.post(url + "/generate", json=body, timeout=120)
         assert (again.status_code, again.json()) == (200, r.json())
         assert settle(url) == dict.fromkeys(gauges(url), 0.0)
@@ -251,5 +251,6 @@ def test_chaos_load_every_answer_is_the_solo_answer(backend, model_dir):
         assert after == dict.fromkeys(after, 0.0) and {"llm_queue_prompts", "llm_running_prompts"} <= set(after), \
             (line, after)
         assert not wrong, line + "\n" + "\n".join(wrong[:10])
-        completed = sum(o.answer is not None for o in outcomes)
-        assert completed >= len(outcomes) // 3, line  # the load mostly served, not mostly refused
+        # A full queue refuses much of the load (bursts and 8-prompt requests against a bound of
+        # 16); enough must still be served for the comparison to mean something.
+        assert sum(o.answer is not None for o in outcomes) >= 50, line
