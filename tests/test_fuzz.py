@@ -50,7 +50,7 @@ checks.positive_data_acceptance.enabled = false
 """
 FIXED_SEED = 20261126
 SEEDS = [FIXED_SEED] + ([int(s) for s in os.environ["FUZZ_SEEDS"].split(",") if s.strip()]
-                        if os.environ.get("FUZZ_SEEDS") else [random.randrange(2**32) for _ in range(2)])
+                        if os.environ.get("FUZZ_SEEDS") else [random.SystemRandom().randrange(2**32) for _ in range(2)])
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 40))
 
 
