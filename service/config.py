@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.memory import parse_bytes
 from service.model_files import (LITERT_FORMAT, ModelDirError, check_model_dir, has_litert_files, litert_format,
                                  verify_manifest)
 
@@ -63,6 +64,12 @@ class Settings(BaseSettings):
     min_cache_size: int = Field(128, ge=16, description="Smallest cache bucket, in tokens; tf buckets double up to the context window, LiteRT's are its multiples.")
     xla_cache_dir: Path | None = Field(None, description="Directory where compiled programs persist across restarts.")
 
+    memory_limit: int | None = Field(
+        None, gt=0, description="Bytes the process may hold: an integer, or with a binary suffix as Docker writes "
+        "it (1g, 512m, 1536Mi). Unset: the cgroup's limit (a container's mem_limit), else none. After warm-up, "
+        "what is left under it less a margin (max(64 MiB, 8%)) is the key/value budget: a row that could not "
+        "fit it alone is refused, others wait until the batch has room for them.")
+
     # Operating it: shutdown and queue waits.
     max_queue_wait_seconds: float = Field(
         60.0, ge=0, description="A request none of whose prompts has joined the batch after this long gets 503 "
@@ -93,6 +100,13 @@ class Settings(BaseSettings):
                              f"reads version {LITERT_FORMAT}; run: python scripts/convert_model.py "
                              f"--model-dir {self.model_dir}")
         return self
+
+    @field_validator("memory_limit", mode="before")
+    @classmethod
+    def _size(cls, value):
+        if isinstance(value, str):
+            return parse_bytes(value) if value.strip() else None
+        return value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

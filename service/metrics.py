@@ -90,6 +90,15 @@ class _RuntimeState:
                                   engine.lane_calls if engine else 0)
         yield CounterMetricFamily("llm_compiles_after_warmup", "Programs compiled after warm-up (should be 0).",
                                   engine.compiles_after_warmup() if engine else 0)
+        yield GaugeMetricFamily("llm_memory_limit_bytes", "The memory limit the key/value budget is taken from "
+                                "(MEMORY_LIMIT, else the cgroup's); 0: none.", runtime.memory_limit or 0)
+        yield GaugeMetricFamily("llm_kv_budget_bytes", "Bytes the batches' key/value memory may take: the limit less "
+                                "the resident memory after warm-up less a margin; 0: no budget.",
+                                (engine.memory_budget or 0) if engine else 0)
+        yield GaugeMetricFamily("llm_kv_slots_used", "Key/value slots the running rows fill now.",
+                                engine.kv_slots_used() if engine else 0)
+        yield GaugeMetricFamily("llm_kv_bytes_reserved", "Bytes of the key/value memory the running batch holds now "
+                                "(LiteRT: its pool); 0 when idle.", engine.kv_bytes_reserved() if engine else 0)
         if engine is not None:
             # An info metric: Prometheus shows it as llm_backend_info{backend=...,precision=...} 1.
             yield InfoMetricFamily("llm_backend", "What serves: the backend and the precision of its weights.",

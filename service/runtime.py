@@ -9,8 +9,10 @@ from collections.abc import Callable
 
 import anyio
 
+from service import memory
 from service.config import Settings
 from service.engine import Engine
+from service.engine.base import GenerationRow
 from service.errors import ModelNotReady
 from service.metrics import Metrics
 from service.model_files import verify_manifest
@@ -62,6 +64,7 @@ class Runtime:
         self.scheduler: Scheduler | None = None
         self.status = "loading"
         self.warmup_seconds: float | None = None
+        self.memory_limit: int | None = None  # bytes; set after warm-up (MEMORY_LIMIT, else the cgroup's)
         self.metrics = Metrics(self)
         self._warmup_task: asyncio.Task | None = None
 
@@ -85,6 +88,8 @@ class Runtime:
             return
         if self.status == "draining":  # stopped while warming up: nothing to serve
             return
+        # Before the scheduler exists: it admits rows by the budget from its first one.
+        self._budget_memory()
         self.scheduler = Scheduler(
             self.engine,
             max_batch_size=self.settings.max_batch_size,
@@ -97,6 +102,34 @@ class Runtime:
         self.warmup_seconds = time.monotonic() - started
         self.status = "ok"
         log.info("ready: warm-up took %.1f s since start", self.warmup_seconds)
+
+    def _budget_memory(self) -> None:
+        """Give the engine its key/value budget: the limit less what the process holds once warm
+        (every buffer but the batches' has been touched by then) less a margin; log it once."""
+        engine, MiB = self.engine, 2**20
+        limit, source = memory.effective_limit(self.settings.memory_limit)
+        try:
+            baseline = memory.resident_bytes()
+        except (OSError, ValueError) as exc:  # no /proc (not Linux): nothing to measure against
+            log.warning("memory: cannot read the resident memory (%s): no key/value budget", exc)
+            limit = None
+        if limit is None:
+            log.info("memory: no limit (MEMORY_LIMIT unset and no cgroup limit): no key/value budget, rows are "
+                     "admitted by count only (MAX_BATCH_SIZE)")
+            engine.set_memory_budget(None)
+            return
+        self.memory_limit = limit
+        budget = memory.budget(limit, baseline)
+        engine.set_memory_budget(budget)
+        full = GenerationRow((0,), engine.context_window - 1)  # only lengths count
+        rows = sum(1 for k in range(1, engine.max_batch_size + 1) if engine.batch_bytes([full] * k) <= budget)
+        log.info("memory: limit %.0f MiB (from %s), %.0f MiB resident after warm-up, %.0f MiB margin: %.0f MiB for "
+                 "key/value memory, about %d full-window row(s) at once (of MAX_BATCH_SIZE=%d)", limit / MiB, source,
+                 baseline / MiB, memory.margin(limit) / MiB, budget / MiB, rows, engine.max_batch_size)
+        if rows == 0:
+            log.warning("memory: one row filling the %d-token window needs %.0f MiB, more than the %.0f MiB budget: "
+                        "the largest requests will be refused (4xx); raise the memory limit or serve a smaller "
+                        "precision", engine.context_window, engine.batch_bytes([full]) / MiB, budget / MiB)
 
     @property
     def ready(self) -> bool:

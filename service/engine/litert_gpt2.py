@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ MASKED = -1e4  # transformers' TF GPT-2 mask value
 HEADROOM_CALLS = 4  # a pool is sized for its rows' slots and this many more calls,
 HEADROOM_SHARE = 4  # or a 1/this share more slots, if more: growing a pool costs a copy of it
 RESERVE_FROM = 0.25  # a pool this share of the largest shape's first allocates that shape (Decoder.arrange)
+SCORE_BUFFERS = 4  # [heads, positions, pool] float buffers a decode call holds at once (scores, softmax)
 # The short lane (LiteRTBatch): a joining row also gets calls of its own when it asks for at most
 # LANE_MAX_TOKENS new tokens, its prompt and answer fit LANE_MAX_SLOTS slots (its keys and values
 # are copied into each of its calls), the running rows hold on average at least LANE_SHORTER
@@ -228,6 +228,11 @@ class Decoder:
         self._resize(self._decode, shapes)
         self.batch_size, self.pool_size = batch_size, pool_size
 
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one pool slot: a key and a value per layer, float32 at every precision."""
+        return self.n_layer * 2 * self.n_head * self.head_dim * 4
+
     def cache_names(self) -> list[str]:
         """The pool's tensors: key_0, value_0, key_1, ..."""
         return [f"{kind}_{i}" for i in range(self.n_layer) for kind in ("key", "value")]
@@ -240,24 +245,26 @@ class Decoder:
             raise ValueError(f"position {row} already holds slots: a prompt is prefilled into a new row")
         if not len(ids):
             return
-        new = self.encode_prompt(ids)
+        new, _ = self.encode_prompt(ids)
         slots = self._take(len(ids))
         for name, values in zip(self.cache_names(), new):
             self._view(self._decode, "inputs", name)[:, slots] = values
         self._view(self._decode, "inputs", "mask")[0, row, slots] = 0
         self.slots[row] += slots
 
-    def encode_prompt(self, ids: Sequence[int]) -> list[np.ndarray]:
-        """A prompt's keys and values ([H, n, D] per cache name), its tokens seeing only each
-        other: an `extend` call over a pool of one dummy slot that none of them sees."""
+    def encode_prompt(self, ids: Sequence[int], rows: Sequence[int] | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+        """A prompt's keys and values ([H, n, D] per cache name) and the hidden states
+        [len(rows), E] of its tokens at `rows` (default: the last), its tokens seeing only each
+        other: an `extend` call over a pool of one dummy slot that none of them sees. It uses
+        the extend signature only: the decode signature's pool is left as it is."""
         n = len(ids)
         if n > len(self._positions):
             raise ValueError(f"a prompt of {n} tokens does not fit the context window")
         mask = np.full([n, 1 + n], MASKED, np.float32)
         mask[:, 1:] = np.triu(mask[:, 1:], k=1)
         dummy = np.zeros([self.n_head, 1, self.head_dim], np.float32)
-        new, _ = self.extend(self.embed(np.asarray(ids), np.arange(n)), mask, [dummy] * len(self.cache_names()), [n - 1])
-        return new
+        return self.extend(self.embed(np.asarray(ids), np.arange(n)), mask, [dummy] * len(self.cache_names()),
+                           [n - 1] if rows is None else rows)
 
     def extend(self, embeds: np.ndarray, mask: np.ndarray, pools: Sequence[np.ndarray],
                rows: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
@@ -397,6 +404,7 @@ class LiteRTGPT2Engine(Engine):
         # The pool holds every row's slots: at most a full window a row, and a slot per row for
         # the call that fills the last.
         self.cache_sizes = cache_buckets(smallest_cache, max_batch_size * (self.context_window + 1))
+        self._all_cache_sizes = self.cache_sizes  # before `set_memory_budget` caps them
         self._tokenizer = load_tokenizer(model_dir)
         embeddings = Rows(model_dir / meta["embeddings"])
         self.vocab_size = int(embeddings.shape[0])
@@ -406,8 +414,6 @@ class LiteRTGPT2Engine(Engine):
         self._embeddings, self._positions = embeddings, positions
         self.decoder = Decoder(self._model_path, embeddings, positions, self._threads,
                                largest=(max_batch_size, self.cache_sizes[-1]))
-        self._scorer: Decoder | None = None  # prompt_logprobs' own decoder, made on first use
-        self._scorer_lock = threading.Lock()
         self.compactions = 0
         self.short_lane = short_lane
         self.lane_call_seconds = math.inf  # what a lane call takes: measured by warm-up, then kept up to date
@@ -421,13 +427,23 @@ class LiteRTGPT2Engine(Engine):
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def warmup(self) -> None:
-        """Run a short batch through both signatures (XNNPACK packs the weights on first use), then
-        let go of the model file's pages, which the packed copy has replaced."""
+        """Run a short batch through every signature (XNNPACK packs the weights on first use),
+        let go of the model file's pages, which the packed copy has replaced, then score a
+        full-window prompt.
+
+        The extend signature's arena grows with the prompt's length and never shrinks (a
+        full-window prompt's scores alone are n_head x 1024 x 1025 floats a layer), and
+        `prompt_logprobs` wants every position's hidden state: scoring a full window here puts
+        the most either can take into the resident memory the runtime measures as its baseline,
+        so the memory budget need not hold it. Scored after the release: the file's pages and
+        the arena together took the warm-up's peak from 860 to 1,021 MiB (fp32 DistilGPT2)."""
         started = time.monotonic()
         rows = [GenerationRow((self.eos_id, self.eos_id), 2)] * self.max_batch_size
         self.generate(rows)
-        self.lane_call_seconds = self._time_lane_call()
         released = self.decoder.release_file_pages()
+        self.prompt_logprobs([self.eos_id] * self.context_window, 0)
+        self.lane_call_seconds = self._time_lane_call()
+        released += self.decoder.release_file_pages()  # any page the new shapes read again
         log.info("warm-up ran %s (%s) in %.1f s; %.0f MiB of mapped model file released", self.backend,
                  self.precision, time.monotonic() - started, released / 2**20)
 
@@ -449,21 +465,97 @@ class LiteRTGPT2Engine(Engine):
         return LiteRTBatch(self)
 
     def prompt_logprobs(self, prompt_ids: Sequence[int], top: int) -> list[TokenLogprob | None]:
-        """Teacher-forced through the `decode` signature, one token a call, on a second decoder
-        made on first use: the first one belongs to the scheduler's batch, and `prefill` returns
-        no logits. It costs a decode call per prompt token, and its own packed weights (the
-        model file's size again) once used."""
-        with self._scorer_lock:
-            if self._scorer is None:
-                self._scorer = Decoder(self._model_path, self._embeddings, self._positions, self._threads)
-            scorer = self._scorer
-            scorer.arrange([None], self.cache_size_for(len(prompt_ids)))
-            scorer.open_row(0)
-            out: list[TokenLogprob | None] = [None]
-            for i in range(len(prompt_ids) - 1):
-                logits = scorer.step(np.array([prompt_ids[i]], np.int64))[0]
-                out.append(token_logprob(logits, prompt_ids[i + 1], top))
+        """One `extend` call over the whole prompt (causal, as a prefill) for every position's
+        hidden state, then `head` over at most `max_batch_size` positions at a time, so the
+        logits held at once are a batch's, not the prompt's (1,024 x 50,257 floats: 200 MB).
+
+        It uses the decoder's extend and head signatures, which the batch's prefills and lane
+        calls use too, and leaves the decode signature's pool as it is: call it on the thread
+        that owns the batch (the scheduler's worker, between decode calls), never beside it."""
+        n = len(prompt_ids)
+        out: list[TokenLogprob | None] = [None]
+        if n < 2:
             return out
+        _, hidden = self.decoder.encode_prompt(prompt_ids, range(n - 1))  # position n-1 predicts nothing
+        for start in range(0, n - 1, self.max_batch_size):
+            logits = self.decoder.head(hidden[start:start + self.max_batch_size])
+            out += [token_logprob(row, prompt_ids[start + i + 1], top) for i, row in enumerate(logits)]
+        return out
+
+    # --- memory (service/memory.py measures the budget; the scheduler admits by it) ----------
+
+    def batch_bytes(self, rows: Sequence[GenerationRow]) -> int:
+        """See `pool_bytes`: the memory of the largest pool a batch holding `rows` reaches.
+
+        The rows at full length fill S = sum(prompt + max_tokens + 1) slots (a row feeds its
+        prompt and each new token but the last one, so this counts 2 spare slots a row: the
+        call that fills a row's last slot needs it free). The pool grows by `_slots_wanted`:
+        filled slots plus max(HEADROOM_CALLS a row, 1 / HEADROOM_SHARE more), rounded up to a
+        bucket and held to the largest bucket; it never needs more than the bucket holding S,
+        so that is its floor (past the capped largest: such rows do not fit, and the bytes say
+        so)."""
+        if not rows:
+            return 0
+        filled = sum(len(r.prompt_ids) + r.max_tokens + 1 for r in rows)
+        wanted = filled + max(len(rows) * HEADROOM_CALLS, filled // HEADROOM_SHARE)
+        pool = max(self._bucket(filled), min(self._bucket(wanted), self.cache_sizes[-1]))
+        return self.pool_bytes(pool)
+
+    def pool_bytes(self, pool: int, largest: int | None = None) -> int:
+        """The most memory a batch whose pool reaches `pool` slots takes beyond the baseline:
+
+        - the pool itself (in the decode signature's arena: TFLite never shrinks it, so what a
+          pool once touched stays resident);
+        - the copy `Decoder.arrange` makes of the filled slots when the pool is resized, at most
+          the new pool (one buffer);
+        - while the pool is under RESERVE_FROM of the largest, TFLite grows its arena by
+          allocating the larger one and copying the old one in: the old arena too, at most the
+          largest such pool. A pool past it allocated the largest shape once (address space only);
+        - then XNNPACK's workspace, about one layer's keys at the largest pool, zeroed once;
+        - the mask and the attention scores, a few floats per (position, slot) and head.
+        Every term grows with `pool`, so a larger pool never costs less. `largest`: the largest
+        pool (default: the current one)."""
+        per = self.decoder.slot_bytes
+        largest = self.cache_sizes[-1] if largest is None else largest
+        threshold = RESERVE_FROM * largest
+        growing = max((c for c in self._all_cache_sizes if c < threshold), default=0)
+        workspace = self.decoder.n_head * largest * self.decoder.head_dim * 4 if pool >= threshold else 0
+        scores = SCORE_BUFFERS * self.max_batch_size * (pool + 1) * 4 * self.decoder.n_head
+        return per * (2 * pool + min(pool, growing)) + workspace + scores
+
+    def set_memory_budget(self, budget: int | None) -> None:
+        """Cap the largest pool (and the decode signature's reservation shape) at the largest
+        bucket whose `pool_bytes` fit `budget`: no pool, arena or copy can pass it then. A row
+        admitted within the budget fits the capped pool: `batch_bytes` of a batch whose slots
+        need a larger pool is that pool's bytes, over the budget. With no bucket fitting, the
+        smallest stays (every row is over the budget then: `check_fits` refuses it)."""
+        super().set_memory_budget(budget)
+        buckets = self._all_cache_sizes
+        if budget is not None:
+            # Capped, the reservation threshold and the workspace move with the largest pool:
+            # each candidate is judged as the largest.
+            fitting = [c for c in buckets if self.pool_bytes(c, largest=c) <= budget]
+            buckets = tuple(c for c in buckets if c <= (fitting[-1] if fitting else buckets[0]))
+        self.cache_sizes = buckets
+        if self.decoder.reserved and self.decoder.largest[1] > buckets[-1]:
+            log.warning("the decode arena was reserved at %d slots before the budget capped it at %d",
+                        self.decoder.largest[1], buckets[-1])
+        self.decoder.largest = (self.max_batch_size, buckets[-1])
+
+    def _bucket(self, slots: int) -> int:
+        """The smallest uncapped pool bucket holding `slots`, or `slots` itself past them all."""
+        return next((c for c in self._all_cache_sizes if c >= slots), slots)
+
+    def kv_slots_used(self) -> int:
+        return self.decoder.used_slots
+
+    def kv_bytes_reserved(self) -> int:
+        """The pool's bytes while it holds a row; 0 when idle. An idle decoder keeps its last
+        shape for the next rows (and TFLite's arena keeps its pages), but what an operator
+        watches is what the running rows hold, returning to zero when they are done."""
+        if not any(self.decoder.live):
+            return 0
+        return self.decoder.pool_size * self.decoder.slot_bytes
 
     def cache_size_for(self, slots: int) -> int:
         """The smallest pool bucket holding `slots` (the largest, if none does)."""

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 MASKED = -1e4
 PHILOX = 1  # tf.random.Algorithm.PHILOX
 SAMPLE_BLOCK = 256  # vocabulary entries per block in the two-level sampling search
+CACHE_COPIES = 3  # a batch's caches held at once at most (TFGPT2Engine.batch_bytes)
 
 
 @dataclasses.dataclass
@@ -298,6 +299,7 @@ class TFGPT2Engine(Engine):
         self._shapes: set[tuple[str, int, int]] = set()  # (program, batch, cache) compiled so far
         self._shapes_at_warmup: int | None = None
         self.compactions = 0  # times rows leaving moved a batch to a smaller shape
+        self._batch: TFDecodeBatch | None = None  # the latest from `new_batch`: the one the gauges read
 
     # --- Engine interface -------------------------------------------------------------------
 
@@ -333,7 +335,43 @@ class TFGPT2Engine(Engine):
         return len(self._shapes) - self._shapes_at_warmup
 
     def new_batch(self) -> TFDecodeBatch:
-        return TFDecodeBatch(self)
+        self._batch = TFDecodeBatch(self)
+        return self._batch
+
+    # --- memory (service/memory.py measures the budget; the scheduler admits by it) ----------
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one row's cache slot: a key and a value per layer, float32."""
+        return self.n_layer * 2 * self.n_head * self.head_dim * 4
+
+    def batch_bytes(self, rows: Sequence[GenerationRow]) -> int:
+        """The batch's compiled shape (the batch bucket of its rows x the cache bucket of its
+        most demanding row), held CACHE_COPIES times at once: the batch's caches, the decode
+        call's result (XLA does not write into its inputs) and the copy its loop carries, or
+        during `_move` the old caches, the new ones and a layer's gather and pad; plus the
+        joining rows' prefilled caches (all of them are prefilled before they enter) and one
+        more for the prefill running."""
+        if not rows:
+            return 0
+        b = self.buckets
+        batch = next((s for s in b.batch_sizes if s >= len(rows)), len(rows))
+        cache = next((s for s in b.cache_sizes if s >= max(b.slots_needed(r) for r in rows)), b.max_cache)
+        prompts = [next((s for s in b.cache_sizes if s >= b.prompt_slots(len(r.prompt_ids))), b.max_cache)
+                   for r in rows]
+        return self.slot_bytes * (CACHE_COPIES * batch * cache + sum(prompts) + max(prompts))
+
+    def kv_slots_used(self) -> int:
+        batch = self._batch
+        return sum(r.length for r in batch._rows if r is not None) if batch is not None else 0
+
+    def kv_bytes_reserved(self) -> int:
+        """The running batch's caches at its compiled shape; 0 when it holds no row."""
+        batch = self._batch
+        if batch is None or not batch.keys:
+            return 0
+        rows, cache = batch.shape
+        return rows * cache * self.slot_bytes
 
     # --- The host side of the two programs ----------------------------------------------------
 
