@@ -28,7 +28,7 @@ QUEUE = 16
 MAX_PROMPTS = 8
 CHAOS_SECONDS = float(os.environ.get("CHAOS_SECONDS", 8))  # per backend
 CHAOS_CLIENTS = int(os.environ.get("CHAOS_CLIENTS", 16))
-GAUGES = ("llm_queue_prompts", "llm_running_prompts", "llm_kv_slots_used")
+GAUGES = ("llm_queue_prompts", "llm_running_prompts", "llm_kv_slots_used", "llm_kv_bytes_reserved")
 
 
 def settings_for(model_dir, **overrides):
@@ -135,6 +135,33 @@ def test_many_rows_ending_on_a_stop_string_never_overfill_the_batch(backend, mod
         again = httpx.post(url + "/generate", json=body, timeout=120)
         assert (again.status_code, again.json()) == (200, r.json())
         assert settle(url) == dict.fromkeys(gauges(url), 0.0)
+
+
+def test_a_row_ended_by_a_stop_string_counts_its_tokens_up_to_the_stop(backend, model_dir):
+    """Found by the load test on tf: a row ended by a stop string reported every token of its
+    last decode call, past the stop, as generated (`generated_tokens`, /v1's
+    `usage.completion_tokens`), so the count depended on how many steps that call ran: 16 alone
+    (a plain row's call runs decode_chunk steps) but 2 with logprobs (one step a call) or under
+    load. The count is the tokens up to the one that completes the stop string, as the
+    log-probabilities list them."""
+    name, engine = backend
+    prompt = "é : x def = 日本"
+    with serve(engine, settings_for(model_dir)) as url:
+        free = httpx.post(url + "/generate", json={"prompts": prompt, "max_tokens": 16, "temperature": 0}).json()
+        text = free["results"][0]
+        stop = next(c for i, c in enumerate(text) if i >= 2 and c.isascii() and c.strip() and c not in text[:i])
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0, "stop": stop}
+        scored = httpx.post(url + "/v1/completions", json=body | {"logprobs": 0}).json()
+        plain = httpx.post(url + "/v1/completions", json=body).json()
+        counted = len(scored["choices"][0]["logprobs"]["tokens"])
+        assert scored["choices"][0]["text"] == plain["choices"][0]["text"] == text[:text.index(stop)]
+        assert counted < 16
+        assert scored["usage"]["completion_tokens"] == counted, (name, scored)
+        assert plain["usage"]["completion_tokens"] == counted, (name, stop, plain)
+        with httpx.stream("POST", url + "/generate", json={"prompts": prompt, "max_tokens": 16, "temperature": 0,
+                                                          "stop": stop, "stream": True}) as r:
+            final = [line for line in r.iter_lines() if "finish_reason" in line]
+        assert f'"generated_tokens": {counted}}}' in final[0], (name, stop, final)
 
 
 # --- the load test ------------------------------------------------------------------------------
@@ -248,7 +275,7 @@ def test_chaos_load_every_answer_is_the_solo_answer(backend, model_dir):
         bad = problems_of(outcomes)
         assert not bad, line + "\n" + "\n".join(bad[:20] + ["", "and against the solo runs:"] + wrong[:5])
         assert (health.status_code, health.json()["status"]) == (200, "ok"), line
-        # llm_kv_slots_used is checked when the server has it (GAUGES; it is being added).
+        # The kv gauges are checked when the server has them (GAUGES).
         assert after == dict.fromkeys(after, 0.0) and {"llm_queue_prompts", "llm_running_prompts"} <= set(after), \
             (line, after)
         assert not wrong, line + "\n" + "\n".join(wrong[:10])
