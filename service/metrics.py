@@ -99,6 +99,9 @@ class _RuntimeState:
                                 engine.kv_slots_used() if engine else 0)
         yield GaugeMetricFamily("llm_kv_bytes_reserved", "Bytes of the key/value memory the running batch holds now "
                                 "(LiteRT: its pool); 0 when idle.", engine.kv_bytes_reserved() if engine else 0)
+        yield GaugeMetricFamily("llm_kv_bytes_admitted", "The running rows' worst case (engine batch_bytes) that "
+                                "admission holds against llm_kv_budget_bytes; 0 when idle.",
+                                scheduler.admitted_bytes if scheduler else 0)
         if engine is not None:
             # An info metric: Prometheus shows it as llm_backend_info{backend=...,precision=...} 1.
             yield InfoMetricFamily("llm_backend", "What serves: the backend and the precision of its weights.",
