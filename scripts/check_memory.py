@@ -123,12 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                 if line.startswith(("llm_kv_", "llm_memory_", "llm_running_prompts", "llm_queue_prompts")):
                     key, value = line.rsplit(" ", 1)
                     metrics[key] = float(value)
-        budget_line = next((line for line in docker("logs", name, check=False).splitlines()
-                            + subprocess.run(["docker", "logs", name], capture_output=True, text=True).stderr.splitlines()
-                            if "memory budget" in line), None)
+        logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True)
+        budget_line = next((line for line in (logs.stdout + logs.stderr).splitlines() if "memory: " in line), None)
         result = {"limit": args.limit, "precision": args.precision, "clients": args.clients,
                   "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens,
-                  "statuses": {str(c): codes.count(c) for c in sorted(set(map(str, codes)))},
+                  "statuses": {c: list(map(str, codes)).count(c) for c in sorted(set(map(str, codes)))},
                   "seconds": round(seconds, 1), "ready_rss_mib": ready["VmRSS"],
                   "peak_mib": after.get("VmHWM"), "rss_after_mib": after.get("VmRSS"),
                   "oom_killed": inspect["State"]["OOMKilled"], "restarts": inspect["RestartCount"],

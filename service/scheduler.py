@@ -113,12 +113,14 @@ class _Row:
         """A decode call's new tokens; why the row ends, if it does (its own failure raises)."""
         if update.error is not None:
             raise update.error
-        self.generated += len(update.tokens)
-        self.tokens += update.tokens
-        self.logprobs += update.logprobs or []
-        if update.finish is None and self.stop is not None and self.stop.reached(update.tokens):
-            return "stop_sequence"
-        return update.finish
+        tokens, logprobs, finish = update.tokens, update.logprobs or [], update.finish
+        upto = self.stop.reached(tokens) if self.stop is not None else None
+        if upto is not None:  # what a call made past the stop string is not the row's (tf makes several)
+            tokens, logprobs, finish = tokens[:upto], logprobs[:upto], "stop_sequence"
+        self.generated += len(tokens)
+        self.tokens += tokens
+        self.logprobs += logprobs
+        return finish
 
     def event(self, finish: FinishReason | Literal["stop_sequence"] | None) -> RowEvent:
         """The tokens made since the last event, as the next one."""
@@ -553,10 +555,14 @@ class _StopWatch:
         self._hold = max(len(stop) for stop in stops) - 1
         self.text = ""
 
-    def reached(self, tokens: Sequence[int]) -> bool:
-        start = max(0, len(self.text) - self._hold)
-        self.text += self._text.add(tokens)
-        return first_stop(self.text, self._stops, start) is not None
+    def reached(self, tokens: Sequence[int]) -> int | None:
+        """How many of `tokens` the text took to reach a stop string; None: it has not."""
+        for i, token in enumerate(tokens):
+            start = max(0, len(self.text) - self._hold)
+            self.text += self._text.add([token])
+            if first_stop(self.text, self._stops, start) is not None:
+                return i + 1
+        return None
 
 
 def _next_tick(now: float, interval: float) -> float:
