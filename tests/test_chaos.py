@@ -20,7 +20,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from chaos_clients import OVERLOADED, Outcome, burst, random_call, run_call, same
+from chaos_clients import OVERLOADED, Call, Outcome, burst, random_call, run_call, same
 from conftest import ENGINE_OPTIONS, served
 from service.app import create_app
 
@@ -218,11 +218,25 @@ def problems_of(outcomes: list[Outcome]) -> list[str]:
     return bad
 
 
-def mismatches(url: str, outcomes: list[Outcome]) -> tuple[list[str], int]:
+# A sampled row's logits under load differ from its solo run's in the last bits (about 1e-6 on
+# LiteRT: the pool's slots sit elsewhere, the batch has other rows), so a draw that falls that
+# close to the edge between two tokens can take the other one: once in about 2,000 sampled
+# answers here (a draw 7e-9 from the edge, in the case examined). Greedy answers have no such
+# edge and must always match; a few sampled ones may differ, a broken scheduler (wrong seed,
+# stream or position, rows mixed up) would make most of them differ.
+SAMPLED_FLIPS_ALLOWED = 2
+
+
+def sampled(call: Call) -> bool:
+    return call.body.get("temperature", 1.0) != 0
+
+
+def mismatches(url: str, outcomes: list[Outcome]) -> tuple[list[str], list[str], int]:
     """Each completed answer (and each hung-up stream's texts, as prefixes) against the same
-    request made alone on the idle server; the number of solo runs made."""
+    request made alone on the idle server: the greedy answers that differ, the sampled ones
+    that differ, and the number of solo runs made."""
     solo: dict[str, Outcome] = {}
-    bad = []
+    bad, flips = [], []
 
     async def check():
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
@@ -237,15 +251,17 @@ def mismatches(url: str, outcomes: list[Outcome]) -> tuple[list[str], int]:
                 if ref.answer is None or (whole.stream and ref.answer["errors"]):
                     bad.append(f"alone it got {ref.kind}: {whole} -> {ref.body or ref.answer!r}")
                 elif o.answer is not None and not same(o.answer, ref.answer):
-                    bad.append(f"under load {o.call}\n  got   {o.answer}\n  alone {ref.answer}")
+                    (flips if sampled(whole) else bad).append(
+                        f"under load {o.call}\n  got   {o.answer}\n  alone {ref.answer}")
                 elif o.partial:
                     for i, (text, *_) in o.partial["rows"].items():
                         alone = ref.answer["rows"].get(i, [""])[0]
                         if not alone.startswith(text):
-                            bad.append(f"hung up on {o.call}: row {i} got {text!r}, alone {alone!r}")
+                            (flips if sampled(whole) else bad).append(
+                                f"hung up on {o.call}: row {i} got {text!r}, alone {alone!r}")
 
     asyncio.run(check())
-    return bad, len(solo)
+    return bad, flips, len(solo)
 
 
 def test_chaos_load_every_answer_is_the_solo_answer(backend, model_dir):
@@ -267,10 +283,10 @@ def test_chaos_load_every_answer_is_the_solo_answer(backend, model_dir):
         after = settle(url)
         health = httpx.get(url + "/health")
         checked = time.monotonic()
-        wrong, solo = mismatches(url, outcomes)
+        wrong, flips, solo = mismatches(url, outcomes)
         summary = Counter(f"{o.call.path} {o.kind}" for o in outcomes)
         line = (f"{replay}: {len(outcomes)} calls in {loaded:.1f} s, stops {stops!r}, {solo} solo runs in "
-                f"{time.monotonic() - checked:.1f} s; " + ", ".join(f"{k}: {v}" for k, v in sorted(summary.items())))
+                f"{time.monotonic() - checked:.1f} s, {len(flips)} sampled answers flipped; " + ", ".join(f"{k}: {v}" for k, v in sorted(summary.items())))
         print(line)
         bad = problems_of(outcomes)
         assert not bad, line + "\n" + "\n".join(bad[:20] + ["", "and against the solo runs:"] + wrong[:5])
@@ -279,6 +295,7 @@ def test_chaos_load_every_answer_is_the_solo_answer(backend, model_dir):
         assert after == dict.fromkeys(after, 0.0) and {"llm_queue_prompts", "llm_running_prompts"} <= set(after), \
             (line, after)
         assert not wrong, line + "\n" + "\n".join(wrong[:10])
+        assert len(flips) <= SAMPLED_FLIPS_ALLOWED, line + "\n" + "\n".join(flips[:10])
         # A full queue refuses much of the load (bursts and 8-prompt requests against a bound of
         # 16); enough must still be served for the comparison to mean something.
         assert sum(o.answer is not None for o in outcomes) >= 50, line
