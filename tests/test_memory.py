@@ -4,6 +4,7 @@ backend's `batch_bytes` against the pool it really reaches, the LiteRT pool's ca
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +349,28 @@ def test_no_limit_no_budget(model_dir, caplog, monkeypatch):
     assert engine.memory_budget is None
     assert gauges(text)["llm_kv_budget_bytes"] == 0 and gauges(text)["llm_memory_limit_bytes"] == 0
     assert any("no key/value budget" in r.getMessage() for r in caplog.records)
+
+
+def test_rows_wait_for_room_in_the_budget_and_one_that_never_fits_is_refused(model_dir):
+    engine = SizedEngine()
+    with TestClient(fake_app(model_dir, engine, memory_limit="8g")) as client:
+        while client.get("/health").status_code != 200:  # warm-up sets the budget: set ours after it
+            time.sleep(0.01)
+        engine.memory_budget = int(1.5 * MiB)  # one row at a time
+        both = client.post("/generate", json={"prompts": ["abc", "xy"], "max_tokens": 5})
+        metrics = gauges(client.get("/metrics").text)
+        engine.memory_budget = MiB // 2  # no row fits, even alone
+        refused = client.post("/generate", json={"prompts": ["ok", "abc"], "max_tokens": 5})
+        refused_v1 = client.post("/v1/completions", json={"model": client.get("/v1/models").json()["data"][0]["id"],
+                                                            "prompt": "abc", "max_tokens": 5})
+    assert (both.status_code, both.json()) == (200, {"results": ["cba", "yx"]})
+    assert max(len(keys) for keys in engine.calls) == 1, engine.calls
+    assert metrics["llm_kv_budget_bytes"] == int(1.5 * MiB)
+    assert refused.status_code == 422
+    assert [(d["type"], d["loc"]) for d in refused.json()["detail"]] == [
+        ("over_memory_budget", ["body", "max_tokens"])] * 2
+    assert "more than this server's budget of 0.5 MiB" in refused.json()["detail"][0]["msg"]
+    assert refused.json()["detail"][0]["ctx"] == {"needed_bytes": MiB, "budget_bytes": MiB // 2}
+    assert refused_v1.status_code == 400
+    assert refused_v1.json()["error"]["code"] == "over_memory_budget"
+    assert refused_v1.json()["error"]["param"] == "max_tokens"
