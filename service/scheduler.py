@@ -522,7 +522,9 @@ class Scheduler:
                 self._end(r, RowState.STOPPED if finish == "stop_sequence" else RowState.FINISHED)
                 if r.generated > 1:
                     self.stats.time_per_output_token((now - r.first_token) / (r.generated - 1))
-            if finish is not None or (r.request.stream and r.tokens and now >= r.request.next_send):
+            # A streamed row's first tokens go at once, even when its request's tick is not due.
+            first = len(r.tokens) == r.generated
+            if finish is not None or (r.request.stream and r.tokens and (first or now >= r.request.next_send)):
                 events.append((r.request, r.event(finish)))
         for request, _ in events:
             if request.stream and now >= request.next_send:
