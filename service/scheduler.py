@@ -503,10 +503,10 @@ class Scheduler:
         now = self._clock()
         events = []
         rows = dict(self._running)  # a row failed below may take its request's other rows out
+        if any(update.key not in rows for update in updates):  # before any row is answered
+            raise RuntimeError(f"the batch returned rows it does not hold ({[u.key for u in updates]!r})")
         for update in updates:
-            r = rows.get(update.key)
-            if r is None:
-                raise RuntimeError(f"the batch returned a row it does not hold ({update.key!r})")
+            r = rows[update.key]
             if r.state is not RowState.RUNNING:
                 continue
             try:
@@ -526,6 +526,9 @@ class Scheduler:
             first = len(r.tokens) == r.generated
             if finish is not None or (r.request.stream and r.tokens and (first or now >= r.request.next_send)):
                 events.append((r.request, r.event(finish)))
+        # A request failed by one of its rows hears nothing after that (its other rows' tokens
+        # of this call included).
+        events = [(request, event) for request, event in events if request.failed is None]
         for request, _ in events:
             if request.stream and now >= request.next_send:
                 request.next_send = _next_tick(now, request.interval)
