@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.engine.base import PromptTooLong
+from service.engine.base import OverMemoryBudget, PromptTooLong
 from service.observability import request_id
 from service.scheduler import GenerationFailed, QueueFull, SchedulerStopped
 
@@ -36,9 +36,10 @@ class OpenAIError(Exception):
 
 
 class PromptsTooLong(Exception):
-    """One or more prompts do not fit the context window with the requested max_tokens."""
+    """One or more prompts do not fit the context window with the requested max_tokens, or
+    could never run within the memory budget."""
 
-    def __init__(self, problems: Sequence[PromptTooLong]):
+    def __init__(self, problems: Sequence[PromptTooLong | OverMemoryBudget]):
         super().__init__("; ".join(str(p) for p in problems))
         self.problems = list(problems)
 
@@ -63,7 +64,9 @@ async def _too_long(request: Request, exc: PromptsTooLong) -> JSONResponse:
     # The shape of FastAPI's own validation errors, so clients parse one format.
     detail = [
         {"type": "prompt_too_long", "loc": ["body", "prompts", p.index], "msg": str(p),
-         "ctx": {"excess_tokens": p.excess}}
+         "ctx": {"excess_tokens": p.excess}} if isinstance(p, PromptTooLong) else
+        {"type": "over_memory_budget", "loc": ["body", "max_tokens"], "msg": str(p),
+         "ctx": {"needed_bytes": p.need, "budget_bytes": p.budget}}
         for p in exc.problems
     ]
     return JSONResponse({"detail": detail}, status_code=422)

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import observability
 from service.config import Settings
-from service.engine import GenerationRow, PromptTooLong
+from service.engine import GenerationRow, OverMemoryBudget, PromptTooLong
 from service.errors import PromptsTooLong
 from service.runtime import Runtime
 from service.schemas import (STREAM_DESCRIPTION, ErrorMessage, GenerateResponse, HealthResponse, event_stream,
@@ -79,7 +79,8 @@ def create_router(settings: Settings) -> APIRouter:
                             **generate_key.responses,
                             413: {"model": ErrorMessage, "description": "The body is over MAX_BODY_BYTES"},
                             422: {"description": "Invalid request (also a body that is not JSON), a prompt too long "
-                                  "for the context window, or more new tokens than MAX_TOTAL_TOKENS"},
+                                  "for the context window, a prompt whose key/value memory at max_tokens could "
+                                  "never fit the server's memory budget, or more new tokens than MAX_TOTAL_TOKENS"},
                             499: {"description": "Not sent: the client went away first (what the access log and "
                                   "the metrics record)"},
                             500: {"model": ErrorMessage, "description": "Generation failed"},
@@ -100,7 +101,7 @@ def create_router(settings: Settings) -> APIRouter:
             ids = engine.encode(prompt)
             try:
                 engine.check_fits(i, ids, body.max_tokens)
-            except PromptTooLong as problem:
+            except (PromptTooLong, OverMemoryBudget) as problem:
                 too_long.append(problem)
             rows.append(GenerationRow(tuple(ids), body.max_tokens, body.temperature, seed, i, top_k=body.top_k,
                                       top_p=body.top_p, repetition_penalty=body.repetition_penalty))

@@ -9,6 +9,7 @@ out at once. The knobs keep TF Serving's names (`max_batch_size`, `batch_timeout
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import logging
 import math
@@ -77,25 +78,36 @@ class RowEvent:
     logprobs: list[TokenLogprob] | None = None  # with the row's `logprobs` set: see RowUpdate
 
 
+class RowState(enum.Enum):
+    """Where a row is in its life (vLLM's `SequenceStatus`): WAITING -> RUNNING -> one of the
+    ends. A row leaves the queue or the batch in the same transition that gives it its end."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"  # end-of-text or max_tokens
+    STOPPED = "stopped"  # its text reached a stop string
+    GONE = "gone"  # its client went away
+    EXPIRED = "expired"  # it waited past max_queue_wait
+    FAILED = "failed"  # its decode call, its own sampling or stop watch raised, or shutdown ended it
+
+
 @dataclass(eq=False)
 class _Row:
-    """A row's place in the scheduler: its request, its timings, whether its caller left."""
+    """A row's place in the scheduler: its request, its state, its key in the batch while it
+    runs, and its timings."""
 
     index: int
     row: GenerationRow
     request: Request
     enqueued: float
+    state: RowState = RowState.WAITING
+    key: int | None = None
     admitted: float | None = None
     first_token: float | None = None
     tokens: list[int] = field(default_factory=list)  # made but not yet sent to the request
     logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, when the row asked for them
     generated: int = 0
     stop: _StopWatch | None = None
-
-    @property
-    def gone(self) -> bool:
-        """Nobody wants this row's tokens any more: its client went away."""
-        return self.request.cancelled
 
 
 @dataclass(eq=False)
@@ -107,8 +119,8 @@ class Request:
     meanwhile), and when it finishes; without, one
     `RowEvent` per row with all its tokens when it finishes. Each event wakes the event loop,
     which shares the cores (and the GIL) with decoding, so it is not woken per token. A failure
-    arrives as a `GenerationFailed`. Made and read on the event loop; the scheduler's thread
-    puts events through the loop.
+    arrives as one exception (`GenerationFailed` or a subclass), and nothing after it. Made and
+    read on the event loop; the scheduler's thread puts events through the loop.
 
     `cancel()` (the caller went away) drops the rows still waiting, and takes the running ones
     out of the batch at the next decode-call boundary."""
@@ -119,10 +131,10 @@ class Request:
     next_send: float = 0.0  # when a streamed request's tokens may next be sent
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    failed: Exception | None = None  # set once, by the scheduler, with the one failure it sends
 
     def cancel(self) -> None:
         self.cancelled = True
-
 
     async def results(self) -> list[list[int]]:
         """Every row's new tokens, in the request's order, once all have finished."""
@@ -155,24 +167,34 @@ class Scheduler:
     Contract:
     - `submit(rows)` enqueues all of a request's rows or none (`QueueFull` when the waiting rows
       would pass `max_queue_size`; `SchedulerStopped` once stopping) and returns its `Request`.
-    - One worker thread drives one batch: before each decode call it drops the rows of cancelled
-      requests, admits waiting rows in arrival order up to `max_batch_size` (they are prefilled
-      into the batch), and runs the call; after it, each row's new tokens go to its request (on
-      the event loop) at once, and finished rows leave the batch. The thread goes straight on to
-      the next call: the event loop's work (HTTP, streaming) never sits between two calls.
+    - Each row is in one `RowState`, changed in one place per transition (`_admit`, `_end`).
+      The running rows are exactly the engine batch's rows after every decode call.
+    - One worker thread drives one batch through `step()`: at each decode-call boundary the rows
+      of cancelled requests leave (GONE), requests waiting past `max_queue_wait` with none of
+      their rows admitted leave the queue whole and get `QueueTimeout` (EXPIRED), and waiting
+      rows join in arrival order while the batch has fewer than `max_batch_size` rows and the
+      engine's `batch_bytes` of the batch with them stays within its `memory_budget` (a row that
+      does not fit waits, and the rows behind it too). Then one decode call; each row's new
+      tokens go to its request (on the event loop) at once, and rows that ended leave the batch.
+      The thread goes straight on to the next call: the event loop's work never sits between two.
     - When the batch is empty, the first arrival waits at most `batch_timeout` seconds for
       others to start with it; rows arriving while the batch runs join at the next call.
-    - If a decode call raises, every row in that batch gets `GenerationFailed`; the thread starts
-      a new batch and goes on serving.
-    - With `max_queue_wait` (seconds), a request none of whose rows has been admitted after that
-      long leaves the queue whole and gets `QueueTimeout` (checked at each decode-call boundary).
+    - A failure that belongs to one row (a `RowUpdate` with an error: its sampling; its stop
+      watch) fails that row's request alone. A decode call that raises fails the requests of
+      that batch's rows (`GenerationFailed`), and the next rows start on a new batch; the
+      waiting rows are untouched. A request gets one outcome: its rows' final events, or one
+      exception.
+    - `call(fn, *args)` runs `fn` on the worker thread between two decode calls (engine work
+      that must not run beside the batch, e.g. scoring a prompt).
     - `stop(grace)` refuses new rows, lets every admitted and queued row finish within `grace`
       seconds (None: however long they take), then ends; `abort()`, or the end of the grace,
       answers the rows left `ShutdownAborted` at once (running ones at the next boundary).
+    - Tests drive it without the thread: `attach(loop)`, then `step()` until it returns False.
     """
 
     def __init__(self, engine: Engine, *, max_batch_size: int, batch_timeout: float, max_queue_size: int,
-                 max_queue_wait: float | None = None, stats: SchedulerStats | None = None):
+                 max_queue_wait: float | None = None, stats: SchedulerStats | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         if max_batch_size < 1 or max_queue_size < 1 or batch_timeout < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, batch_timeout >= 0")
         if max_queue_wait is not None and max_queue_wait <= 0:
@@ -183,17 +205,21 @@ class Scheduler:
         self.max_queue_size = max_queue_size
         self.max_queue_wait = max_queue_wait
         self.stats = stats or SchedulerStats()
-        self._changed = threading.Condition()  # guards _waiting and _stopping
+        self._clock = clock
+        self._changed = threading.Condition()  # guards _waiting, _jobs, _stopping, _aborted and row ends
         self._waiting: deque[_Row] = deque()
+        self._jobs: deque[tuple[Callable, tuple, asyncio.Future]] = deque()
         self._stopping = False
         self._aborted = False
-        self._running: dict[int, _Row] = {}  # by key in the batch; the worker thread's own
-        self._stopped: list[int] = []  # keys of rows ended by a stop string, to leave the batch
+        self._running: dict[int, _Row] = {}  # the RUNNING rows by key; the worker thread's own
+        self._batch: DecodeBatch | None = None
         self._keys = itertools.count()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ended: asyncio.Future | None = None
+        self._manual = False
         self.decode_calls = 0
+        self.admitted_bytes = 0  # engine.batch_bytes of the running rows: what admission has reserved
 
     @property
     def queued(self) -> int:
@@ -204,7 +230,17 @@ class Scheduler:
         return len(self._running)
 
     @property
+    def running_keys(self) -> frozenset[int]:
+        return frozenset(self._running)
+
+    @property
+    def batch_keys(self) -> frozenset:
+        return frozenset(self._batch.keys) if self._batch is not None else frozenset()
+
+    @property
     def alive(self) -> bool:
+        if self._manual:
+            return not self._aborted
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
@@ -218,13 +254,22 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
 
-    async def stop(self, grace: float | None = None) -> bool:
-        """Refuse new rows and let the admitted and queued ones finish, for at most `grace`
-        seconds; then `abort()` the rest. True if every row finished."""
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve without a worker thread: the caller runs `step()` (tests)."""
+        self._loop, self._manual = loop, True
+        self._ended = loop.create_future()
+
+    def request_stop(self) -> None:
+        """Refuse new rows from now on; the admitted and queued ones go on."""
         with self._changed:
             self._stopping = True
             self._changed.notify()
-        if self._ended is None:
+
+    async def stop(self, grace: float | None = None) -> bool:
+        """Refuse new rows and let the admitted and queued ones finish, for at most `grace`
+        seconds; then `abort()` the rest. True if every row finished."""
+        self.request_stop()
+        if self._thread is None:
             return True
         done, _ = await asyncio.wait({self._ended}, timeout=grace)
         if not done:
@@ -238,23 +283,18 @@ class Scheduler:
         return not self._aborted
 
     def abort(self) -> None:
-        """Stop at once: waiting rows get `ShutdownAborted` now, running ones at the next
-        decode-call boundary, and the worker ends. Called on the event loop."""
+        """Stop at once: every row left gets `ShutdownAborted` at the next decode-call boundary
+        (at once when none runs), and the worker ends."""
         with self._changed:
             self._stopping = self._aborted = True
-            waiting = list(self._waiting)
-            self._waiting.clear()
             self._changed.notify()
-        if waiting:
-            error = ShutdownAborted()
-            _put_events([(request, error) for request in dict.fromkeys(r.request for r in waiting)])
 
     def submit(self, rows: Sequence[GenerationRow], *, stream: bool = False, interval: float = 0.0,
                stops: Sequence[str] = ()) -> Request:
         """Queue a request's rows. With `stops`, a row whose text reaches one of them finishes
         ("stop_sequence") at that decode call and generates nothing more."""
         request = Request(stream=stream, interval=interval)
-        now = time.monotonic()
+        now = self._clock()
         request.rows = [_Row(i, row, request, now, stop=_StopWatch(self.engine.decode, stops) if stops else None)
                         for i, row in enumerate(rows)]
         with self._changed:
@@ -266,137 +306,238 @@ class Scheduler:
             self._changed.notify()
         return request
 
+    def call(self, fn: Callable, *args) -> asyncio.Future:
+        """`fn(*args)` run on the worker thread between two decode calls; awaited on the loop."""
+        future = asyncio.get_running_loop().create_future()
+        with self._changed:
+            if self._stopping or not self.alive:
+                raise SchedulerStopped("the server is shutting down")
+            self._jobs.append((fn, args, future))
+            self._changed.notify()
+        return future
+
     # --- the worker thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            batch = self.engine.new_batch()
-            while True:
-                leaving, joining = self._next_changes()
-                if leaving is None:
-                    if self._running:  # aborted
-                        self._fail(ShutdownAborted())
-                    return
-                for key in leaving:
-                    self._running.pop(key, None)
-                entries = [(next(self._keys), r) for r in joining]
-                self._running.update(entries)
-                if not self._running:
-                    continue
-                self.stats.batch_size(len(self._running))
-                try:
-                    self._deliver(_advance(batch, leaving, [(key, r.row) for key, r in entries]))
-                except Exception as exc:  # every row of the batch hears of it; serving goes on
-                    log.exception("decode call failed with %d rows", len(self._running))
-                    self._fail(GenerationFailed(f"generation failed: {exc}"))
-                    batch = self.engine.new_batch()
-                finally:
-                    self.decode_calls += 1
+            while self._wait_for_work():
+                self.step()
         finally:
+            self._end_all(ShutdownAborted())
             self._on_loop(self._ended.set_result, None)
 
-    def _next_changes(self) -> tuple[list | None, list[_Row]]:
-        """The running rows to drop (their clients left) and the waiting rows to admit, once
-        there is work; (None, []) once stopping with none left, or aborted."""
+    def _wait_for_work(self) -> bool:
+        """Block until there is something to do; False once stopping with nothing left, or aborted.
+        An empty batch's first arrival waits up to `batch_timeout` for others."""
         with self._changed:
-            if self._aborted:
-                return None, []
-            if not self._running:
-                while not self._waiting_live() and not self._stopping:
-                    self._changed.wait()
-                if not self._waiting:
-                    return None, []
-                deadline = time.monotonic() + self.batch_timeout
-                while len(self._waiting) < self.max_batch_size and not self._stopping:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._changed.wait(remaining)
-            leaving = [key for key, r in self._running.items() if r.gone] + self._stopped
-            self._stopped = []
-            room = self.max_batch_size - len(self._running) + len(leaving)
-            joining = []
-            now = time.monotonic()
-            while self._waiting and len(joining) < room:
-                r = self._waiting.popleft()
-                if r.gone:
-                    self._dropped(r)
+            if self._running or self._jobs:
+                return not self._aborted
+            while not self._aborted and not self._jobs and not self._waiting_live() and not self._stopping:
+                self._changed.wait()
+            if self._aborted or (not self._waiting and not self._jobs):
+                return False
+            deadline = time.monotonic() + self.batch_timeout
+            while len(self._waiting) < self.max_batch_size and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(remaining)
+            return True
+
+    def step(self) -> bool:
+        """One decode-call boundary and at most one decode call; False when there was nothing to
+        do (nothing runs, nothing waits that may join, no job)."""
+        with self._changed:
+            jobs, self._jobs = list(self._jobs), deque()
+        for fn, args, future in jobs:
+            self._run_job(fn, args, future)
+        if self._aborted:
+            return self._end_all(ShutdownAborted()) or bool(jobs)
+        for r in [r for r in self._running.values() if r.request.cancelled]:
+            self._end(r, RowState.GONE)
+        with self._changed:
+            now = self._clock()
+            if self.max_queue_wait is not None:
+                self._expire(now)
+            joining = self._admit(now)
+        if not self._running:
+            self._sync_batch()
+            return bool(jobs or joining)
+        self._decode(joining)
+        return True
+
+    def _admit(self, now: float) -> list[_Row]:
+        """WAITING -> RUNNING, in arrival order, while the batch has room and the memory budget
+        holds the batch with the row (held by the caller: `_changed`)."""
+        joining = []
+        while self._waiting_live() and len(self._running) < self.max_batch_size:
+            r = self._waiting[0]
+            if not self._fits(r):
+                if not self._running:  # it could never run: its request fails, not the queue
+                    self._fail(r.request, GenerationFailed(f"generation failed: prompt {r.index} needs more memory "
+                                                           "than this server's budget for generation"))
                     continue
-                r.admitted = now
-                self.stats.queue_wait(now - r.enqueued)
-                joining.append(r)
-            expired = self._expired(now) if self.max_queue_wait is not None else []
-        if expired:
-            self._on_loop(_put_events, [(request, QueueTimeout(now - request.rows[0].enqueued, self.max_queue_wait))
-                                        for request in expired])
-        for key in leaving:
-            if key in self._running:
-                self._dropped(self._running[key])
-        return leaving, joining
+                break
+            self._waiting.popleft()
+            r.state, r.key, r.admitted = RowState.RUNNING, next(self._keys), now
+            self._running[r.key] = r
+            self.stats.queue_wait(now - r.enqueued)
+            joining.append(r)
+        if joining:
+            self._reserve()
+        return joining
 
-    def _expired(self, now: float) -> list[Request]:
-        """Take out of the queue, whole, the requests that have waited past `max_queue_wait`
-        with none of their rows admitted (a request's rows are queued together, in arrival
-        order; only the first in the queue can have rows running already)."""
-        expired = []
-        i = 0
-        if self._waiting and any(r.admitted is not None for r in self._waiting[0].request.rows):
-            being_served = self._waiting[0].request
-            while i < len(self._waiting) and self._waiting[i].request is being_served:
-                i += 1
-        while i < len(self._waiting) and now - self._waiting[i].enqueued > self.max_queue_wait:
-            request = self._waiting[i].request
-            del self._waiting[i]
-            while i < len(self._waiting) and self._waiting[i].request is request:
-                del self._waiting[i]
-            request.cancelled = True  # nothing of it runs now
-            expired.append(request)
-        return expired
+    def _fits(self, r: _Row) -> bool:
+        budget = self.engine.memory_budget
+        return budget is None or self.engine.batch_bytes([*(x.row for x in self._running.values()), r.row]) <= budget
 
-    def _dropped(self, r: _Row) -> None:
-        self.stats.rows_cancelled(1)
+    def _reserve(self) -> None:
+        self.admitted_bytes = self.engine.batch_bytes([r.row for r in self._running.values()]) if self._running else 0
+
+    def _end(self, r: _Row, state: RowState) -> None:
+        """A row's end: it leaves the queue or the batch, in `state` (one of the ends)."""
+        if r.state is RowState.RUNNING:
+            del self._running[r.key]
+            self._reserve()
+        elif r.state is RowState.WAITING:
+            with self._changed:
+                self._waiting.remove(r)
+        else:
+            return
+        r.state = state
+        if state is RowState.GONE:
+            self.stats.rows_cancelled(1)
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        """The request's one outcome is `error`: its rows still waiting or running end FAILED."""
+        with self._changed:
+            if request.failed is not None:
+                return
+            request.failed = error
+            for r in request.rows:
+                self._end(r, RowState.FAILED)
+        self._on_loop(request.events.put_nowait, error)
+
+    def _end_all(self, error: Exception) -> bool:
+        """Every row running or waiting fails with `error` (shutdown); whether there were any."""
+        with self._changed:
+            requests = dict.fromkeys(r.request for r in [*self._running.values(), *self._waiting])
+            for request in requests:
+                self._fail(request, error)
+            jobs, self._jobs = list(self._jobs), deque()
+        for _, _, future in jobs:
+            self._on_loop(_settle, future, None, error)
+        if self._batch is not None:
+            self._sync_batch()
+        return bool(requests or jobs)
+
+    def _expire(self, now: float) -> None:
+        """EXPIRED: the requests that have waited past `max_queue_wait` with none of their rows
+        admitted leave the queue whole (a request's rows are queued together, in arrival order;
+        only the first in the queue can have rows running already)."""
+        for r in list(self._waiting):
+            if now - r.enqueued <= self.max_queue_wait:
+                break
+            request = r.request
+            if request.cancelled:
+                self._end(r, RowState.GONE)
+            elif request.failed is None and all(x.state is RowState.WAITING for x in request.rows):
+                error = QueueTimeout(now - r.enqueued, self.max_queue_wait)
+                request.failed = error
+                for x in request.rows:
+                    self._end(x, RowState.EXPIRED)
+                self._on_loop(request.events.put_nowait, error)
 
     def _waiting_live(self) -> bool:
-        """Whether a waiting row's client is still there (the others are dropped, and counted)."""
-        while self._waiting and self._waiting[0].gone:
-            self._dropped(self._waiting.popleft())
+        """Whether a waiting row's client is still there (the others end GONE)."""
+        while self._waiting and self._waiting[0].request.cancelled:
+            self._end(self._waiting[0], RowState.GONE)
         return bool(self._waiting)
 
+    def _decode(self, joining: list[_Row]) -> None:
+        """The joining rows enter the batch, one decode call, its tokens delivered, and the rows
+        that ended leave the batch. If the engine raises, the batch's rows fail and a new batch
+        takes the next rows."""
+        try:
+            self._sync_batch(joining)
+            self._batch.extend([(r.key, r.row) for r in joining])
+            self.stats.batch_size(len(self._running))
+            updates = self._batch.step()
+            self.decode_calls += 1
+            self._deliver(updates)
+            self._sync_batch()
+        except Exception as exc:
+            log.exception("decode call failed with %d rows", len(self._running))
+            error = GenerationFailed(f"generation failed: {exc}")
+            for r in list(self._running.values()):
+                self._fail(r.request, error)
+            self._batch = None
+
+    def _sync_batch(self, joining: Sequence[_Row] = ()) -> None:
+        """The batch holds the running rows (less `joining`, which enter next): the rows that
+        ended leave it."""
+        if self._batch is None:
+            self._batch = self.engine.new_batch()
+        keep = self._running.keys() - {r.key for r in joining}
+        keys = self._batch.keys
+        if len(keys) != len(keep) or not keep.issuperset(keys):
+            self._batch.filter([key for key in keys if key in keep])
+
     def _deliver(self, updates: list[RowUpdate]) -> None:
-        now = time.monotonic()
+        now = self._clock()
         events = []
+        rows = dict(self._running)  # a row failed below may take its request's other rows out
         for update in updates:
-            r = self._running[update.key]
-            if update.tokens and r.first_token is None:
-                r.first_token = now
-                self.stats.time_to_first_token(now - r.enqueued)
-            r.generated += len(update.tokens)
-            finish = update.finish
-            if finish is None and r.stop is not None and r.stop.reached(update.tokens):
-                finish = "stop_sequence"
-                self._stopped.append(update.key)  # it leaves the batch before the next call
-            if finish is not None:
-                del self._running[update.key]
-                if r.generated > 1:
-                    self.stats.time_per_output_token((now - r.first_token) / (r.generated - 1))
-            r.tokens += update.tokens
-            if update.logprobs:
-                r.logprobs += update.logprobs
-            request = r.request
-            due = request.stream and r.tokens and now >= request.next_send
-            if due or finish is not None:
-                logprobs = r.logprobs if r.row.logprobs is not None else None
-                events.append((request, RowEvent(r.index, r.tokens, finish, logprobs)))
-                r.tokens, r.logprobs = [], []
+            r = rows.get(update.key)
+            if r is None:
+                raise RuntimeError(f"the batch returned a row it does not hold ({update.key!r})")
+            if r.state is not RowState.RUNNING:
+                continue
+            try:
+                if update.error is not None:
+                    raise update.error
+                event = self._advance(r, update, now)
+            except Exception as exc:  # the row's own failure: its request alone hears of it
+                log.exception("row %d of a request failed", r.index)
+                self._fail(r.request, GenerationFailed(f"generation failed: {exc}"))
+                continue
+            if event is not None:
+                events.append((r.request, event))
         for request, _ in events:
             if request.stream and now >= request.next_send:
                 request.next_send = _next_tick(now, request.interval)
         if events:
             self._on_loop(_put_events, events)
 
-    def _fail(self, error: GenerationFailed) -> None:
-        self._on_loop(_put_events, [(r.request, error) for r in self._running.values()])
-        self._running.clear()
+    def _advance(self, r: _Row, update: RowUpdate, now: float) -> RowEvent | None:
+        """A row's new tokens; the event to send now, if one is due."""
+        if update.tokens and r.first_token is None:
+            r.first_token = now
+            self.stats.time_to_first_token(now - r.enqueued)
+        r.generated += len(update.tokens)
+        finish = update.finish
+        if finish is None and r.stop is not None and r.stop.reached(update.tokens):
+            finish = "stop_sequence"
+        r.tokens += update.tokens
+        if update.logprobs:
+            r.logprobs += update.logprobs
+        if finish is not None:
+            self._end(r, RowState.STOPPED if finish == "stop_sequence" else RowState.FINISHED)
+            if r.generated > 1:
+                self.stats.time_per_output_token((now - r.first_token) / (r.generated - 1))
+        elif not (r.request.stream and r.tokens and now >= r.request.next_send):
+            return None
+        event = RowEvent(r.index, r.tokens, finish, r.logprobs if r.row.logprobs is not None else None)
+        r.tokens, r.logprobs = [], []
+        return event
+
+    def _run_job(self, fn: Callable, args: tuple, future: asyncio.Future) -> None:
+        try:
+            result = fn(*args)
+        except Exception as exc:
+            self._on_loop(_settle, future, None, exc)
+        else:
+            self._on_loop(_settle, future, result, None)
 
     def _on_loop(self, callback, *args) -> None:
         """Run `callback(*args)` on the event loop (asyncio objects belong to it)."""
@@ -434,11 +575,10 @@ def _put_events(events: list) -> None:
         request.events.put_nowait(event)
 
 
-def _advance(batch: DecodeBatch, leaving: list, joining: list) -> list[RowUpdate]:
-    """One decode-call boundary and call: cancelled rows leave, waiting rows are prefilled in,
-    the batch decodes, and finished rows leave."""
-    if leaving:
-        gone = set(leaving)
-        batch.filter([key for key in batch.keys if key not in gone])
-    batch.extend(joining)
-    return batch.advance()
+def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
+    if future.done():  # its caller went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from fakes import FakeEngine
-from service.engine import GenerationRow
+from service.engine import GenerationRow, RowUpdate
 from service.scheduler import (GenerationFailed, QueueFull, QueueTimeout, RowEvent, Scheduler, SchedulerStats,
                                SchedulerStopped, ShutdownAborted)
 
@@ -365,3 +365,189 @@ def test_a_row_whose_text_reaches_a_stop_string_ends_at_that_call():
     assert results == [[ord(c) for c in "hgfed"], [ord("y"), ord("x")]]
     # Row 0 ran 5 calls (h, g, f, e, d) and left before a 6th.
     assert sum(0 in keys for keys in calls) == 5
+
+
+# --- the interleavings of issue 18, driven one step at a time (no worker thread) ----------------
+
+
+class Manual:
+    """A scheduler driven by the test: `attach` to a loop the test owns, then `step()`; events
+    reach requests once the loop runs."""
+
+    def __init__(self, engine: FakeEngine, **kw):
+        self.loop = asyncio.new_event_loop()
+        self.engine = engine
+        self.scheduler = Scheduler(engine, **(dict(max_batch_size=4, batch_timeout=0, max_queue_size=64) | kw))
+        self.scheduler.attach(self.loop)
+
+    def submit(self, rows, **kw):
+        async def submit():
+            return self.scheduler.submit(rows, **kw)
+        return self.loop.run_until_complete(submit())
+
+    def step(self) -> bool:
+        ran = self.scheduler.step()
+        self.loop.run_until_complete(asyncio.sleep(0))
+        assert self.scheduler.running_keys == self.scheduler.batch_keys
+        assert len(self.scheduler.batch_keys) <= self.scheduler.max_batch_size
+        return ran
+
+    def drain(self) -> None:
+        while self.step():
+            pass
+
+    def outcome(self, request):
+        """The request's events so far: RowEvents, or an exception."""
+        out = []
+        while not request.events.empty():
+            out.append(request.events.get_nowait())
+        return out
+
+    def close(self):
+        self.loop.close()
+
+
+def test_when_every_running_row_leaves_at_once_the_batch_is_emptied_before_the_next_row_joins():
+    # Issue 18, 1: every running client left at the same boundary; the scheduler dropped them
+    # but skipped the batch, so the next request's call returned their rows too (KeyError: 500).
+    m = Manual(FakeEngine())
+    gone = [m.submit([row("abcdefgh" * 4)], stream=True) for _ in range(3)]
+    m.step()
+    m.step()
+    for request in gone:
+        request.cancel()
+    m.step()  # they leave; nothing else runs
+    assert m.scheduler.batch_keys == frozenset() and m.scheduler.running == 0
+    late = m.submit([row("xyz", 16)])
+    m.drain()
+    assert m.outcome(late) == [RowEvent(0, [ord(c) for c in "zyx"], "eos_token")]
+    assert all(r.state.name == "GONE" for request in gone for r in request.rows)
+    m.close()
+
+
+def test_rows_ended_by_a_stop_string_free_their_place_once():
+    # Issue 18, 2: a stopped row was counted as leaving twice, so more rows than the batch holds
+    # were admitted ("a batch holds at most 8 rows": 500 for every request in it).
+    engine = FakeEngine()
+    m = Manual(engine, max_batch_size=4)
+    request = m.submit([row(f"ab{chr(ord('c') + i)}") for i in range(12)], stops=["b"])
+    m.drain()
+    events = m.outcome(request)
+    assert max(len(keys) for keys in engine.calls) <= 4
+    assert sorted(e.index for e in events) == list(range(12)) and all(e.finish is not None for e in events)
+    assert [r.state.name for r in request.rows].count("STOPPED") == 12
+    m.close()
+
+
+def test_a_row_whose_own_work_fails_fails_its_request_alone():
+    class OneRowFails(FakeEngine):
+        def new_batch(self):
+            batch = super().new_batch()
+            step = batch.step
+
+            def failing_step():
+                updates = step()
+                return [RowUpdate(u.key, [], error=ValueError("bad row")) if u.tokens == [ord("!")] else u
+                        for u in updates]
+            batch.step = failing_step
+            return batch
+
+    m = Manual(OneRowFails())
+    bad = m.submit([row("x!yz"), row("abc")])  # "!" is its fourth token... its second from the end
+    good = m.submit([row("hello")])
+    m.drain()
+    failure = m.outcome(bad)
+    assert len(failure) == 1 and isinstance(failure[0], GenerationFailed) and "bad row" in str(failure[0])
+    assert m.outcome(good) == [RowEvent(0, [ord(c) for c in "olleh"], "eos_token")]
+    assert {r.state.name for r in bad.rows} == {"FAILED"}
+    m.close()
+
+
+def test_a_stop_watch_that_raises_fails_its_own_request_only():
+    class BadDecode(FakeEngine):
+        def decode(self, ids):
+            if ord("!") in ids:
+                raise UnicodeError("cannot decode")
+            return super().decode(ids)
+
+    m = Manual(BadDecode())
+    bad = m.submit([row("ab!")], stops=["zz"])
+    good = m.submit([row("abc")], stops=["zz"])
+    m.drain()
+    assert [type(e) for e in m.outcome(bad)] == [GenerationFailed]
+    assert m.outcome(good) == [RowEvent(0, [ord(c) for c in "cba"], "eos_token")]
+    m.close()
+
+
+def test_a_failed_call_fails_its_batch_and_leaves_the_queue_alone():
+    class FailsOnce(FakeEngine):
+        def new_batch(self):
+            batch = super().new_batch()
+            step = batch.step
+            engine = self
+
+            def failing_step():
+                if len(engine.calls) == 2:
+                    engine.calls.append(["failed"])
+                    raise RuntimeError("engine fault")
+                return step()
+            batch.step = failing_step
+            return batch
+
+    m = Manual(FailsOnce(), max_batch_size=2)
+    running = m.submit([row("abcdef"), row("ghijkl")])
+    waiting = m.submit([row("mno")])
+    m.drain()
+    assert [type(e) for e in m.outcome(running)] == [GenerationFailed]
+    assert m.outcome(waiting) == [RowEvent(0, [ord(c) for c in "onm"], "eos_token")]
+    m.close()
+
+
+def test_a_row_that_the_memory_budget_does_not_hold_waits_until_one_leaves():
+    class Budgeted(FakeEngine):
+        memory_budget = 100
+
+        def batch_bytes(self, rows):
+            return sum(len(r.prompt_ids) + r.max_tokens for r in rows)
+
+    m = Manual(Budgeted(), max_batch_size=4)
+    first = m.submit([row("a" * 30, 30)])  # 60 of 100
+    second = m.submit([row("b" * 20, 20)])  # 40 more: fits
+    third = m.submit([row("c" * 5, 5)])  # 10 more: waits
+    m.step()
+    assert m.scheduler.running == 2 and m.scheduler.queued == 1
+    assert m.scheduler.admitted_bytes == 100
+    m.drain()
+    assert [len(e.tokens) for r in (first, second, third) for e in m.outcome(r)] == [30, 20, 5]
+    assert m.scheduler.admitted_bytes == 0
+    m.close()
+
+
+def test_a_row_that_could_never_fit_fails_alone():
+    class Budgeted(FakeEngine):
+        memory_budget = 50
+
+        def batch_bytes(self, rows):
+            return sum(len(r.prompt_ids) + r.max_tokens for r in rows)
+
+    m = Manual(Budgeted())
+    huge = m.submit([row("a" * 40, 40)])
+    small = m.submit([row("ab", 4)])
+    m.drain()
+    assert [type(e) for e in m.outcome(huge)] == [GenerationFailed]
+    assert m.outcome(small) == [RowEvent(0, [ord("b"), ord("a")], "eos_token")]
+    m.close()
+
+
+def test_call_runs_between_decode_calls_on_the_thread_that_decodes():
+    async def main():
+        engine = Slow()
+        s = start(engine)
+        long = s.submit([row("a" * 30)])
+        threads = await asyncio.gather(s.call(threading.get_ident), s.call(lambda: 1 / 0), return_exceptions=True)
+        await long.results()
+        await s.stop()
+        return threads, s._thread.ident
+
+    (ident, error), worker = asyncio.run(main())
+    assert ident == worker and isinstance(error, ZeroDivisionError)

@@ -73,6 +73,7 @@ class RowUpdate:
     tokens: list[int]
     finish: FinishReason | None = None
     logprobs: list[TokenLogprob] | None = None
+    error: Exception | None = None  # the row's own failure (its sampling): it alone ends, and leaves
 
 
 class DecodeBatch(ABC):
@@ -85,7 +86,8 @@ class DecodeBatch(ABC):
     - `step()` runs one decode call and returns one `RowUpdate` per row that took part in it (every
       row, unless the backend gives some rows calls of their own), in the batch's order: one or
       more new tokens each (a backend may run several steps per call), and a finish reason for
-      the rows that ended. Finished rows must be filtered out before the next `step`.
+      the rows that ended. A row whose own work failed (its sampling) gets an update with its
+      `error` and no tokens. Finished and failed rows must be filtered out before the next `step`.
     - `filter(keys)` keeps only the rows with these keys (finished or cancelled rows leave).
     - A row's tokens are the same whatever shares the batch, or joins or leaves it, and whenever
       it joins: greedy rows decode as the model does on their prompt alone, and sampled rows draw
@@ -111,7 +113,7 @@ class DecodeBatch(ABC):
     def advance(self) -> list[RowUpdate]:
         """One decode call, after which the rows that finished leave; returns its updates."""
         updates = self.step()
-        finished = {u.key for u in updates if u.finish is not None}
+        finished = {u.key for u in updates if u.finish is not None or u.error is not None}
         if finished:
             self.filter([key for key in self.keys if key not in finished])
         return updates
@@ -134,7 +136,7 @@ class OverMemoryBudget(ValueError):
     """A row that could never run: a batch holding it alone would pass the memory budget."""
 
     def __init__(self, index: int, prompt_tokens: int, max_tokens: int, need: int, budget: int):
-        self.index = index
+        self.index, self.need, self.budget = index, need, budget
         super().__init__(
             f"prompt {index} has {prompt_tokens} tokens; with max_tokens={max_tokens} its key/value memory "
             f"could reach {need / 2**20:.1f} MiB, more than this server's budget of {budget / 2**20:.1f} MiB "

@@ -7,13 +7,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service import observability
 from service.config import Settings
-from service.engine import GenerationRow, TokenLogprob
+from service.engine import GenerationRow, OverMemoryBudget, TokenLogprob
 from service.errors import OpenAIError
 from service.runtime import Runtime
 from service.routes import RETRY_AFTER, KeyDocs, RuntimeDep, check_total_tokens
@@ -77,6 +76,11 @@ def create_v1_router(settings: Settings) -> APIRouter:
                     f"requested {len(ids) + max_tokens} tokens ({len(ids)} in your prompt; {max_tokens} for the "
                     "completion). Please reduce your prompt or completion length.",
                     param="prompt", code="context_length_exceeded")
+            try:
+                engine.check_fits(0, ids, max_tokens)
+            except OverMemoryBudget as problem:
+                raise OpenAIError(400, str(problem).replace("prompt 0", "a prompt", 1), param="max_tokens",
+                                  code="over_memory_budget") from None
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         # Choice i * n + j is prompt i's j-th sample: its own random stream of the seed.
         controls = dict(top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p,
@@ -86,7 +90,7 @@ def create_v1_router(settings: Settings) -> APIRouter:
         echoes = [_Echo(prompt_texts[i // n] if body.echo else "", len(prompt_texts[i // n]), None)
                   for i in range(len(rows))]
         if body.echo and body.logprobs is not None:
-            scored = [await _prompt_logprobs(engine, ids, body.logprobs) for ids in prompts]
+            scored = [await _prompt_logprobs(engine, scheduler, ids, body.logprobs) for ids in prompts]
             echoes = [_Echo(e.text, e.offset, _lists(engine, scored[i // n], 0)) for i, e in enumerate(echoes)]
         reply = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
         prompt_tokens = sum(len(ids) for ids in prompts)
@@ -167,9 +171,10 @@ class _Echo:
     logprobs: CompletionLogprobs | None
 
 
-async def _prompt_logprobs(engine, ids: list[int], top: int) -> list[tuple[int, TokenLogprob | None]]:
+async def _prompt_logprobs(engine, scheduler, ids: list[int], top: int) -> list[tuple[int, TokenLogprob | None]]:
+    # On the scheduler's thread, between decode calls: the engine's decoder is the batch's.
     try:
-        scored = await anyio.to_thread.run_sync(engine.prompt_logprobs, ids, top)
+        scored = await scheduler.call(engine.prompt_logprobs, ids, top)
     except NotImplementedError as exc:
         raise OpenAIError(400, f"echo with logprobs: {exc}", param="echo") from None
     return list(zip(ids, scored))
