@@ -84,8 +84,8 @@ class RecordingEngine(Engine):
     Every decode call's keys go to `calls`, every `extend`'s entries to `extends`, every
     update to `updates` (per call). `raise_next` ("before" or "after" the real call) makes the
     next decode call raise `InjectedFault`; a key in `error_keys` gets, at its next update, a
-    `RowUpdate` with `error=InjectedFault` instead, and leaves the real batch at once (so the
-    real batch holds what the scheduler believes it holds). Everything else is the real engine's.
+    `RowUpdate` with `error=InjectedFault` instead, and stays in the real batch until the
+    scheduler filters it out (DecodeBatch's contract). Everything else is the real engine's.
     """
 
     def __init__(self, inner: Engine):
@@ -166,7 +166,6 @@ class RecordingBatch(DecodeBatch):
         if failing:
             engine.error_keys -= set(failing)
             engine.errored += failing
-            self.inner.filter([key for key in self.inner.keys if key not in failing])
             updates = [RowUpdate(u.key, [], None, error=InjectedFault(f"injected for row {u.key}"))
                        if u.key in failing else u for u in updates]
         engine.updates.append(updates)
