@@ -85,17 +85,20 @@ class RecordingEngine(Engine):
     update to `updates` (per call). `raise_next` ("before" or "after" the real call) makes the
     next decode call raise `InjectedFault`; a key in `error_keys` gets, at its next update, a
     `RowUpdate` with `error=InjectedFault` instead, and stays in the real batch until the
-    scheduler filters it out (DecodeBatch's contract). Everything else is the real engine's.
+    scheduler filters it out (DecodeBatch's contract). With `budget`, admission meets a memory
+    budget of that many slots (`batch_bytes` counts one per prompt and new token, at full
+    length). Everything else is the real engine's.
     """
 
-    def __init__(self, inner: Engine):
+    def __init__(self, inner: Engine, budget: int | None = None):
         self.inner = inner
+        self.budget = budget
         self.context_window = inner.context_window
         self.vocab_size = inner.vocab_size
         self.max_batch_size = inner.max_batch_size
         self.backend = inner.backend
         self.eos_id = getattr(inner, "eos_id", None)
-        self.memory_budget = inner.memory_budget
+        self.memory_budget = inner.memory_budget if budget is None else budget
         self.calls: list[list] = []
         self.extends: list[list] = []
         self.updates: list[list[RowUpdate]] = []
@@ -120,13 +123,14 @@ class RecordingEngine(Engine):
         return batch
 
     def check_fits(self, index, prompt_ids, max_tokens):
+        if self.budget is not None:
+            return Engine.check_fits(self, index, prompt_ids, max_tokens)
         return self.inner.check_fits(index, prompt_ids, max_tokens)
 
-    def set_memory_budget(self, budget):
-        self.inner.set_memory_budget(budget)
-        self.memory_budget = budget
-
     def batch_bytes(self, rows):
+        """With a `budget`, a made-up measure: a byte per slot at full length."""
+        if self.budget is not None:
+            return sum(len(row.prompt_ids) + row.max_tokens for row in rows)
         return self.inner.batch_bytes(rows)
 
     def kv_slots_used(self):
