@@ -83,7 +83,7 @@ class RecordingEngine(Engine):
 
     Every decode call's keys go to `calls`, every `extend`'s entries to `extends`, every
     update to `updates` (per call). `raise_next` ("before" or "after" the real call) makes the
-    next decode call raise `InjectedFault`; a key in `error_keys` gets, at its next update, a
+    next decode call raise `InjectedFault` ("extend": the next `extend`); a key in `error_keys` gets, at its next update, a
     `RowUpdate` with `error=InjectedFault` instead, and stays in the real batch until the
     scheduler filters it out (DecodeBatch's contract). With `budget`, admission meets a memory
     budget of that many slots (`batch_bytes` counts one per prompt and new token, at full
@@ -151,14 +151,21 @@ class RecordingBatch(DecodeBatch):
 
     def extend(self, entries):
         entries = list(entries)
-        self.engine.extends.append(entries)
+        engine = self.engine
+        engine.extends.append(entries)
+        if engine.raise_next == "extend":
+            engine.raise_next = None
+            engine.raised.append(self.keys + [key for key, _ in entries])
+            raise InjectedFault("injected into extend")
         self.inner.extend(entries)
 
     def step(self):
         engine = self.engine
         keys = self.keys
         engine.calls.append(keys)
-        fault, engine.raise_next = engine.raise_next, None
+        fault = engine.raise_next
+        if fault in ("before", "after"):
+            engine.raise_next = None
         if fault == "before":
             engine.raised.append(keys)
             raise InjectedFault("injected before the call")
