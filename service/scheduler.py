@@ -487,7 +487,11 @@ class Scheduler:
             error = GenerationFailed(f"generation failed: {exc}")
             for r in list(self._running.values()):
                 self._fail(r.request, error)
-            self._batch = None
+            failed, self._batch = self._batch, None  # the next rows start on a new batch
+            try:  # and this one gives its slots back, so the pool's gauges return to idle
+                failed.filter([])
+            except Exception:
+                log.exception("emptying the failed batch failed too")
 
     def _sync_batch(self, joining: Sequence[_Row] = ()) -> None:
         """The batch holds the running rows (less `joining`, which enter next): the rows that
