@@ -503,14 +503,19 @@ def test_a_failed_call_fails_its_batch_and_leaves_the_queue_alone():
     m.close()
 
 
+class Budgeted(FakeEngine):
+    """A row costs a byte a prompt token and a new token, against `budget`."""
+
+    def __init__(self, budget: int):
+        super().__init__()
+        self.memory_budget = budget
+
+    def batch_bytes(self, rows):
+        return sum(len(r.prompt_ids) + r.max_tokens for r in rows)
+
+
 def test_a_row_that_the_memory_budget_does_not_hold_waits_until_one_leaves():
-    class Budgeted(FakeEngine):
-        memory_budget = 100
-
-        def batch_bytes(self, rows):
-            return sum(len(r.prompt_ids) + r.max_tokens for r in rows)
-
-    m = Manual(Budgeted(), max_batch_size=4)
+    m = Manual(Budgeted(100), max_batch_size=4)
     first = m.submit([row("a" * 30, 30)])  # 60 of 100
     second = m.submit([row("b" * 20, 20)])  # 40 more: fits
     third = m.submit([row("c" * 5, 5)])  # 10 more: waits
@@ -524,13 +529,7 @@ def test_a_row_that_the_memory_budget_does_not_hold_waits_until_one_leaves():
 
 
 def test_a_row_that_could_never_fit_fails_alone():
-    class Budgeted(FakeEngine):
-        memory_budget = 50
-
-        def batch_bytes(self, rows):
-            return sum(len(r.prompt_ids) + r.max_tokens for r in rows)
-
-    m = Manual(Budgeted())
+    m = Manual(Budgeted(50))
     huge = m.submit([row("a" * 40, 40)])
     small = m.submit([row("ab", 4)])
     m.drain()
