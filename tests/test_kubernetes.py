@@ -161,7 +161,7 @@ def exported_gauges() -> set[str]:
 
     from service.metrics import Metrics
 
-    runtime = SimpleNamespace(engine=None, scheduler=None, ready=False, warmup_seconds=None)
+    runtime = SimpleNamespace(engine=None, scheduler=None, ready=False, warmup_seconds=None, memory_limit=None)
     text = Metrics(runtime).render().decode()
     return set(re.findall(r"^# TYPE (\S+) gauge$", text, re.MULTILINE))
 
