@@ -86,6 +86,18 @@ def stop_call(decode, stops, calls: list[list[int]]) -> int | None:
     return None
 
 
+def near_tie_flip(row: GenerationRow, made: list[int], alone: list[int]) -> int | None:
+    """Where a sampled row's tokens first part from its solo run's, if they part as a draw at
+    the edge between two tokens does: onto the token next to it in the vocabulary's order (the
+    order the inverse CDF is searched in). A row's logits beside other rows differ from its
+    logits alone in the last bits, so such a draw can take either (RULES.md). None: no such
+    parting (the tokens agree, or the row is greedy, or they part otherwise: a real mismatch)."""
+    if row.temperature == 0:
+        return None
+    at = next((j for j, (a, b) in enumerate(zip(made, alone)) if a != b), None)
+    return at if at is not None and abs(made[at] - alone[at]) == 1 else None
+
+
 def stop_token(decode, stops, tokens: list[int]) -> int | None:
     """How many of `tokens` the row's text takes, a token at a time, to contain one of `stops`
     (a stopped row keeps those; a call may have made more)."""
@@ -485,8 +497,12 @@ class SchedulerMachine(RuleBasedStateMachine):
                 continue
             alone = solo(self.engine, row)
             where = f"{t} row {i} ({row})"
-            assert made == alone[:len(made)], f"{where}: the batch made {made}, alone {alone}"
             assert got == made[:len(got)], f"{where}: delivered {got}, the batch made {made}"
+            flip = near_tie_flip(row, made, alone)
+            if flip is not None:  # the same row up to a draw at the edge of two tokens (RULES.md)
+                event("a sampled row took the neighbouring token at a near-tie")
+                continue
+            assert made == alone[:len(made)], f"{where}: the batch made {made}, alone {alone}"
             finish = t.finish[i]
             if finish is None:
                 continue
