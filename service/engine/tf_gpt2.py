@@ -355,10 +355,9 @@ class TFGPT2Engine(Engine):
         if not rows:
             return 0
         b = self.buckets
-        batch = next((s for s in b.batch_sizes if s >= len(rows)), len(rows))
-        cache = next((s for s in b.cache_sizes if s >= max(b.slots_needed(r) for r in rows)), b.max_cache)
-        prompts = [next((s for s in b.cache_sizes if s >= b.prompt_slots(len(r.prompt_ids))), b.max_cache)
-                   for r in rows]
+        batch = b.batch_bucket(len(rows))
+        cache = b.cache_bucket(max(b.slots_needed(r) for r in rows))
+        prompts = [b.cache_bucket(b.prompt_slots(len(r.prompt_ids))) for r in rows]  # as `prefill_row` sizes them
         return self.slot_bytes * (CACHE_COPIES * batch * cache + sum(prompts) + max(prompts))
 
     def kv_slots_used(self) -> int:
