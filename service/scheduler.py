@@ -45,7 +45,8 @@ class SchedulerStopped(Exception):
 
 
 class GenerationFailed(Exception):
-    """A decode call raised: every row in that batch gets this error."""
+    """A decode call raised (every request with a row in that batch gets this error), or one
+    row's own work did (its request alone gets it)."""
 
 
 class QueueTimeout(QueueFull, GenerationFailed):
@@ -236,7 +237,6 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ended: asyncio.Future | None = None
-        self._manual = False
         self.decode_calls = 0
         self.admitted_bytes = 0  # engine.batch_bytes of the running rows: what admission has reserved
 
@@ -258,9 +258,9 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        if self._manual:
-            return not self._aborted
-        return self._thread is not None and self._thread.is_alive()
+        if self._thread is None:  # attached (tests), or not started
+            return self._loop is not None and not self._aborted
+        return self._thread.is_alive()
 
     def start(self) -> None:
         # The decode thread holds the GIL between native calls (sampling, cache bookkeeping) and
@@ -275,8 +275,7 @@ class Scheduler:
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve without a worker thread: the caller runs `step()` (tests)."""
-        self._loop, self._manual = loop, True
-        self._ended = loop.create_future()
+        self._loop = loop
 
     def request_stop(self) -> None:
         """Refuse new rows from now on; the admitted and queued ones go on."""
