@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from fakes import FakeEngine
+from fakes import FakeEngine, RecordingEngine
 from service.engine import GenerationRow, RowUpdate
 from service.scheduler import (GenerationFailed, QueueFull, QueueTimeout, RowEvent, Scheduler, SchedulerStats,
                                SchedulerStopped, ShutdownAborted)
@@ -480,23 +480,13 @@ def test_a_stop_watch_that_raises_fails_its_own_request_only():
 
 
 def test_a_failed_call_fails_its_batch_and_leaves_the_queue_alone():
-    class FailsOnce(FakeEngine):
-        def new_batch(self):
-            batch = super().new_batch()
-            step = batch.step
-            engine = self
-
-            def failing_step():
-                if len(engine.calls) == 2:
-                    engine.calls.append(["failed"])
-                    raise RuntimeError("engine fault")
-                return step()
-            batch.step = failing_step
-            return batch
-
-    m = Manual(FailsOnce(), max_batch_size=2)
+    engine = RecordingEngine(FakeEngine())
+    m = Manual(engine, max_batch_size=2)
     running = m.submit([row("abcdef"), row("ghijkl")])
     waiting = m.submit([row("mno")])
+    m.step()
+    m.step()
+    engine.raise_next = "before"  # the third call
     m.drain()
     assert [type(e) for e in m.outcome(running)] == [GenerationFailed]
     assert m.outcome(waiting) == [RowEvent(0, [ord(c) for c in "onm"], "eos_token")]

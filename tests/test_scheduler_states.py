@@ -598,39 +598,16 @@ def test_a_row_failing_after_its_requests_other_rows_made_tokens_in_that_call_is
 def test_a_failed_decode_call_gives_its_rows_slots_back(engine):
     """The faults machine found the pool's gauge at 25 slots when idle after an engine fault: the
     failed batch was dropped with its rows still in the pool. It empties itself now."""
-    calls = 0
-
-    class Failing:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def step(self):
-            nonlocal calls
-            calls += 1
-            if calls == 2:  # the rows have slots in the pool by now (tf: a call makes 16 tokens)
-                raise RuntimeError("injected")
-            return self.inner.step()
-
-    class FailingEngine:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def new_batch(self):
-            return Failing(self.inner.new_batch())
-
+    rec = RecordingEngine(engine)
     loop = asyncio.new_event_loop()
-    scheduler = Scheduler(FailingEngine(engine), max_batch_size=4, batch_timeout=0, max_queue_size=8)
+    scheduler = Scheduler(rec, max_batch_size=4, batch_timeout=0, max_queue_size=8)
     scheduler.attach(loop)
     try:
         async def submit():
             return scheduler.submit([GenerationRow((200, 201, 202), 60), GenerationRow((13,), 60)])
         request = loop.run_until_complete(submit())
+        scheduler.step()  # the rows have slots in the pool now (tf: a call makes 16 tokens)
+        rec.raise_next = "before"
         while scheduler.step():
             loop.run_until_complete(asyncio.sleep(0))
         loop.run_until_complete(asyncio.sleep(0))
