@@ -8,6 +8,7 @@
 #      `docker compose up --wait` with compose.test.yaml (a tiny test model as MODEL_SOURCE, api
 #      limited to 512 MB), then: model-init downloaded and converted and exited 0, api healthy on
 #      LiteRT without restarts or OOM kills, /health and /generate answer on the published port,
+#      the README's code blocks run as written (scripts/check_readme.py),
 #      the volume holds the weights, the .tflite files and a manifest listing them, a second
 #      model-init does nothing, the litert image holds no TensorFlow, neither image holds model
 #      files; then faults: api's process SIGKILLed mid-batch comes back healthy (restart policy),
@@ -286,6 +287,12 @@ for prompts in (["Hello"], [f"prompt {i}:" for i in range(8)]):
     assert all(isinstance(text, str) for text in results), body
     print(f"== POST /generate ({len(prompts)} prompt(s)) -> {r.status} {json.dumps(results[0])} ...", file=sys.stderr)
 EOF
+    # The README's code blocks, as a user would paste them (its python block needs the openai
+    # client: the test venv's Python has it).
+    local readme_python="$ROOT/${VENV:-.venv}/bin/python"
+    [ -x "$readme_python" ] || readme_python=python3
+    "$readme_python" "$ROOT/scripts/check_readme.py" --port "$PUBLISH_PORT" --python "$readme_python" ||
+        fail "the README's code blocks against the bundle"
     state=$(docker inspect -f 'restarts={{.RestartCount}} oom={{.State.OOMKilled}}' "$api_id")
     [ "$state" = "restarts=0 oom=false" ] || fail "api after the requests: $state"
     # cgroup v2 names the high-water mark memory.peak, v1 memory.max_usage_in_bytes (page cache

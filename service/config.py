@@ -18,65 +18,92 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", protected_namespaces=())
 
-    model_dir: Path = Field(description="Directory with config.json, tf_model.h5 and the tokenizer files "
-                            "(and the LiteRT files scripts/convert_model.py adds).")
+    # Each field's description is its documentation: scripts/config_docs.py writes
+    # docs/configuration.md from them, and tests/test_docs.py fails when the page differs.
+    model_dir: Path = Field(
+        description="Directory with the model: `config.json`, `tf_model.h5` and the tokenizer (`tokenizer.json`, "
+        "or `vocab.json` + `merges.txt`), plus the LiteRT files `scripts/convert_model.py` adds. If it holds a "
+        "`manifest.json`, every file is checked against its size and sha256 at start, and a mismatch stops the server.")
     backend: Literal["auto", "litert", "tf"] = Field(
-        "auto", description="litert: TensorFlow Lite's runtime on the converted files; tf: TensorFlow with XLA; "
-        "auto: litert when the model directory holds a finished conversion, else tf.")
+        "auto", description="`litert`: TensorFlow Lite's runtime on the converted files; `tf`: TensorFlow with XLA; "
+        "`auto`: `litert` when the model directory holds a finished conversion, else `tf`. `litert` without the "
+        "files stops the server with the command to run.")
     litert_precision: Literal["auto", "int8", "fp32"] = Field(
-        "auto", description="LiteRT weights: auto takes int8 if the conversion's quality gate passed it, else fp32.")
-    num_threads: int = Field(0, ge=0, le=256, description="LiteRT CPU threads; 0: one per core the process may use.")
-    short_lane: bool = Field(True, description="LiteRT: a short request joining long running rows also gets decode calls of its own, so it is not slowed to their pace (they keep at least half their speed).")
+        "auto", description="LiteRT weights. `auto`: `int8` if the conversion's quality gate passed it on these "
+        "weights, else `fp32`. Forcing `int8` past a failed gate logs a warning.")
+    num_threads: int = Field(0, ge=0, le=256, description="LiteRT CPU threads; `0`: one per core the process may use.")
+    short_lane: bool = Field(
+        True, description="LiteRT: a short request (at most 64 new tokens, prompt and answer within 256 tokens) "
+        "that joins much longer running rows also gets decode calls of its own between theirs, so it is not slowed "
+        "to their pace; the running rows keep at least half their speed. `false`: every row moves at the batch's pace.")
     served_model_name: str | None = Field(
-        None, description="The model's name on /v1 (what clients put in `model`); default: the model directory's name.")
-    host: str = Field("127.0.0.1", description="Address `python -m service` listens on.")
+        None, description="The model's name on `/v1` (`GET /v1/models`, and what a request's `model` must say). "
+        "Unset: the model directory's name.")
+    host: str = Field("127.0.0.1", description="Address `python -m service` listens on (the container sets `0.0.0.0`).")
     port: int = Field(8000, ge=1, le=65535, description="Port `python -m service` listens on.")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="The least severe log level written.")
     log_format: Literal["text", "json"] = Field(
-        "text", description="text: one readable line per record; json: one JSON object per line (every logger, "
+        "text", description="`text`: one readable line per record; `json`: one JSON object per line (every logger, "
         "and one access line per request).")
 
     api_key: SecretStr | None = Field(
-        None, description="Comma-separated keys; with any key set (here or in API_KEY_FILE), /generate, /v1/* "
-        "(and /metrics with METRICS_REQUIRE_KEY) need `Authorization: Bearer <key>`.")
-    api_key_file: Path | None = Field(None, description="A file with one key per line (blank lines and lines "
-                                      "starting with # are skipped), e.g. a Docker secret.")
-    metrics_require_key: bool = Field(False, description="GET /metrics needs a key too (when keys are set).")
+        None, description="API keys, comma-separated. With any key set (here or in `API_KEY_FILE`), `/generate` and "
+        "`/v1/*` (and `/metrics` with `METRICS_REQUIRE_KEY`) need `Authorization: Bearer <key>`. Never logged.")
+    api_key_file: Path | None = Field(
+        None, description="A file with one key per line (blank lines and lines starting with `#` are skipped), "
+        "e.g. a Docker secret; its keys are accepted beside `API_KEY`'s. A missing, unreadable or empty file stops "
+        "the server at start.")
+    metrics_require_key: bool = Field(False, description="`GET /metrics` needs a key too (when keys are set).")
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated origins browsers may call the API from (`*`: any); "
-        "empty: no CORS headers.")
-    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body in bytes; larger gets 413.")
+        default_factory=list, description="Origins browsers may call the API from, comma-separated (`*`: any). "
+        "Unset: no CORS headers.")
+    max_body_bytes: int = Field(
+        1_000_000, ge=1024, description="Largest request body in bytes; a larger one gets 413 before it is read.")
     max_total_tokens: int = Field(
-        16384, ge=1, description="Most new tokens one request may ask for: prompts x max_tokens (x n on /v1).")
+        16384, ge=1, description="Most new tokens one request may ask for: prompts × `max_tokens` (× `n` on `/v1`).")
 
-    max_batch_size: int = Field(8, ge=1, le=64, description="Most prompts decoded together in one batch.")
-    batch_timeout_ms: float = Field(0.0, ge=0, le=1000, description="With the batch empty, how long its first prompt waits for others; later prompts join the running batch between decode calls.")
+    max_batch_size: int = Field(
+        8, ge=1, le=64, description="Most prompts decoded together. `tf` compiles batch shapes 1, then powers of two "
+        "from 4 up to it; LiteRT runs any batch size.")
+    batch_timeout_ms: float = Field(
+        0.0, ge=0, le=1000, description="With the batch empty, how long its first prompt waits for others before "
+        "decoding starts. Prompts that arrive while the batch runs join it at the next decode call anyway.")
     stream_interval_ms: float = Field(
         50.0, ge=0, le=1000, description="Streaming: a prompt's first tokens are sent at once, then once per tick of "
-        "a clock of this many milliseconds shared by all streams, with every token made meanwhile (0: every decode call).")
-    max_queue_size: int = Field(256, ge=1, description="Most prompts waiting; beyond it requests get 503.")
-    max_prompts_per_request: int = Field(32, ge=1, description="Most prompts in one request.")
-    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
-    max_temperature: float = Field(2.0, gt=0, description="Largest temperature a request may ask for.")
+        "a clock of this many milliseconds shared by all streams, with every token made meanwhile (`0`: after every "
+        "decode call). Each write costs CPU time that decoding shares.")
+    max_queue_size: int = Field(
+        256, ge=1, description="Most prompts waiting to join the batch; a request that would pass it gets 503.")
+    max_prompts_per_request: int = Field(32, ge=1, description="Most prompts in one request (× `n` on `/v1`).")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest `max_tokens` a request may ask for.")
+    max_temperature: float = Field(2.0, gt=0, description="Largest `temperature` a request may ask for.")
 
-    prefill_chunk: int = Field(16, ge=1, le=1024, description="Prompt tokens per compiled prefill call.")
-    decode_chunk: int = Field(16, ge=1, le=256, description="Decode steps per compiled call.")
-    min_cache_size: int = Field(128, ge=16, description="Smallest cache bucket, in tokens; tf buckets double up to the context window, LiteRT's are its multiples.")
-    xla_cache_dir: Path | None = Field(None, description="Directory where compiled programs persist across restarts.")
+    prefill_chunk: int = Field(16, ge=1, le=1024, description="`tf` only: prompt tokens per compiled prefill call.")
+    decode_chunk: int = Field(
+        16, ge=1, le=256, description="`tf` only: decode steps per compiled call (a finished batch stops early).")
+    min_cache_size: int = Field(
+        128, ge=16, description="Smallest key/value cache bucket, in tokens. `tf`: a batch takes the smallest bucket "
+        "that holds its longest row, buckets doubling up to the context window (each one compiled at warm-up); "
+        "LiteRT: the batch's shared pool of slots is sized in multiples of it.")
+    xla_cache_dir: Path | None = Field(
+        None, description="`tf` only: a directory where compiled programs persist, so a restart skips most of warm-up.")
 
     memory_limit: int | None = Field(
-        None, gt=0, description="Bytes the process may hold: an integer, or with a binary suffix as Docker writes "
-        "it (1g, 512m, 1536Mi). Unset: the cgroup's limit (a container's mem_limit), else none. After warm-up, "
-        "what is left under it less a margin (max(64 MiB, 8%)) is the key/value budget: a row that could not "
-        "fit it alone is refused, others wait until the batch has room for them.")
+        None, gt=0, json_schema_extra={"values": "bytes: an integer, or `1g`, `512m`, `1536Mi`"}, description="Bytes the process may hold: an integer, or with a binary suffix as Docker writes "
+        "it (`1g`, `512m`, `1536Mi`). Unset: the container's limit (cgroup v2 or v1), else none. After warm-up, "
+        "what is left under it less a margin of max(64 MiB, 8%) is the key/value budget: a prompt joins the batch "
+        "only while the batch's worst case fits it, and one that could never fit alone gets 422 `over_memory_budget`.")
 
     # Operating it: shutdown and queue waits.
     max_queue_wait_seconds: float = Field(
-        60.0, ge=0, description="A request none of whose prompts has joined the batch after this long gets 503 "
-        "with Retry-After (/v1: 429) instead of waiting on (0: no bound).")
+        60.0, ge=0, description="A request none of whose prompts has joined the batch after this long leaves the "
+        "queue and gets 503 with `Retry-After` (`/v1`: 429) instead of waiting on; one already decoding is never "
+        "timed out. `0`: no bound.")
     shutdown_grace_seconds: float = Field(
-        30.0, ge=0, description="On SIGTERM, how long running and queued prompts may take to finish while new "
-        "requests get 503; then (or on a second signal) the rest get 503 and the server exits.")
+        30.0, ge=0, description="On SIGTERM (`python -m service`), how long running and queued prompts may take to "
+        "finish while new requests get 503; then (or on a second signal) the rest get 503 and the server exits. Keep "
+        "Compose's `stop_grace_period` (`API_STOP_GRACE_PERIOD`) 5 s above it.")
 
     # Set by load_settings once every file's sha256 matched the manifest, so the server does not
     # read every byte twice.
