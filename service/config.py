@@ -202,7 +202,7 @@ def load_settings() -> Settings:
         verify_manifest(settings.model_dir)
     except ModelDirError as exc:
         raise SystemExit(f"service: refusing to start: {exc}; fetch the model again "
-                         "(scripts/download_model.py --force; README: Faults)") from None
+                         "(scripts/download_model.py --force; docs/operations.md: Faults)") from None
     settings._manifest_verified = True
     return settings
 

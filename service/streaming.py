@@ -19,7 +19,7 @@ T = TypeVar("T")
 async def generate_events(request: Request, decode: Callable[[Sequence[int]], str], prompt_tokens: Sequence[int],
                           stops: Sequence[str] = (), on_tokens: Callable[[int], None] = lambda n: None
                           ) -> AsyncIterator[str]:
-    """The event stream of one streamed POST /generate (the format is in the README): one
+    """The event stream of one streamed POST /generate (the format is in docs/api.md): one
     write per wake-up, with every piece that came meanwhile (the scheduler paces them)."""
     generated = [0] * len(prompt_tokens)
     try:

@@ -132,3 +132,13 @@ def test_readme_blocks_run_against_a_live_server(live_server_url):
                                "-d '{\"model\": \"no-such-model\", \"prompt\": \"x\"}'", 1)
     assert "error body" in check_readme.run(wrong, port, sys.executable, timeout=60)
     assert "exit 3" in check_readme.run(check_readme.Block("python", "raise SystemExit(3)", 1), port, sys.executable, 60)
+
+
+def test_every_setting_the_configuration_page_lists_can_be_set_in_compose():
+    """docs/deployment.md says every setting can go in `.env`: the api service passes each one
+    through (HOST excepted: the image listens on 0.0.0.0, and the published address is Compose's)."""
+    import yaml
+
+    environment = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api"]["environment"]
+    missing = [name.upper() for name in Settings.model_fields if name.upper() not in environment]
+    assert missing == ["HOST"]

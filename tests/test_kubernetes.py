@@ -1,5 +1,5 @@
 """deploy/kubernetes/: every overlay renders with the pinned kubectl's kustomize, passes strict
-validation against the Kubernetes schemas offline (kubernetes-validate), and keeps what README:
+validation against the Kubernetes schemas offline (kubernetes-validate), and keeps what docs/deployment.md:
 Kubernetes promises: non-root and read-only pods, probes on /health, requests and limits from the
 benchmark, a grace period above the drain, the API port alone through the NetworkPolicy.
 
@@ -23,7 +23,7 @@ DEPLOY = ROOT / "deploy" / "kubernetes"
 OVERLAYS = sorted(p.name for p in (DEPLOY / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 # The oldest Kubernetes still commonly run, and the pinned kubectl's own version.
 KUBERNETES_VERSIONS = ("1.30.0", "1.35.0")
-# Peak resident memory from process start, from the benchmark (README: Latest result): LiteRT
+# Peak resident memory from process start, from the benchmark (docs/benchmark/latest.md): LiteRT
 # int8 with 8 rows filling the context window (window_c8), and TensorFlow; fp32 LiteRT peaked at
 # 1,213 MiB at the full window.
 MEASURED_PEAK_MIB = {"litert": 910, "tf": 1968}

@@ -80,7 +80,7 @@ def test_a_weight_file_corrupted_after_download_stops_the_server_with_one_line(t
         assert r.returncode == 1
         assert r.stderr.strip() == (
             f"service: refusing to start: model directory {tmp_path}: gpt2.fp32.tflite does not match its sha256 in "
-            "manifest.json; fetch the model again (scripts/download_model.py --force; README: Faults)")
+            "manifest.json; fetch the model again (scripts/download_model.py --force; docs/operations.md: Faults)")
 
 
 def test_bad_numbers_in_the_environment_are_named(model_dir):

@@ -52,7 +52,7 @@ def create_v1_router(settings: Settings) -> APIRouter:
                                   "description": "The completion; with `stream`, OpenAI's chunks as server-sent events"},
                             **ERRORS})
     async def completions(body: CompletionRequest, runtime: RuntimeDep, http: Request):
-        """OpenAI's legacy completions: the README's table says what each field does here."""
+        """OpenAI's legacy completions: docs/api.md's table says what each field does here."""
         engine, scheduler = runtime.ready_engine()
         if body.model != settings.model_name:
             raise OpenAIError(404, f"The model '{body.model}' does not exist; this server serves "
