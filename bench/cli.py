@@ -210,12 +210,13 @@ def run_service(preset: config.Preset, backend: config.Backend, model_dir: Path,
                 s["vmhwm_is_scenario_peak"] = peak_reset
                 s["cpu"] = cpu
                 log(f"[{backend.name}] {scenario.name}: {report.fmt(s['tok_per_s'])} tok/s, "
-                    f"p95 {report.fmt(s['latency_p95_s'], '.2f')} s, {s['errors']} errors, {s['responses_503']} 503s, "
+                    f"p95 {report.fmt(s['latency_p95_s'], '.2f')} s, TTFT p95 {report.fmt(s['ttft_p95_s'], '.3f')} s, "
+                    f"TPOT p95 {report.fmt(s['tpot_p95_s'] and s['tpot_p95_s'] * 1000, '.1f')} ms, {s['errors']} errors, {s['responses_503']} 503s, "
                     f"VmHWM {s['vmhwm_mib']:.0f} MiB (since start {peak_so_far:.0f}), "
                     f"cores ours/others {cpu['own_cores']}/{cpu['other_cores']}")
                 if scenario.checks_texts:
                     for o in load.outcomes:
-                        if o.text is not None:
+                        if o.latency is not None:  # a complete stream: its pieces joined are the text
                             service_texts.setdefault(o.prompt, set()).add(o.text)
                 return s
 

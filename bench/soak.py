@@ -25,7 +25,7 @@ import httpx
 
 from bench import config, report
 from bench.cli import DEFAULT_CACHE, DEFAULT_RESULTS, ensure_litert, ensure_model, log, parse_env, service_revision
-from bench.load import RequestOutcome, send
+from bench.client import RequestOutcome, send
 from bench.server import Service, parse_metrics
 
 DRIFT_BAR_PERCENT = 5.0
