@@ -11,7 +11,8 @@ Order of work, one heavy thing at a time so no measurement shares the cores with
    backend's scenarios driven over HTTP, then its streaming scenarios (bench/stream.py), peak
    memory from process start recorded;
 6. the per-op profile of one int8 batch-8 decode step (bench/profile_step.py), in its own process;
-7. JSON and Markdown into bench/results/ (timestamped, and copied to latest.json / latest.md).
+7. JSON, Markdown and the plots (bench/plots.py) into bench/results/ (timestamped, and copied to
+   latest.json / latest.md, the plots under their own names).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import config, report, stream
+from bench import config, plots, report, stream
 from bench.cpu import SHARED_CORES, CpuWindow, own_cpu_seconds
 from bench.load import run_load
 from bench.server import REPO, Service, histogram_window, parse_labels, parse_metrics
@@ -466,10 +467,12 @@ def main(argv: list[str] | None = None) -> int:
         "profile": profiles[0] if profiles else None,
         "profiles": profiles,
     }
+    result["plots"] = plots.draw(result, work, log)
     md = report.markdown(result)
     report.save(result, md, work, args.results_dir, "latest")
     print(md, flush=True)
-    log(f"wrote {work / 'result.json'} and {work / 'result.md'} (also {args.results_dir}/latest.*)")
+    log(f"wrote {work / 'result.json'}, {work / 'result.md'} and {', '.join(result['plots']) or 'no plots'} "
+        f"(also {args.results_dir}/latest.*)")
     if args.strict and any(b["holds"] is False for b in result["bars"]):
         return 1
     return 0

@@ -441,6 +441,22 @@ def _ms_pair(s: dict, key: str) -> str:
     return " / ".join(fmt(x and x * 1000, ".1f") for x in ms)
 
 
+PLOT_CAPTIONS = {
+    "throughput": "Total new tokens/s against concurrent clients, per backend and baseline",
+    "latency": "Time to first token and time per output token, median and p95, per scenario and backend",
+    "soak-rss": "Resident memory of the service over the soak, the counted window shaded",
+}
+
+
+def plot_links(result: dict) -> list[str]:
+    """Markdown image links to the plots beside result.md (relative: they sit in the same folder)."""
+    lines = []
+    for name in result.get("plots") or []:
+        caption = PLOT_CAPTIONS.get(Path(name).stem, Path(name).stem)
+        lines += ["", f"![{caption}]({name})"]
+    return lines
+
+
 def _stream_figures(s: dict) -> str:
     """What one streaming measurement found, in a sentence."""
     server = s.get("server") or {}
@@ -539,6 +555,7 @@ def markdown(result: dict) -> str:
             if bar.get("shared"):
                 holds += " (shared: unreliable)"
             lines.append(f"| {name} | {bar['text']} | {bar['measured']} | {bar['target']} | {holds} |")
+    lines += plot_links(result)
     for name, phase in phases.items():
         lines += ["", f"{phase['title']}:", ""] + _scenario_table(phase)
         if phase.get("stream_scenarios"):
@@ -662,11 +679,14 @@ def rerender(result: dict) -> dict:
 
 def save(result: dict, md: str, work: Path, results_dir: Path, latest: str) -> None:
     """result.json and result.md in the run's folder `work`, copied to `results_dir` as
-    `<latest>.json` and `<latest>.md`."""
+    `<latest>.json` and `<latest>.md`; the plots `result["plots"]` names (already in `work`) are
+    copied beside them under their own names, so the Markdown's relative links work in both."""
     (work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     (work / "result.md").write_text(md)
     for suffix in ("json", "md"):
         shutil.copyfile(work / f"result.{suffix}", results_dir / f"{latest}.{suffix}")
+    for name in result.get("plots") or []:
+        shutil.copyfile(work / name, results_dir / name)
 
 
 if __name__ == "__main__":
