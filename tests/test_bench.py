@@ -456,6 +456,7 @@ def tiny_result(tmp_path_factory) -> dict:
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     result = json.loads((out / "results" / "latest.json").read_text())
     result["_markdown"] = (out / "results" / "latest.md").read_text()
+    result["_results_dir"] = out / "results"
     return result
 
 
@@ -476,6 +477,11 @@ def test_tiny_run_serves_every_backend(tiny_result):
             assert s["new_tokens"] > 0 and s["tok_per_s"] > 0 and s["req_per_s"] > 0
             assert 0 < s["latency_p50_s"] <= s["latency_p95_s"]
             assert s["vmhwm_mib"] > 0
+            # The clients streamed: each request's TTFT, and its token count from the final
+            # event, which adds up to the server's own count.
+            assert s["new_tokens_streamed"] == s["new_tokens"]
+            assert 0 < s["ttft_p50_s"] <= s["ttft_p95_s"] <= s["latency_max_s"]
+            assert 0 < s["tpot_requests"] <= s["ok"] and 0 <= s["tpot_p50_s"] <= s["tpot_p95_s"]
     # Issue 8's scenarios ran on int8 alone, every request answered and streamed in full.
     for name, phase in tiny_result["phases"].items():
         streams = phase["stream_scenarios"]
@@ -538,6 +544,11 @@ def test_tiny_run_reports_every_bar(tiny_result):
     assert len(tiny_result["bars"]) == sum(len(v) for v in ids.values())
     md = tiny_result["_markdown"]
     assert "| backend | bar | measured | target | holds |" in md
+    assert "| TTFT p50 / p95 ms | TPOT p50 / p95 ms |" in md
+    # The plots beside latest.md, linked from it.
+    assert tiny_result["plots"] == ["throughput.svg", "latency.svg"]
+    for name in tiny_result["plots"]:
+        assert f"]({name})" in md and (tiny_result["_results_dir"] / name).read_text().startswith("<?xml")
     for phase in tiny_result["phases"].values():
         for name in phase["scenarios"]:
             assert name in md
@@ -599,3 +610,5 @@ def test_soak_runs_against_the_tiny_model(litert_model_dir, tmp_path):
     assert s["errors"] == 0 and s["requests"] > 0 and len(s["per_minute"]) == 1
     assert s["rss_start_mib"] > 0 and s["per_minute"][0]["tokens_per_minute"] > 0
     assert (tmp_path / "soak-latest.md").read_text().startswith("# Soak: 4 clients for 0.1 minutes (litert-int8)")
+    assert result["plots"] == ["soak-rss.svg"] and "](soak-rss.svg)" in (tmp_path / "soak-latest.md").read_text()
+    assert "VmRSS of the service" in _svg_texts(tmp_path / "soak-rss.svg")
