@@ -11,7 +11,8 @@ Order of work, one heavy thing at a time so no measurement shares the cores with
    backend's scenarios driven over HTTP, then its streaming scenarios (bench/stream.py), peak
    memory from process start recorded;
 6. the per-op profile of one int8 batch-8 decode step (bench/profile_step.py), in its own process;
-7. JSON and Markdown into bench/results/ (timestamped, and copied to latest.json / latest.md).
+7. JSON, Markdown and the plots (bench/plots.py) into bench/results/ (timestamped, and copied to
+   latest.json / latest.md, the plots under their own names).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import config, report, stream
+from bench import config, plots, report, stream
 from bench.cpu import SHARED_CORES, CpuWindow, own_cpu_seconds
 from bench.load import run_load
 from bench.server import REPO, Service, histogram_window, parse_labels, parse_metrics
@@ -210,12 +211,13 @@ def run_service(preset: config.Preset, backend: config.Backend, model_dir: Path,
                 s["vmhwm_is_scenario_peak"] = peak_reset
                 s["cpu"] = cpu
                 log(f"[{backend.name}] {scenario.name}: {report.fmt(s['tok_per_s'])} tok/s, "
-                    f"p95 {report.fmt(s['latency_p95_s'], '.2f')} s, {s['errors']} errors, {s['responses_503']} 503s, "
+                    f"p95 {report.fmt(s['latency_p95_s'], '.2f')} s, TTFT p95 {report.fmt(s['ttft_p95_s'], '.3f')} s, "
+                    f"TPOT p95 {report.fmt(s['tpot_p95_s'] and s['tpot_p95_s'] * 1000, '.1f')} ms, {s['errors']} errors, {s['responses_503']} 503s, "
                     f"VmHWM {s['vmhwm_mib']:.0f} MiB (since start {peak_so_far:.0f}), "
                     f"cores ours/others {cpu['own_cores']}/{cpu['other_cores']}")
                 if scenario.checks_texts:
                     for o in load.outcomes:
-                        if o.text is not None:
+                        if o.latency is not None:  # a complete stream: its pieces joined are the text
                             service_texts.setdefault(o.prompt, set()).add(o.text)
                 return s
 
@@ -465,10 +467,12 @@ def main(argv: list[str] | None = None) -> int:
         "profile": profiles[0] if profiles else None,
         "profiles": profiles,
     }
+    result["plots"] = plots.draw(result, work, log)
     md = report.markdown(result)
     report.save(result, md, work, args.results_dir, "latest")
     print(md, flush=True)
-    log(f"wrote {work / 'result.json'} and {work / 'result.md'} (also {args.results_dir}/latest.*)")
+    log(f"wrote {work / 'result.json'}, {work / 'result.md'} and {', '.join(result['plots']) or 'no plots'} "
+        f"(also {args.results_dir}/latest.*)")
     if args.strict and any(b["holds"] is False for b in result["bars"]):
         return 1
     return 0

@@ -1,10 +1,11 @@
-"""The load generator: N concurrent clients share a fixed list of /generate requests.
+"""The load generator: N concurrent clients share a fixed list of streamed /generate requests.
 
 Each client sends one request at a time and takes the next unsent one when it has its answer,
-so at most N requests are in flight. A 503 (the queue is full: an intended answer) is counted
-and the same request is sent again after the server's Retry-After (capped), so every scenario
-generates the same work; its latency runs from the first attempt to the answer. Anything else
-that is not a 200 with one string per prompt is an error.
+so at most N requests are in flight. Every request streams (bench/client.py's
+`stream_request`, with its 503 handling): besides the whole latency and the full text, the
+client sees when the first token came and how many tokens the server generated (the final
+event's `generated_tokens`), which give each request's time to first token and time per
+output token.
 """
 
 from __future__ import annotations
@@ -15,72 +16,28 @@ from dataclasses import dataclass, field
 
 import httpx
 
-MAX_RETRY_WAIT = 2.0
-MAX_ATTEMPTS = 50
-
-
-@dataclass
-class RequestOutcome:
-    prompt: str
-    latency: float | None = None  # seconds, first attempt to answer; None unless answered 200
-    text: str | None = None
-    rejected_503: int = 0  # how many attempts got an intended 503
-    error: str | None = None
+from bench.client import StreamOutcome, stream_request
 
 
 @dataclass
 class LoadResult:
     wall_seconds: float
-    outcomes: list[RequestOutcome] = field(default_factory=list)
+    outcomes: list[StreamOutcome] = field(default_factory=list)
 
 
-def retry_after(response: httpx.Response) -> float:
-    try:
-        return min(max(float(response.headers.get("retry-after", "0.5")), 0.05), MAX_RETRY_WAIT)
-    except ValueError:
-        return 0.5
-
-
-async def send(client: httpx.AsyncClient, body: dict, outcome: RequestOutcome) -> None:
-    start = time.perf_counter()
-    for _ in range(MAX_ATTEMPTS):
-        try:
-            r = await client.post("/generate", json=body)
-        except httpx.HTTPError as exc:
-            outcome.error = f"{type(exc).__name__}: {exc}"
-            return
-        if r.status_code == 503:
-            outcome.rejected_503 += 1
-            await asyncio.sleep(retry_after(r))
-            continue
-        if r.status_code != 200:
-            outcome.error = f"HTTP {r.status_code}: {r.text[:200]}"
-            return
-        try:
-            results = r.json()["results"]
-            if not (isinstance(results, list) and len(results) == 1 and isinstance(results[0], str)):
-                raise ValueError(f"expected one string, got {results!r:.100}")
-        except (ValueError, KeyError, TypeError) as exc:
-            outcome.error = f"bad body: {exc}"
-            return
-        outcome.text = results[0]
-        outcome.latency = time.perf_counter() - start
-        return
-    outcome.error = f"still 503 after {MAX_ATTEMPTS} attempts"
-
-
-async def _drive(base_url: str, clients: int, bodies: list[dict], timeout: float) -> LoadResult:
-    outcomes = [RequestOutcome(prompt=b["prompts"][0]) for b in bodies]
+async def _drive(base_url: str, clients: int, bodies: list[dict], timeout: float, transport=None) -> LoadResult:
+    outcomes: list[StreamOutcome | None] = [None] * len(bodies)
     next_index = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits,
+                                 transport=transport) as client:
 
         async def one_client() -> None:
             nonlocal next_index
             while next_index < len(bodies):
                 i = next_index
                 next_index += 1
-                await send(client, bodies[i], outcomes[i])
+                outcomes[i] = await stream_request(client, bodies[i])
 
         start = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
@@ -88,8 +45,11 @@ async def _drive(base_url: str, clients: int, bodies: list[dict], timeout: float
     return LoadResult(wall_seconds=wall, outcomes=outcomes)
 
 
-def run_load(base_url: str, clients: int, bodies: list[dict], timeout: float = 900.0) -> LoadResult:
-    return asyncio.run(_drive(base_url, clients, bodies, timeout))
+def run_load(base_url: str, clients: int, bodies: list[dict], timeout: float = 900.0,
+             transport: httpx.AsyncBaseTransport | None = None) -> LoadResult:
+    """`clients` clients share `bodies` (one prompt each); outcomes in the order of `bodies`.
+    `transport` stands in for the network in tests."""
+    return asyncio.run(_drive(base_url, clients, bodies, timeout, transport))
 
 
 def percentile(values: list[float], q: float) -> float | None:

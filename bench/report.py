@@ -50,6 +50,8 @@ def machine_facts() -> dict:
 def scenario_result(scenario, load: LoadResult, metrics_before: dict, metrics_after: dict, memory: dict) -> dict:
     ok = [o for o in load.outcomes if o.latency is not None]
     latencies = [o.latency for o in ok]
+    ttfts = [o.ttft for o in ok]
+    tpots = [o.tpot for o in ok if o.tpot is not None]
     errors = [o.error for o in load.outcomes if o.error]
     delta = None
     if "llm_generated_tokens_total" in metrics_after:
@@ -84,6 +86,15 @@ def scenario_result(scenario, load: LoadResult, metrics_before: dict, metrics_af
         "latency_p95_s": percentile(latencies, 95),
         "latency_mean_s": statistics.fmean(latencies) if latencies else None,
         "latency_max_s": max(latencies) if latencies else None,
+        # Per streamed request: first attempt to its first token, and (latency - TTFT) / (tokens - 1)
+        # for requests of 2 tokens or more (the tokens are the final event's count).
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p95_s": percentile(ttfts, 95),
+        "tpot_p50_s": percentile(tpots, 50),
+        "tpot_p95_s": percentile(tpots, 95),
+        "tpot_requests": len(tpots),
+        # The same tokens counted by the client, from the streams' final events.
+        "new_tokens_streamed": sum(o.generated_tokens for o in ok),
         "compiles_after_warmup": metrics_after.get("llm_compiles_after_warmup_total"),
         "decode_calls": calls,
         # How full the running batch was: its mean rows per decode call.
@@ -408,18 +419,41 @@ def fmt(x, spec=".1f"):
 
 def _scenario_table(phase: dict) -> list[str]:
     lines = [
-        "| scenario | clients | requests | new tokens | tok/s | req/s | p50 s | p95 s | 503s | errors | peak RSS MiB "
-        "| rows/call | cores: ours / others |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | clients | requests | new tokens | tok/s | req/s | p50 s | p95 s | TTFT p50 / p95 ms "
+        "| TPOT p50 / p95 ms | 503s | errors | peak RSS MiB | rows/call | cores: ours / others |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in phase["scenarios"].values():
         lines.append(
             f"| {s['name']} (T={s['temperature']}, {s['max_tokens']} new) | {s['clients']} | {s['ok']}/{s['requests']} | "
             f"{fmt(s['new_tokens'], 'd') if s['new_tokens'] is not None else '–'} | {fmt(s['tok_per_s'])} | "
             f"{fmt(s['req_per_s'], '.2f')} | {fmt(s['latency_p50_s'], '.2f')} | {fmt(s['latency_p95_s'], '.2f')} | "
+            f"{_ms_pair(s, 'ttft')} | {_ms_pair(s, 'tpot')} | "
             f"{s['responses_503']} | {s['errors']} | {fmt(s['vmhwm_mib'], '.0f')} | "
             f"{fmt(s.get('rows_per_call'), '.1f')} | {_cores(s.get('cpu'))} |"
         )
+    return lines
+
+
+def _ms_pair(s: dict, key: str) -> str:
+    """A scenario's `<key>_p50_s` and `<key>_p95_s` in milliseconds ("–" for a result without them)."""
+    ms = [s.get(f"{key}_{q}_s") for q in ("p50", "p95")]
+    return " / ".join(fmt(x and x * 1000, ".1f") for x in ms)
+
+
+PLOT_CAPTIONS = {
+    "throughput": "Total new tokens/s against concurrent clients, per backend and baseline",
+    "latency": "Time to first token and time per output token, median and p95, per scenario and backend",
+    "soak-rss": "Resident memory of the service over the soak, the counted window shaded",
+}
+
+
+def plot_links(result: dict) -> list[str]:
+    """Markdown image links to the plots beside result.md (relative: they sit in the same folder)."""
+    lines = []
+    for name in result.get("plots") or []:
+        caption = PLOT_CAPTIONS.get(Path(name).stem, Path(name).stem)
+        lines += ["", f"![{caption}]({name})"]
     return lines
 
 
@@ -521,6 +555,7 @@ def markdown(result: dict) -> str:
             if bar.get("shared"):
                 holds += " (shared: unreliable)"
             lines.append(f"| {name} | {bar['text']} | {bar['measured']} | {bar['target']} | {holds} |")
+    lines += plot_links(result)
     for name, phase in phases.items():
         lines += ["", f"{phase['title']}:", ""] + _scenario_table(phase)
         if phase.get("stream_scenarios"):
@@ -644,11 +679,14 @@ def rerender(result: dict) -> dict:
 
 def save(result: dict, md: str, work: Path, results_dir: Path, latest: str) -> None:
     """result.json and result.md in the run's folder `work`, copied to `results_dir` as
-    `<latest>.json` and `<latest>.md`."""
+    `<latest>.json` and `<latest>.md`; the plots `result["plots"]` names (already in `work`) are
+    copied beside them under their own names, so the Markdown's relative links work in both."""
     (work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     (work / "result.md").write_text(md)
     for suffix in ("json", "md"):
         shutil.copyfile(work / f"result.{suffix}", results_dir / f"{latest}.{suffix}")
+    for name in result.get("plots") or []:
+        shutil.copyfile(work / name, results_dir / name)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ thread pools and the allocator reach their working size) and then `--minutes`. I
 server's resident memory (VmRSS) when the counted part starts and when it ends, and the drift
 between them; every error (anything but a 200, or a 503 the client retries after Retry-After);
 and requests and tokens per minute. Bars: drift under 5%, no error. JSON and Markdown go to
-bench/results/<stamp>-soak/ (and soak-latest.*).
+bench/results/<stamp>-soak/ (and soak-latest.*), with a plot of RSS over time (soak-rss.svg).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import httpx
 
-from bench import config, report
+from bench import config, plots, report
 from bench.cli import DEFAULT_CACHE, DEFAULT_RESULTS, ensure_litert, ensure_model, log, parse_env, service_revision
-from bench.load import RequestOutcome, send
+from bench.client import RequestOutcome, send
 from bench.server import Service, parse_metrics
 
 DRIFT_BAR_PERCENT = 5.0
@@ -127,6 +127,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {m['minute']} | {m['requests']} | {m['requests_per_minute']:.1f} | {tokens} |")
     if s["first_errors"]:
         lines += ["", "First errors:", ""] + [f"- `{e}`" for e in s["first_errors"]]
+    lines += report.plot_links(result)
     return "\n".join(lines) + "\n"
 
 
@@ -230,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         "load_after": [round(x, 2) for x in os.getloadavg()], "summary": summary,
         "samples": {"rss_mib": soak.rss, "generated_tokens": soak.tokens},
     }
+    result["plots"] = plots.draw(result, work, log)
     md = markdown(result)
     report.save(result, md, work, args.results_dir, "soak-latest")
     print(md, flush=True)
-    log(f"wrote {work / 'result.json'} and {work / 'result.md'}")
+    log(f"wrote {work / 'result.json'}, {work / 'result.md'} and {', '.join(result['plots']) or 'no plots'}")
     if args.strict and not all(bar["holds"] for bar in summary["bars"]):
         return 1
     return 0

@@ -1,10 +1,6 @@
-"""Issue 8's scenarios: a client for streamed /generate answers and the three loads that use it.
-
-The stream is the server's contract: `POST /generate` with `"stream": true` answers 200 with
-`text/event-stream`, one `data: <json>` event per text piece (`{"index": 0, "text": " the"}`), a
-final event per prompt that carries `finish_reason`, `prompt_tokens` and `generated_tokens`, then
-`data: [DONE]`. Every time here is client-side, from `time.perf_counter()` at the first attempt,
-and every request carries one prompt.
+"""Issue 8's scenarios: three loads of streamed /generate requests (bench/client.py reads the
+stream). Every time here is client-side, from `time.perf_counter()` at the first attempt, and
+every request carries one prompt.
 
 - head of line: a short request timed on the idle server, then while long requests stream;
 - uneven load: clients with think times and uneven token budgets, and the same requests in
@@ -15,121 +11,14 @@ and every request carries one prompt.
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
-from dataclasses import dataclass
 
 import httpx
 
+from bench.client import RequestOutcome, StreamOutcome, send, stream_request
 from bench.config import HeadOfLine, StreamOverhead, UnevenLoad
-from bench.load import MAX_ATTEMPTS, RequestOutcome, percentile, retry_after, send
-
-
-@dataclass
-class StreamOutcome:
-    """One streamed request as the client saw it; times in seconds from its first attempt."""
-
-    prompt: str
-    max_tokens: int
-    first_piece: float | None = None  # the first event with text (or the final event, if none had text)
-    final_event: float | None = None  # the event that carries finish_reason
-    latency: float | None = None  # [DONE]; None unless the stream was complete and well formed
-    pieces: int = 0
-    text: str = ""
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    generated_tokens: int | None = None
-    rejected_503: int = 0
-    error: str | None = None
-
-    @property
-    def per_token(self) -> float | None:
-        """Seconds per generated token after the first piece: the decode steps' pace as streamed."""
-        if self.first_piece is None or self.final_event is None or not self.generated_tokens:
-            return None
-        if self.generated_tokens < 2:
-            return None
-        return (self.final_event - self.first_piece) / (self.generated_tokens - 1)
-
-
-def _parse_event(line: str, outcome: StreamOutcome, elapsed: float) -> bool:
-    """Apply one `data:` line to `outcome`; True at [DONE]. Raises ValueError on a malformed event."""
-    payload = line[len("data:"):].strip()
-    if payload == "[DONE]":
-        return True
-    event = json.loads(payload)
-    if isinstance(event, dict) and "error" in event:
-        raise ValueError(f"the server failed mid-stream: {event['error']}"[:300])
-    if not isinstance(event, dict) or event.get("index") != 0 or not isinstance(event.get("text"), str):
-        raise ValueError(f"unexpected event {payload[:100]!r}")
-    if outcome.finish_reason is not None:
-        raise ValueError(f"event after the final one: {payload[:100]!r}")
-    if event["text"]:
-        outcome.pieces += 1
-        outcome.text += event["text"]
-        if outcome.first_piece is None:
-            outcome.first_piece = elapsed
-    if "finish_reason" in event:
-        outcome.finish_reason = event["finish_reason"]
-        outcome.prompt_tokens = event.get("prompt_tokens")
-        outcome.generated_tokens = event.get("generated_tokens")
-        outcome.final_event = elapsed
-        if outcome.first_piece is None:
-            outcome.first_piece = elapsed
-    return False
-
-
-async def stream_request(client: httpx.AsyncClient, body: dict, on_first_piece=None) -> StreamOutcome:
-    """Send `body` with stream=true and read its events; a 503 is retried as bench.load does.
-
-    `on_first_piece()` is called once, when the first piece arrives (the request is decoding).
-    """
-    body = {**body, "stream": True}
-    outcome = StreamOutcome(prompt=body["prompts"][0], max_tokens=body["max_tokens"])
-    start = time.perf_counter()
-    for _ in range(MAX_ATTEMPTS):
-        try:
-            async with client.stream("POST", "/generate", json=body) as r:
-                if r.status_code == 503:
-                    await r.aread()
-                    outcome.rejected_503 += 1
-                    wait = retry_after(r)
-                else:
-                    await _read_stream(r, outcome, start, on_first_piece)
-                    return outcome
-        except httpx.HTTPError as exc:
-            outcome.error = f"{type(exc).__name__}: {exc}"
-            return outcome
-        await asyncio.sleep(wait)
-    outcome.error = f"still 503 after {MAX_ATTEMPTS} attempts"
-    return outcome
-
-
-async def _read_stream(r: httpx.Response, outcome: StreamOutcome, start: float, on_first_piece) -> None:
-    if r.status_code != 200:
-        outcome.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
-        return
-    kind = r.headers.get("content-type", "")
-    if not kind.startswith("text/event-stream"):
-        outcome.error = f"not a stream: content-type {kind!r}, body {(await r.aread())[:100]!r}"
-        return
-    try:
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # blank separators, and SSE comments or fields we do not use
-            had_piece = outcome.first_piece is not None
-            if _parse_event(line, outcome, time.perf_counter() - start):
-                if outcome.finish_reason is None:
-                    raise ValueError("[DONE] before the final event")
-                outcome.latency = time.perf_counter() - start
-                return
-            if not had_piece and outcome.first_piece is not None and on_first_piece is not None:
-                on_first_piece()
-    except ValueError as exc:
-        outcome.error = f"bad stream: {exc}"
-        return
-    outcome.error = "the stream ended without [DONE]"
+from bench.load import percentile
 
 
 def _client(base_url: str, connections: int, timeout: float, transport=None) -> httpx.AsyncClient:

@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench import config, report, stream
-from bench.load import percentile
+from bench import config, plots, report, stream
+from bench.client import StreamOutcome, parse_event, time_per_output_token
+from bench.load import percentile, run_load
 from bench.server import histogram_quantile, histogram_window, parse_histogram, parse_labels, parse_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -255,6 +256,157 @@ def test_stream_overhead_interleaves_and_bounds_the_first_piece():
     assert r["ratio"] == pytest.approx(r["streamed_p50_s"] / r["unstreamed_p50_s"])
 
 
+def test_ttft_and_tpot_from_an_event_timeline():
+    """TTFT is the first piece with text; TPOT spreads the rest of the latency over the tokens
+    after the first, counted by the final event (a piece may hold several tokens' text)."""
+    o = StreamOutcome(prompt="p", max_tokens=8)
+    timeline = [(0.120, '{"index": 0, "text": " a"}'), (0.170, '{"index": 0, "text": " b c"}'),
+                (0.220, '{"index": 0, "text": " d"}'),
+                (0.221, '{"index": 0, "text": "", "finish_reason": "length", "prompt_tokens": 3, '
+                        '"generated_tokens": 5}'),
+                (0.222, "[DONE]")]
+    done = [parse_event(f"data: {payload}", o, t) for t, payload in timeline]
+    assert done == [False] * 4 + [True]
+    assert o.ttft is None  # not before [DONE]: an incomplete stream has no figures
+    o.latency = 0.222  # set by stream_request at [DONE]
+    assert (o.text, o.pieces, o.generated_tokens) == (" a b c d", 3, 5)
+    assert o.ttft == 0.120 and o.tpot == pytest.approx((0.222 - 0.120) / 4)
+    assert time_per_output_token(0.1, 0.1, 1) is None and time_per_output_token(None, 1.0, 5) is None
+    assert time_per_output_token(0.1, 0.5, 2) == pytest.approx(0.4)
+    # A final event without the server's count is not guessed from max_tokens.
+    with pytest.raises(ValueError, match="generated_tokens"):
+        parse_event('data: {"index": 0, "text": "", "finish_reason": "length"}', StreamOutcome("p", 8), 0.1)
+
+
+def test_load_clients_stream_and_report_ttft_and_tpot():
+    server = FakeStreamingServer(step=0.003, busy_first=2)
+    bodies = [{"prompts": [f"p{i}"], "max_tokens": n, "temperature": 0.0} for i, n in enumerate((6, 1, 4, 6))]
+    load = run_load("http://fake", 2, bodies, transport=server.transport)
+    assert all(b["stream"] is True for b in server.bodies) and len(server.bodies) == 4 + 2
+    assert [o.prompt for o in load.outcomes] == ["p0", "p1", "p2", "p3"]
+    assert [o.generated_tokens for o in load.outcomes] == [6, 1, 4, 6]
+    assert [o.text for o in load.outcomes] == [" x" * 6, " x", " x" * 4, " x" * 6]
+    assert sum(o.rejected_503 for o in load.outcomes) == 2
+    for o in load.outcomes:
+        assert o.error is None and 0 < o.ttft <= o.latency
+    assert load.outcomes[1].tpot is None  # one token: no pace after the first
+    assert load.outcomes[0].tpot == pytest.approx((load.outcomes[0].latency - load.outcomes[0].ttft) / 5)
+    scenario = config.Scenario("greedy_c2", "batch", 2, 4, ("p",), 6)
+    s = report.scenario_result(scenario, load, {"llm_generated_tokens_total": 10},
+                               {"llm_generated_tokens_total": 27}, {"vmhwm_mib": 1.0, "vmrss_mib": 1.0})
+    assert (s["new_tokens"], s["new_tokens_streamed"], s["tpot_requests"], s["ok"]) == (17, 17, 3, 4)
+    assert s["ttft_p50_s"] == pytest.approx(percentile([o.ttft for o in load.outcomes], 50))
+    assert 0 < s["tpot_p50_s"] <= s["tpot_p95_s"] and 0 < s["ttft_p50_s"] <= s["ttft_p95_s"]
+
+
+def _plot_result() -> dict:
+    """A small result of result.json's shape: two backends, both baselines."""
+    def scenario(name, role, clients, tok_per_s, ttft, tpot):
+        return {"name": name, "role": role, "clients": clients, "tok_per_s": tok_per_s, "ttft_p50_s": ttft,
+                "ttft_p95_s": ttft * 2, "tpot_p50_s": tpot, "tpot_p95_s": tpot * 1.5}
+
+    int8 = {s["name"]: s for s in (scenario("greedy_c1", "single", 1, 120.0, 0.01, 0.008),
+                                   scenario("greedy_c8", "batch", 8, 400.0, 0.05, 0.02),
+                                   scenario("sampled_c8", "batch_sampled", 8, 380.0, 0.06, 0.021),
+                                   scenario("greedy_c32", "overload", 32, 420.0, 1.5, 0.06))}
+    tf = {s["name"]: s for s in (scenario("greedy_c1", "single", 1, 60.0, 0.02, 0.016),
+                                 scenario("greedy_c8", "batch", 8, 150.0, 0.1, 0.05))}
+    baselines = {"pt:short_b1": {"batch_size": 1, "tok_per_s": 40.0}, "pt:mixed_b8": {"batch_size": 8, "tok_per_s": 150.0},
+                 "pt:mixed_b1": {"batch_size": 1, "tok_per_s": 35.0}, "tf:short_b1": {"batch_size": 1, "tok_per_s": 3.5}}
+    return {"preset": "full", "started_at": "2026-01-01 00:00:00", "max_tokens": 64,
+            "machine": {"cpu_model": "Test CPU", "cores": 2},
+            "model": {"shape": "distilgpt2", "summary": "6 layers, 768 wide, 50257 vocab"},
+            "phases": {"litert-int8": {"scenarios": int8}, "tf": {"scenarios": tf}}, "baselines": baselines}
+
+
+def _svg_texts(path: Path) -> list[str]:
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    return ["".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")]
+
+
+def test_throughput_plot_has_a_line_per_backend_and_baseline(tmp_path):
+    result = _plot_result()
+    fig = plots.throughput_figure(result)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["service, litert-int8", "service, tf", "PyTorch generate (x = batch size)",
+                      "naive TF eager generate (batch 1)"]
+    lines = {line.get_label(): list(zip(*line.get_data())) for line in ax.get_lines()}
+    assert lines["service, litert-int8"] == [(1, 120.0), (8, 400.0), (32, 420.0)]  # not sampled_c8
+    assert lines["PyTorch generate (x = batch size)"] == [(1, 40.0), (8, 150.0)]  # short_b1, not mixed_b1
+    assert lines["naive TF eager generate (batch 1)"] == [(1, 3.5)]
+    assert ax.get_yscale() == "log" and ax.get_xscale() == "log"  # 3.5 to 420 tok/s
+    assert "Test CPU, 2 cores" in ax.get_title() and "distilgpt2" in ax.get_title()
+    assert "tokens/s" in ax.get_ylabel() and "clients" in ax.get_xlabel()
+    names = plots.write_run_plots(result, tmp_path)
+    assert names == ["throughput.svg", "latency.svg"]
+    texts = _svg_texts(tmp_path / "throughput.svg")
+    assert set(labels) <= set(texts)
+    # Without the slow naive baseline the range is narrow enough for a linear axis.
+    del result["baselines"]["tf:short_b1"]
+    assert plots.throughput_figure(result).axes[0].get_yscale() == "linear"
+
+
+def test_latency_plot_shows_ttft_and_tpot_per_scenario_and_backend(tmp_path):
+    fig = plots.latency_figure(_plot_result())
+    ttft, tpot = fig.axes
+    assert [t.get_text() for t in ttft.get_yticklabels()] == ["greedy_c1", "greedy_c8", "sampled_c8", "greedy_c32"]
+    assert "first token" in ttft.get_xlabel() and "per output token" in tpot.get_xlabel()
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[:2] == ["litert-int8", "tf"] and "median" in labels
+    # Per panel: a median dot, a whisker and a p95 tick per (backend, scenario) measured: 4 + 2.
+    medians = [line for line in ttft.get_lines() if line.get_marker() == "o"]
+    assert len(medians) == 6
+    int8_c32 = [line for line in medians if line.get_color() == "tab:blue" and line.get_ydata()[0] > 2.5]
+    assert int8_c32[0].get_xdata()[0] == pytest.approx(1500.0)  # ms
+    assert ttft.get_xscale() == "log"  # 10 ms to 3 s
+    plots.write_run_plots(_plot_result(), tmp_path, "png")
+    for name in ("throughput.png", "latency.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A result from before the streamed clients: panels say so instead of staying blank.
+    old = _plot_result()
+    for phase in old["phases"].values():
+        for s in phase["scenarios"].values():
+            for key in ("ttft_p50_s", "ttft_p95_s", "tpot_p50_s", "tpot_p95_s"):
+                del s[key]
+    assert "no TTFT in this result" in [t.get_text() for t in plots.latency_figure(old).axes[0].texts]
+
+
+def test_soak_plot_marks_the_counted_window(tmp_path):
+    result = {"kind": "soak", "backend": "litert-int8", "clients": 4, "minutes": 2, "max_tokens": 8,
+              "machine": {"cpu_model": "Test CPU", "cores": 2}, "started_at": "now",
+              "samples": {"rss_mib": [[-30.0, 300.0], [0.0, 400.0], [60.0, 410.0], [120.0, 408.0]]},
+              "summary": {"rss_start_mib": 400.0, "rss_end_mib": 408.0, "rss_drift_percent": 2.0}}
+    fig = plots.soak_rss_figure(result)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["counted window (2 min)", "VmRSS of the service", "counted start: 400.0 MiB",
+                      "counted end: 408.0 MiB"]
+    rss = next(line for line in ax.get_lines() if line.get_label() == "VmRSS of the service")
+    assert list(rss.get_xdata()) == [-0.5, 0.0, 1.0, 2.0] and list(rss.get_ydata()) == [300.0, 400.0, 410.0, 408.0]
+    assert "MiB" in ax.get_ylabel() and "min" in ax.get_xlabel() and "+2.00%" in ax.get_title()
+    # Drawn again from the saved JSON, as `python -m bench.plots DIR` does.
+    (tmp_path / "result.json").write_text(json.dumps(result))
+    assert plots.main([str(tmp_path)]) == 0
+    assert "counted window (2 min)" in _svg_texts(tmp_path / "soak-rss.svg")
+
+
+def test_report_links_the_plots_and_save_copies_them(tmp_path):
+    work, latest = tmp_path / "run", tmp_path
+    work.mkdir()
+    result = _plot_result()
+    result["plots"] = plots.write_run_plots(result, work)
+    assert report.plot_links(result) == [
+        "", f"![{report.PLOT_CAPTIONS['throughput']}](throughput.svg)",
+        "", f"![{report.PLOT_CAPTIONS['latency']}](latency.svg)"]
+    report.save(result, "md", work, latest, "latest")
+    assert json.loads((latest / "latest.json").read_text())["plots"] == ["throughput.svg", "latency.svg"]
+    assert (latest / "throughput.svg").read_bytes() == (work / "throughput.svg").read_bytes()
+
+
 def _streams(**over) -> dict:
     hol = {"name": "head_of_line", "role": "head_of_line", "short_max_tokens": 16, "long_clients": 4,
            "long_max_tokens": 512, "ratio": 2.0, "idle_latency_p50_s": 0.1, "loaded_latency_p50_s": 0.2,
@@ -304,6 +456,7 @@ def tiny_result(tmp_path_factory) -> dict:
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     result = json.loads((out / "results" / "latest.json").read_text())
     result["_markdown"] = (out / "results" / "latest.md").read_text()
+    result["_results_dir"] = out / "results"
     return result
 
 
@@ -324,6 +477,11 @@ def test_tiny_run_serves_every_backend(tiny_result):
             assert s["new_tokens"] > 0 and s["tok_per_s"] > 0 and s["req_per_s"] > 0
             assert 0 < s["latency_p50_s"] <= s["latency_p95_s"]
             assert s["vmhwm_mib"] > 0
+            # The clients streamed: each request's TTFT, and its token count from the final
+            # event, which adds up to the server's own count.
+            assert s["new_tokens_streamed"] == s["new_tokens"]
+            assert 0 < s["ttft_p50_s"] <= s["ttft_p95_s"] <= s["latency_max_s"]
+            assert 0 < s["tpot_requests"] <= s["ok"] and 0 <= s["tpot_p50_s"] <= s["tpot_p95_s"]
     # Issue 8's scenarios ran on int8 alone, every request answered and streamed in full.
     for name, phase in tiny_result["phases"].items():
         streams = phase["stream_scenarios"]
@@ -386,6 +544,11 @@ def test_tiny_run_reports_every_bar(tiny_result):
     assert len(tiny_result["bars"]) == sum(len(v) for v in ids.values())
     md = tiny_result["_markdown"]
     assert "| backend | bar | measured | target | holds |" in md
+    assert "| TTFT p50 / p95 ms | TPOT p50 / p95 ms |" in md
+    # The plots beside latest.md, linked from it.
+    assert tiny_result["plots"] == ["throughput.svg", "latency.svg"]
+    for name in tiny_result["plots"]:
+        assert f"]({name})" in md and (tiny_result["_results_dir"] / name).read_text().startswith("<?xml")
     for phase in tiny_result["phases"].values():
         for name in phase["scenarios"]:
             assert name in md
@@ -447,3 +610,5 @@ def test_soak_runs_against_the_tiny_model(litert_model_dir, tmp_path):
     assert s["errors"] == 0 and s["requests"] > 0 and len(s["per_minute"]) == 1
     assert s["rss_start_mib"] > 0 and s["per_minute"][0]["tokens_per_minute"] > 0
     assert (tmp_path / "soak-latest.md").read_text().startswith("# Soak: 4 clients for 0.1 minutes (litert-int8)")
+    assert result["plots"] == ["soak-rss.svg"] and "](soak-rss.svg)" in (tmp_path / "soak-latest.md").read_text()
+    assert "VmRSS of the service" in _svg_texts(tmp_path / "soak-rss.svg")
