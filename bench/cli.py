@@ -377,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"many times, while other processes use more than {SHARED_CORES} cores during it; the least "
                    "shared attempt counts (default: 2 for full, 0 for tiny)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a bar does not hold")
+    p.add_argument("--publish", type=Path, metavar="DIR", help="also copy the result (as latest.md and latest.json) "
+                   "and its plots to DIR, e.g. docs/benchmark, the documentation's latest results")
     return p
 
 
@@ -470,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     result["plots"] = plots.draw(result, work, log)
     md = report.markdown(result)
     report.save(result, md, work, args.results_dir, "latest")
+    if args.publish:
+        args.publish.mkdir(parents=True, exist_ok=True)
+        report.save(result, md, work, args.publish, "latest")
     print(md, flush=True)
     log(f"wrote {work / 'result.json'}, {work / 'result.md'} and {', '.join(result['plots']) or 'no plots'} "
         f"(also {args.results_dir}/latest.*)")

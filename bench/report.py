@@ -524,7 +524,7 @@ def markdown(result: dict) -> str:
     revision = result.get("revision", {})
     litert = result.get("litert") or {}
     lines = [
-        f"#### Benchmark result ({preset}, {result['started_at']})",
+        f"# Benchmark result ({preset}, {result['started_at']})",
         "",
         f"Command: `{result.get('command', './bench/run.sh')}`. "
         f"Service at commit {revision.get('commit')}"

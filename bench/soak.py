@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the service (repeatable)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a bar does not hold")
+    p.add_argument("--publish", type=Path, metavar="DIR", help="also copy the result (as soak.md and soak.json) and "
+                   "its plot to DIR, e.g. docs/benchmark")
     return p
 
 
@@ -234,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     result["plots"] = plots.draw(result, work, log)
     md = markdown(result)
     report.save(result, md, work, args.results_dir, "soak-latest")
+    if args.publish:
+        args.publish.mkdir(parents=True, exist_ok=True)
+        report.save(result, md, work, args.publish, "soak")
     print(md, flush=True)
     log(f"wrote {work / 'result.json'}, {work / 'result.md'} and {', '.join(result['plots']) or 'no plots'}")
     if args.strict and not all(bar["holds"] for bar in summary["bars"]):
