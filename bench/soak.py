@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Soak: {result['clients']} clients for {result['minutes']:g} minutes ({result['backend']})",
         "",
+        f"Command: `{result.get('command', './bench/run.sh soak')}`. "
         f"Started {result['started_at']}; model {result['model_dir']}; {result['max_tokens']} tokens a request, "
         f"temperature {result['temperature']}; warm-up {result['warmup_minutes']:g} min (not counted); "
         f"revision {result['revision'].get('commit', '?')}; load average before {result['load_before']}.",
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     load_before = [round(x, 2) for x in os.getloadavg()]
     revision = service_revision()
+    command = "./bench/run.sh soak" + "".join(f" {a}" for a in (sys.argv[2:] if argv is None else argv))
     model_dir = ensure_model(args.model_dir, "distilgpt2", args.cache_dir).resolve()
     if backend.backend == "litert":
         ensure_litert(model_dir, work)
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                                  args.sample_seconds))
     summary = summarize(soak, args.minutes)
     result = {
-        "kind": "soak", "started_at": started_at, "backend": args.backend, "model_dir": str(model_dir),
+        "kind": "soak", "command": command, "started_at": started_at, "backend": args.backend, "model_dir": str(model_dir),
         "clients": args.clients, "minutes": args.minutes, "warmup_minutes": args.warmup_minutes,
         "max_tokens": args.max_tokens, "temperature": config.SAMPLING_TEMPERATURE, "env": env,
         "machine": report.machine_facts(), "revision": revision, "load_before": load_before,
