@@ -17,6 +17,7 @@ from service.routes import KeyDocs, RuntimeDep
 from service.schemas import event_stream
 from service.streaming import ChoiceDelta, unless_disconnected
 from service.v1 import generation
+from service.v1.chat import add_chat_route
 from service.v1.generation import ERRORS, Sampling
 from service.v1.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                  ErrorResponse, ModelCard, ModelList)
@@ -89,6 +90,7 @@ def create_v1_router(settings: Settings) -> APIRouter:
                    for i, (echo, c) in enumerate(zip(echoes, outputs))]
         return CompletionResponse(**reply, choices=choices, usage=generation.usage(prompt_tokens, completion_tokens))
 
+    add_chat_route(router, settings)
     return router
 
 
