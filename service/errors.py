@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.chat_template import ChatTemplateError
 from service.engine.base import OverMemoryBudget, PromptTooLong
 from service.observability import request_id
 from service.scheduler import GenerationFailed, QueueFull, SchedulerStopped
@@ -146,6 +147,8 @@ def _as_openai(exc: Exception) -> OpenAIError:
         where = ".".join(loc)
         return OpenAIError(400, f"{where}: {first.get('msg', 'invalid request')}" if where else
                            first.get("msg", "invalid request"), param=loc[0] if loc else None)
+    if isinstance(exc, ChatTemplateError):  # the model's template refused the messages, or is broken
+        return OpenAIError(400, str(exc), param="messages", code="chat_template_error")
     if isinstance(exc, QueueFull):
         return OpenAIError(429, str(exc), type="server_overloaded", headers={"Retry-After": "1"})
     if isinstance(exc, (ModelNotReady, SchedulerStopped)):
@@ -176,4 +179,6 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(SchedulerStopped, _by_path(_stopped))
     app.add_exception_handler(PromptsTooLong, _too_long)
     app.add_exception_handler(GenerationFailed, _by_path(_generation_failed))
+    # Raised by /v1/chat/completions alone; anywhere else it would be a bug.
+    app.add_exception_handler(ChatTemplateError, _by_path(_unexpected))
     app.add_exception_handler(Exception, _by_path(_unexpected))

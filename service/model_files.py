@@ -22,7 +22,8 @@ LITERT_META = "litert.json"
 # service reads only this one (scripts/convert_model.py converts again when it differs).
 LITERT_FORMAT = 4
 LITERT_FILES = ("gpt2.fp32.tflite", "gpt2.int8.tflite", "embeddings.npy", "positions.npy", LITERT_META)
-# The files downloads fetch; the converter adds LITERT_FILES.
+# The files downloads fetch when the repository has them (`missing_files` says which are required);
+# the converter adds LITERT_FILES.
 SERVICE_FILES = (
     CONFIG,
     WEIGHTS,
@@ -33,6 +34,9 @@ SERVICE_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
     "generation_config.json",
+    # Optional, like the three before it: the chat template of a chat model
+    # (service/chat_template.py; it may instead be inside tokenizer_config.json).
+    "chat_template.jinja",
 )
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import anyio
 
 from service import memory
+from service.chat_template import ChatTemplate, load_chat_template
 from service.config import Settings
 from service.engine import Engine
 from service.engine.base import GenerationRow
@@ -61,6 +62,7 @@ class Runtime:
         self.settings = settings
         self._engine_factory = engine_factory
         self.engine: Engine | None = None
+        self.chat_template: ChatTemplate | None = None  # the model directory's, if it has one
         self.scheduler: Scheduler | None = None
         self.status = "loading"
         self.warmup_seconds: float | None = None
@@ -75,8 +77,10 @@ class Runtime:
         if not self.settings.manifest_verified:
             await anyio.to_thread.run_sync(verify_manifest, self.settings.model_dir)
         self.engine = await anyio.to_thread.run_sync(self._engine_factory, self.settings)
-        log.info("model loaded from %s in %.1f s: backend %s, precision %s", self.settings.model_dir,
-                 time.monotonic() - started, self.engine.backend, self.engine.precision)
+        self.chat_template = await anyio.to_thread.run_sync(load_chat_template, self.settings.model_dir)
+        log.info("model loaded from %s in %.1f s: backend %s, precision %s, %s", self.settings.model_dir,
+                 time.monotonic() - started, self.engine.backend, self.engine.precision,
+                 "a chat template" if self.chat_template else "no chat template (/v1/chat/completions answers 400)")
         self._warmup_task = asyncio.create_task(self._warm_up(started), name="warmup")
 
     async def _warm_up(self, started: float) -> None:

@@ -48,6 +48,8 @@ SERVICE_CONTENT = {
     "vocab.json": b'{"a": 0}',
     "merges.txt": b"#version: 0.2\n",
     "generation_config.json": b"{}",
+    "tokenizer_config.json": b'{"eos_token": "<|im_end|>"}',
+    "chat_template.jinja": b"{% for m in messages %}{{ m['content'] }}{% endfor %}",
 }
 OTHER_CONTENT = {
     "pytorch_model.bin": b"torch" * 100,
