@@ -3,6 +3,7 @@
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -163,6 +164,9 @@ def queue_full(url, engine):
         client.completions.create(model="fake", prompt="ef", max_tokens=2)
     assert caught.value.response.headers["retry-after"] == "1"
     assert caught.value.body["type"] == "server_overloaded"
+    # The refused request is not counted as accepted.
+    metrics = httpx.get(url + "/metrics").text
+    assert "\nllm_requests_total 2.0\n" in metrics and "\nllm_prompt_tokens_total 4.0\n" in metrics
     engine.generate_gate.set()
     for t in pool:
         t.join(10)

@@ -59,9 +59,9 @@ def add_chat_route(router: APIRouter, settings: Settings) -> None:
         generation.check_fits(engine, [ids], max_tokens, param="messages", tokens_param=tokens_param)
         rows = generation.rows_for([ids], n, max_tokens, sampling)
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
-        generation.count_prompt(runtime, len(ids))
         request, deltas = generation.submit(runtime, scheduler, engine, rows, stream=bool(body.stream),
                                             stops=body.stops)
+        generation.count_prompt(runtime, len(ids))  # accepted: a full queue has raised by now
         want_logprobs = bool(body.logprobs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -66,12 +66,12 @@ def create_v1_router(settings: Settings) -> APIRouter:
             echoes = [_Echo(e.text, e.offset, _lists(engine, scored[i // n], 0)) for i, e in enumerate(echoes)]
         reply = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
         prompt_tokens = sum(len(ids) for ids in prompts)
-        generation.count_prompt(runtime, prompt_tokens)
         if max_tokens == 0:  # echo alone: the prompts scored, nothing generated
             request, deltas = None, _nothing(len(rows))
         else:
             request, deltas = generation.submit(runtime, scheduler, engine, rows, stream=bool(body.stream),
                                                 stops=body.stops)
+        generation.count_prompt(runtime, prompt_tokens)  # accepted: a full queue has raised by now
         want_logprobs = body.logprobs is not None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
