@@ -84,7 +84,8 @@ def convert_model_dir(model_dir: Path, force: bool = False) -> dict:
     _ensure_fast_tokenizer(model_dir)
     weights, shape = litert_convert.load_tf_weights(model_dir)
     models = litert_convert.convert(weights, shape)
-    eos_id = int(json.loads((model_dir / CONFIG).read_text()).get("eos_token_id", shape.vocab_size - 1))
+    eos = json.loads((model_dir / CONFIG).read_text()).get("eos_token_id", shape.vocab_size - 1)
+    eos_id = int(eos[0] if isinstance(eos, list) else eos)  # a list's first is the primary (end_of_sequence_ids)
 
     tmp = model_dir / ".litert-tmp"
     shutil.rmtree(tmp, ignore_errors=True)

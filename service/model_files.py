@@ -13,6 +13,7 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
 WEIGHTS = "tf_model.h5"
 # A GPT-2 tokenizer is either the fast tokenizer's single file or the slow one's pair.
 TOKENIZER_CHOICES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -33,11 +34,34 @@ SERVICE_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
-    "generation_config.json",
-    # Optional, like the three before it: the chat template of a chat model
+    GENERATION_CONFIG,
+    # Optional, like the four before it: the chat template of a chat model
     # (service/chat_template.py; it may instead be inside tokenizer_config.json).
     "chat_template.jinja",
 )
+
+
+def end_of_sequence_ids(model_dir: Path, primary: int | None = None) -> tuple[int, frozenset[int]]:
+    """The end-of-sequence tokens a row stops on, as transformers' `generate` reads them:
+    `eos_token_id` (an id or a list: Qwen2's chat models end a turn with <|im_end|> and text
+    with <|endoftext|>) from generation_config.json when it names one, else config.json's.
+
+    Returns the primary id (`primary` if given, else config.json's, else the first listed) and
+    the set, which always holds the primary."""
+    def listed(name: str) -> list[int]:
+        path = model_dir / name
+        value = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        if value is None:
+            return []
+        return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+    config = listed(CONFIG)
+    ids = listed(GENERATION_CONFIG) or config
+    if primary is None and not (config or ids):
+        raise ModelDirError(f"{model_dir} names no eos_token_id in {GENERATION_CONFIG} or {CONFIG}")
+    if primary is None:
+        primary = (config or ids)[0]
+    return primary, frozenset(ids) | {primary}
 
 
 class ModelDirError(ValueError):

@@ -114,7 +114,8 @@ def create_router(settings: Settings) -> APIRouter:
         runtime.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
         if body.stream:
             events = generate_events(request, engine.decode, [len(r.prompt_ids) for r in rows], stops,
-                                     on_tokens=runtime.metrics.generated_tokens.inc)
+                                     on_tokens=runtime.metrics.generated_tokens.inc,
+                                     byte_ids=engine.byte_fallback_ids)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:

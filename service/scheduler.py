@@ -313,7 +313,7 @@ class Scheduler:
         ("stop_sequence") at that decode call and generates nothing more."""
         request = Request(stream=stream, interval=interval)
         now = self._clock()
-        request.rows = [_Row(i, row, request, now, stop=_StopWatch(self.engine.decode, stops) if stops else None)
+        request.rows = [_Row(i, row, request, now, stop=_StopWatch(self.engine, stops) if stops else None)
                         for i, row in enumerate(rows)]
         with self._changed:
             if self._stopping or not self.alive:
@@ -557,8 +557,8 @@ class Scheduler:
 class _StopWatch:
     """A row's text as it is made, watched for stop strings (matched across token boundaries)."""
 
-    def __init__(self, decode, stops: Sequence[str]):
-        self._text = IncrementalDetokenizer(decode)
+    def __init__(self, engine, stops: Sequence[str]):
+        self._text = IncrementalDetokenizer(engine.decode, engine.byte_fallback_ids)
         self._stops = list(stops)
         self._hold = max(len(stop) for stop in stops) - 1
         self.text = ""

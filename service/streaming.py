@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -17,13 +17,13 @@ T = TypeVar("T")
 
 
 async def generate_events(request: Request, decode: Callable[[Sequence[int]], str], prompt_tokens: Sequence[int],
-                          stops: Sequence[str] = (), on_tokens: Callable[[int], None] = lambda n: None
-                          ) -> AsyncIterator[str]:
+                          stops: Sequence[str] = (), on_tokens: Callable[[int], None] = lambda n: None,
+                          byte_ids: Collection[int] = ()) -> AsyncIterator[str]:
     """The event stream of one streamed POST /generate (the format is in docs/api.md): one
     write per wake-up, with every piece that came meanwhile (the scheduler paces them)."""
     generated = [0] * len(prompt_tokens)
     try:
-        async for deltas in completion_deltas(request, decode, stops):
+        async for deltas in completion_deltas(request, decode, stops, byte_ids):
             chunk = []
             for d in deltas:
                 on_tokens(d.tokens - generated[d.index])
@@ -85,15 +85,17 @@ class ChoiceDelta:
 
 
 async def completion_deltas(request: Request, decode: Callable[[Sequence[int]], str],
-                            stops: Sequence[str] = ()) -> AsyncIterator[list[ChoiceDelta]]:
+                            stops: Sequence[str] = (), byte_ids: Collection[int] = ()
+                            ) -> AsyncIterator[list[ChoiceDelta]]:
     """The rows' text as it comes, cut before the first stop string.
 
     Stop strings are matched on the decoded text, across token boundaries: the last
     `len(longest stop) - 1` characters are held back until later text shows they do not start
     one. The scheduler ends a row whose text reaches one (`submit(stops=...)`) at that decode
-    call; here its text is cut before the stop string."""
+    call; here its text is cut before the stop string. `byte_ids`: the engine's
+    `byte_fallback_ids` (IncrementalDetokenizer)."""
     rows = len(request.rows)
-    pieces = [IncrementalDetokenizer(decode) for _ in range(rows)]
+    pieces = [IncrementalDetokenizer(decode, byte_ids) for _ in range(rows)]
     text, sent, tokens, done = [""] * rows, [0] * rows, [0] * rows, [False] * rows
     logprobs: list[list] = [[] for _ in range(rows)]
     hold = max((len(stop) for stop in stops), default=1) - 1

@@ -17,6 +17,7 @@ class FakeEngine(Engine):
     max_batch_size = 64
     backend = "fake"
     eos_id = ord("0")
+    eos_ids = frozenset({eos_id})
 
     def __init__(self, fail_with: Exception | None = None):
         self.warmup_gate = threading.Event()
@@ -98,6 +99,8 @@ class RecordingEngine(Engine):
         self.max_batch_size = inner.max_batch_size
         self.backend = inner.backend
         self.eos_id = getattr(inner, "eos_id", None)
+        self.eos_ids = getattr(inner, "eos_ids", frozenset())
+        self.byte_fallback_ids = inner.byte_fallback_ids
         self.memory_budget = inner.memory_budget if budget is None else budget
         self.calls: list[list] = []
         self.extends: list[list] = []

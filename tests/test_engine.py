@@ -155,6 +155,53 @@ def test_a_row_stops_at_end_of_text(engine, eos_model, hf_model, xla_cache):
     assert stop_token not in out[1]
 
 
+@pytest.fixture(scope="module")
+def eos_list_model(litert_model_dir, reference, tmp_path_factory):
+    """The tiny model whose generation_config.json lists two end-of-sequence ids (as Qwen2's lists
+    end-of-turn and end-of-text), each a token that one prompt's greedy output emits early and
+    the other prompt's does not before its own; config.json and litert.json keep GPT-2's."""
+    def firsts(greedy):  # (position, token) of tokens at their first appearance
+        return [(i, t) for i, t in enumerate(greedy) if i >= 3 and t not in greedy[:i]]
+
+    a, b = PROMPTS[3], PROMPTS[2]
+    greedy_a, greedy_b = reference(a, 30), reference(b, 30)
+    i, j, stop_a, stop_b = next((i, j, ta, tb) for i, ta in firsts(greedy_a) for j, tb in firsts(greedy_b)
+                                if ta != tb and tb not in greedy_a[:i + 1] and ta not in greedy_b[:j + 1])
+    out = tmp_path_factory.mktemp("eos-list-model")
+    for f in litert_model_dir.iterdir():
+        if f.is_file() and f.name != "manifest.json":
+            shutil.copy(f, out / f.name)
+    data = json.loads((out / "generation_config.json").read_text())
+    data["eos_token_id"] = [stop_a, stop_b]
+    (out / "generation_config.json").write_text(json.dumps(data))
+    return out, (a, greedy_a[:i], stop_a), (b, greedy_b[:j], stop_b)
+
+
+def test_a_row_stops_on_each_end_of_sequence_id_generation_config_lists(engine, eos_list_model, xla_cache):
+    path, *cases = eos_list_model
+    eos_engine = make_engine(engine.backend, path)
+    assert eos_engine.eos_id == engine.eos_id  # the primary stays config.json's (warm-up pads with it)
+    assert eos_engine.eos_ids == {engine.eos_id} | {stop for _, _, stop in cases}
+    rows = [GenerationRow(tuple(eos_engine.encode(prompt)), 30) for prompt, _, _ in cases]
+    assert eos_engine.generate(rows) == [before_stop for _, before_stop, _ in cases]  # each < 30: ended on its id
+
+
+def test_end_of_sequence_ids_come_from_generation_config_else_config(tmp_path):
+    from service.model_files import ModelDirError, end_of_sequence_ids
+
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 151643}))
+    assert end_of_sequence_ids(tmp_path) == (151643, {151643})
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
+    assert end_of_sequence_ids(tmp_path) == (151643, {151645, 151643})
+    assert end_of_sequence_ids(tmp_path, primary=2) == (2, {2, 151645, 151643})  # the primary always ends a row
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [128001, 128009]}))  # Llama 3's
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True}))
+    assert end_of_sequence_ids(tmp_path) == (128001, {128001, 128009})
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelDirError):
+        end_of_sequence_ids(tmp_path)
+
+
 def test_no_compiles_after_warmup(engine):
     engine.generate(rows_for(engine, PROMPTS, [3] * 5))
     assert engine.compiles_after_warmup() == 0

@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
+from service.detokenize import byte_fallback_ids
 from service.engine.base import DecodeBatch, Engine, GenerationRow, RowUpdate, TokenLogprob
 from service.engine.sampling import next_token, token_logprob
-from service.model_files import LITERT_META, litert_model_file
+from service.model_files import LITERT_META, end_of_sequence_ids, litert_model_file
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +399,7 @@ class LiteRTGPT2Engine(Engine):
         log.info("int8 quality gate at conversion: %s", gate["reason"])
         if precision == "int8" and not gate["int8_enabled"]:
             log.warning("serving int8 although the quality gate rejected it (%s)", gate["reason"])
-        self.eos_id = int(meta["eos_token_id"])
+        self.eos_id, self.eos_ids = end_of_sequence_ids(model_dir, primary=int(meta["eos_token_id"]))
         self.context_window = int(meta["n_positions"])
         self.max_batch_size = max_batch_size
         # The pool holds every row's slots: at most a full window a row, and a slot per row for
@@ -406,6 +407,7 @@ class LiteRTGPT2Engine(Engine):
         self.cache_sizes = cache_buckets(smallest_cache, max_batch_size * (self.context_window + 1))
         self._all_cache_sizes = self.cache_sizes  # before `set_memory_budget` caps them
         self._tokenizer = load_tokenizer(model_dir)
+        self.byte_fallback_ids = byte_fallback_ids(self._tokenizer)
         embeddings = Rows(model_dir / meta["embeddings"])
         self.vocab_size = int(embeddings.shape[0])
         positions = np.load(model_dir / meta["positions"])
@@ -578,9 +580,9 @@ class _RowState:
         history = list(row.prompt_ids) if row.repetition_penalty != 1.0 else None
         return cls(key, row, row.prompt_ids[-1], history=history, short=short)
 
-    def advance(self, logits: np.ndarray, eos: int) -> RowUpdate:
-        """Take the next token from this row's logits (a failure is this row's alone: its update
-        carries the error)."""
+    def advance(self, logits: np.ndarray, eos: frozenset[int]) -> RowUpdate:
+        """Take the next token from this row's logits; the row ends on any token of `eos` (a
+        failure is this row's alone: its update carries the error)."""
         row = self.row
         try:
             token = next_token(logits, row, self.generated, self.history or ())
@@ -588,7 +590,7 @@ class _RowState:
         except Exception as exc:
             return RowUpdate(self.key, [], error=exc)
         self.next = token
-        if token == eos:
+        if token in eos:
             return RowUpdate(self.key, [], "eos_token", logprobs)
         if self.history is not None:
             self.history.append(token)
@@ -685,7 +687,7 @@ class LiteRTBatch(DecodeBatch):
         self._lane_seconds = 0.0
         holes, spare, positions = len(self._holes()), self._spare_slots(), len(self._rows)
         logits = decoder.step(np.array([r.next if r is not None else 0 for r in self._rows], np.int64))
-        eos = self._engine.eos_id
+        eos = self._engine.eos_ids
         updates = [r.advance(logits[b], eos) for b, r in enumerate(self._rows) if r is not None]
         # A hole costs `HOLE_SHARE` of a row's share of the call, spare slots their share of the pool.
         self._waste += decoder.last_step_seconds * (HOLE_SHARE * holes / positions + spare / decoder.pool_size)
@@ -694,7 +696,7 @@ class LiteRTBatch(DecodeBatch):
     def _lane_step(self, shorts: list[int]) -> list[RowUpdate]:
         rows = [self._rows[b] for b in shorts]
         logits = self._decoder.step_apart(shorts, np.array([r.next for r in rows], np.int64))
-        eos = self._engine.eos_id
+        eos = self._engine.eos_ids
         updates = [r.advance(logits[i], eos) for i, r in enumerate(rows)]
         seconds = self._decoder.last_apart_seconds  # the call alone, as the batch's `last_step_seconds`
         self._lane_seconds += seconds

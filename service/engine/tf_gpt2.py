@@ -51,10 +51,12 @@ from tensorflow.compiler.tf2xla.python import xla  # noqa: E402
 from transformers import GPT2TokenizerFast, TFGPT2LMHeadModel  # noqa: E402
 from transformers.tf_utils import stable_softmax  # noqa: E402
 
+from service.detokenize import byte_fallback_ids  # noqa: E402
 from service.engine import sampling  # noqa: E402
 from service.engine.base import (  # noqa: E402
     DecodeBatch, Engine, FinishReason, GenerationRow, RowUpdate, TokenLogprob)
 from service.engine.layout import Buckets  # noqa: E402
+from service.model_files import end_of_sequence_ids  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +155,7 @@ class TFDecodeBatch(DecodeBatch):
                     errors[b], chosen[b] = exc, engine.eos_id
         tokens, steps, self._h, self._caches = engine.decode_call(
             self._h, self._caches, running, chosen if chosen else None)
-        eos = engine.eos_id
+        eos = engine.eos_ids
         updates = []
         for b, r in enumerate(rows):
             if r is None:
@@ -164,7 +166,7 @@ class TFDecodeBatch(DecodeBatch):
                 continue
             new: list[int] = []
             for token in tokens[b, :steps] if r.finish is None else ():
-                if token == eos:
+                if token in eos:
                     r.finish = "eos_token"
                     break
                 new.append(int(token))
@@ -262,10 +264,11 @@ class TFGPT2Engine(Engine):
     def __init__(self, model_dir: Path, *, max_batch_size: int = 8, prefill_chunk: int = 16,
                  decode_chunk: int = 16, smallest_cache: int = 128):
         self._tokenizer = GPT2TokenizerFast.from_pretrained(model_dir).backend_tokenizer
+        self.byte_fallback_ids = byte_fallback_ids(self._tokenizer)
         self.model = TFGPT2LMHeadModel.from_pretrained(model_dir)
         config = self.model.config
         _check_supported(config)
-        self.eos_id = int(config.eos_token_id)
+        self.eos_id, self.eos_ids = end_of_sequence_ids(model_dir, primary=int(config.eos_token_id))
         self.context_window = int(config.n_positions)
         self.vocab_size = int(config.vocab_size)
         self.max_batch_size = max_batch_size
@@ -461,7 +464,7 @@ class TFGPT2Engine(Engine):
             token = tf.where(done, self.eos_id, token)
             out = xla.dynamic_update_slice(out, token[:, None], tf.stack([0, i]))
             generated += tf.cast(~done, tf.int32)
-            done = done | (token == self.eos_id) | (generated >= max_new)
+            done = done | self._is_eos(token) | (generated >= max_new)
             h, caches = self._forward(token[:, None], length, caches, self._write_at(length))
             # A finished row's slot does not advance: its cache must not run past its bucket.
             return i + 1, h, length + tf.cast(~done, tf.int32), caches, generated, done, out
@@ -469,6 +472,11 @@ class TFGPT2Engine(Engine):
         i, h, _, caches, _, _, out = tf.while_loop(
             running, step, (tf.constant(0), h, length, caches, generated, done, out))
         return out, i, h, caches
+
+    def _is_eos(self, token):
+        """Whether each row's token ends it (any of `eos_ids`: a constant of the trace)."""
+        eos = tf.constant(sorted(self.eos_ids), tf.int32)
+        return tf.reduce_any(token[:, None] == eos[None, :], axis=1)
 
     def _write_at(self, length):
         """Writes one new key or value per row, [batch, heads, 1, head_dim], at the row's own slot.

@@ -113,7 +113,7 @@ def submit(runtime: Runtime, scheduler, engine, rows: list[GenerationRow], *, st
     the first stop string)."""
     request = scheduler.submit(rows, stream=stream, interval=runtime.settings.stream_interval_ms / 1000, stops=stops)
     observability.attach(request)
-    return request, completion_deltas(request, engine.decode, stops)
+    return request, completion_deltas(request, engine.decode, stops, engine.byte_fallback_ids)
 
 
 def count_prompt(runtime: Runtime, prompt_tokens: int) -> None:
