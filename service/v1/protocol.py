@@ -22,37 +22,51 @@ class StreamOptions(BaseModel):
     include_usage: Optional[StrictBool] = False
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions. Limits that depend on the settings are checked by the route."""
+class _SamplingRequest(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share: the model, sampling, stop
+    strings, streaming, and the penalties and bias this server refuses unless off."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: StrictStr
-    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]] = Field(
-        description="A string, a list of strings, a list of token ids, or a list of lists of token ids.")
-    max_tokens: Optional[StrictInt] = Field(16, ge=0, description="New tokens per choice; null means 16.")
     temperature: Optional[float] = Field(1.0, ge=0, allow_inf_nan=False)
     top_p: Optional[float] = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     n: Optional[StrictInt] = Field(1, ge=1)
     stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None
-    logprobs: Optional[StrictInt] = Field(None, ge=0, le=5)
-    echo: Optional[StrictBool] = False
     stop: Optional[Union[StrictStr, list[StrictStr]]] = None
-    presence_penalty: Optional[float] = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    frequency_penalty: Optional[float] = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    best_of: Optional[StrictInt] = None
-    logit_bias: Optional[dict[str, float]] = None
-    user: Optional[StrictStr] = None
     seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED, description="0 to 2^53-1, the largest integer "
                                       "every JSON client holds exactly.")
-    suffix: Optional[StrictStr] = None
+    user: Optional[StrictStr] = None
+    presence_penalty: Optional[float] = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: Optional[float] = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: Optional[dict[str, float]] = None
     # Extensions (vLLM's names): not in OpenAI's API, ignored by its servers.
     top_k: Optional[StrictInt] = Field(None, ge=-1, description="Sample from the k likeliest tokens; 0, -1 or null: off.")
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10, allow_inf_nan=False,
                                                 description="transformers' repetition penalty; 1 or null: off.")
 
-    _integers = field_validator("prompt", "max_tokens", "n", "logprobs", "best_of", "seed", "top_k", mode="before")(
+    _integers = field_validator("n", "seed", "top_k", mode="before")(classmethod(lambda cls, value: integral(value)))
+
+    @property
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions. Limits that depend on the settings are checked by the route."""
+
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]] = Field(
+        description="A string, a list of strings, a list of token ids, or a list of lists of token ids.")
+    max_tokens: Optional[StrictInt] = Field(16, ge=0, description="New tokens per choice; null means 16.")
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=5)
+    echo: Optional[StrictBool] = False
+    best_of: Optional[StrictInt] = None
+    suffix: Optional[StrictStr] = None
+
+    _own_integers = field_validator("prompt", "max_tokens", "logprobs", "best_of", mode="before")(
         classmethod(lambda cls, value: integral(value)))
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -65,12 +79,6 @@ class CompletionRequest(BaseModel):
             ("suffix", self.suffix is not None, "suffix is not supported (GPT-2 does not fill in the middle)"),
         ]
         return next(((field, why) for field, refused, why in checks if refused), None)
-
-    @property
-    def stops(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
 class ChatMessage(BaseModel):
@@ -86,31 +94,16 @@ class ChatMessage(BaseModel):
     function_call: Optional[Any] = None
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions. Limits that depend on the settings are checked by the route."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: StrictStr
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[StrictInt] = Field(None, ge=1, description="New tokens per choice (deprecated by OpenAI for "
                                             "max_completion_tokens, which wins when both are set). Null: the rest of "
                                             "the context window, within MAX_TOKENS_LIMIT and MAX_TOTAL_TOKENS.")
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1, description="New tokens per choice.")
-    temperature: Optional[float] = Field(1.0, ge=0, allow_inf_nan=False)
-    top_p: Optional[float] = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    n: Optional[StrictInt] = Field(1, ge=1)
-    stream: Optional[StrictBool] = False
-    stream_options: Optional[StreamOptions] = None
     logprobs: Optional[StrictBool] = False
     top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=5, description="0 to 5, with logprobs true.")
-    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
-    seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED, description="0 to 2^53-1, the largest integer "
-                                      "every JSON client holds exactly.")
-    user: Optional[StrictStr] = None
-    presence_penalty: Optional[float] = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    frequency_penalty: Optional[float] = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    logit_bias: Optional[dict[str, float]] = None
     # What this server cannot do: refused when set to anything but "off" (`unsupported`).
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
@@ -119,13 +112,9 @@ class ChatCompletionRequest(BaseModel):
     response_format: Optional[dict[str, Any]] = None
     audio: Optional[Any] = None
     modalities: Optional[list[Any]] = None
-    # Extensions (vLLM's names), as on /v1/completions.
-    top_k: Optional[StrictInt] = Field(None, ge=-1, description="Sample from the k likeliest tokens; 0, -1 or null: off.")
-    repetition_penalty: Optional[float] = Field(None, gt=0, le=10, allow_inf_nan=False,
-                                                description="transformers' repetition penalty; 1 or null: off.")
 
-    _integers = field_validator("max_tokens", "max_completion_tokens", "n", "top_logprobs", "seed", "top_k",
-                                mode="before")(classmethod(lambda cls, value: integral(value)))
+    _own_integers = field_validator("max_tokens", "max_completion_tokens", "top_logprobs", mode="before")(
+        classmethod(lambda cls, value: integral(value)))
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for the first field set to something this server does not do."""
@@ -146,12 +135,6 @@ class ChatCompletionRequest(BaseModel):
              "top_logprobs needs logprobs set to true"),
         ]
         return next(((field, why) for field, refused, why in checks if refused), None)
-
-    @property
-    def stops(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
 class ChatTokenLogprob(BaseModel):
