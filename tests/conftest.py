@@ -159,3 +159,15 @@ def served(app, ready_timeout: float = 120):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@contextmanager
+def served_engine(engine, model_dir: Path, served_model_name: str, **settings):
+    """A warmed-up `engine` behind the app (the tests' engine options), on a live server."""
+    from service.app import create_app
+    from service.config import Settings
+
+    options = dict(max_batch_size=ENGINE_OPTIONS["max_batch_size"], min_cache_size=ENGINE_OPTIONS["smallest_cache"],
+                   served_model_name=served_model_name) | settings
+    with served(create_app(Settings(model_dir=model_dir, **options), engine_factory=lambda s: engine)) as url:
+        yield url

@@ -9,7 +9,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import ENGINE_OPTIONS, served
+from conftest import served_engine
 from fakes import FakeEngine
 from service.app import create_app
 from service.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
@@ -155,12 +155,7 @@ def test_template_errors_say_why():
 
 @pytest.fixture(scope="module")
 def live(engine, template_dirs):
-    from service.config import Settings
-
-    settings = Settings(model_dir=template_dirs["chatml"], max_batch_size=ENGINE_OPTIONS["max_batch_size"],
-                        min_cache_size=ENGINE_OPTIONS["smallest_cache"], served_model_name="tiny-chat",
-                        max_tokens_limit=1000)
-    with served(create_app(settings, engine_factory=lambda s: engine)) as url:
+    with served_engine(engine, template_dirs["chatml"], "tiny-chat", max_tokens_limit=1000) as url:
         yield url
 
 

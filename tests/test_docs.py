@@ -14,8 +14,7 @@ from pydantic import Field
 
 import check_readme
 import config_docs
-from conftest import served
-from service.app import create_app
+from conftest import served_engine
 from service.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,8 +116,7 @@ def test_every_readme_code_block_is_run_by_the_docker_check_or_says_why_not():
 
 @pytest.fixture(scope="module")
 def live_server_url(litert_engine, litert_model_dir):
-    settings = Settings(model_dir=litert_model_dir, served_model_name="distilgpt2", max_batch_size=4)
-    with served(create_app(settings, engine_factory=lambda s: litert_engine)) as url:
+    with served_engine(litert_engine, litert_model_dir, "distilgpt2") as url:
         yield url
 
 

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ENGINE_OPTIONS, served
+from conftest import served, served_engine
 from fakes import FakeEngine
 from service.app import create_app
 
@@ -16,12 +16,7 @@ PROMPT = "def add(a, b):"
 
 @pytest.fixture(scope="module")
 def live(engine, model_dir):
-    from service.config import Settings
-
-    settings = Settings(model_dir=model_dir, max_batch_size=ENGINE_OPTIONS["max_batch_size"],
-                        min_cache_size=ENGINE_OPTIONS["smallest_cache"], served_model_name="tiny-gpt2",
-                        max_tokens_limit=1000)
-    with served(create_app(settings, engine_factory=lambda s: engine)) as url:
+    with served_engine(engine, model_dir, "tiny-gpt2", max_tokens_limit=1000) as url:
         yield url
 
 
