@@ -681,6 +681,7 @@ def save(result: dict, md: str, work: Path, results_dir: Path, latest: str) -> N
     """result.json and result.md in the run's folder `work`, copied to `results_dir` as
     `<latest>.json` and `<latest>.md`; the plots `result["plots"]` names (already in `work`) are
     copied beside them under their own names, so the Markdown's relative links work in both."""
+    results_dir.mkdir(parents=True, exist_ok=True)
     (work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     (work / "result.md").write_text(md)
     for suffix in ("json", "md"):

@@ -240,7 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(result)
     report.save(result, md, work, args.results_dir, "soak-latest")
     if args.publish:
-        args.publish.mkdir(parents=True, exist_ok=True)
         report.save(result, md, work, args.publish, "soak")
     print(md, flush=True)
     log(f"wrote {work / 'result.json'}, {work / 'result.md'} and {', '.join(result['plots']) or 'no plots'}")
