@@ -1,6 +1,7 @@
 """Clients that misbehave the way real ones do, for tests/test_chaos.py: they stream and hang up
-after a few events, abandon a request half-way, send bursts past the queue bound, mix both
-APIs, stop strings, `n`, echo with logprobs and many prompts in one request.
+after a few events, abandon a request half-way, send bursts past the queue bound, mix the three
+APIs (`/generate`, `/v1/completions`, `/v1/chat/completions`), stop strings, `n`, echo with
+logprobs and many prompts in one request.
 
 Every call is described by a `Call` (the path, the JSON body, and what the client does with
 the answer); `run_call` performs it with an `httpx.AsyncClient` and returns an `Outcome`: the
@@ -26,7 +27,7 @@ HANG_UP = "hang_up"    # streamed: close the connection after `events` events
 ABANDON = "abandon"    # not streamed: cancel the request after `after` seconds
 
 # Statuses a well-formed request may get under load: the queue is full.
-OVERLOADED = {"/generate": 503, "/v1/completions": 429}
+OVERLOADED = {"/generate": 503, "/v1/completions": 429, "/v1/chat/completions": 429}
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,10 @@ def assemble(path: str, events: list) -> dict:
                 usage = e["usage"]
             for c in e["choices"]:
                 row = rows.setdefault(c["index"], ["", None, None])
-                row[0] += c["text"]
+                row[0] += (c["delta"].get("content") or "") if "delta" in c else c["text"]
                 row[1] = c["finish_reason"] or row[1]
-                if c["logprobs"]:  # how the lists split into chunks depends on timing: joined
-                    row[2] = {k: (row[2] or {}).get(k, []) + v for k, v in c["logprobs"].items()}
+                if c.get("logprobs"):  # how the lists split into chunks depends on timing: joined
+                    row[2] = {k: (row[2] or {}).get(k, []) + (v or []) for k, v in c["logprobs"].items()}
     return {"rows": {i: rows[i] for i in sorted(rows)}, "errors": errors, "usage": usage}
 
 
@@ -192,9 +193,11 @@ def random_prompt(rng: random.Random) -> str:
 
 
 def random_call(rng: random.Random, stops: list[str], *, max_prompts: int, max_tokens: int) -> Call:
-    """One request from the mix: either API, streamed or not, read whole, hung up on or abandoned,
-    greedy or seeded sampling, with stop strings, `n`, echo with logprobs, several prompts."""
-    v1 = rng.random() < 0.45
+    """One request from the mix: any of the three APIs, streamed or not, read whole, hung up on or
+    abandoned, greedy or seeded sampling, with stop strings, `n`, logprobs (echo on
+    `/v1/completions`), several prompts (a conversation on chat)."""
+    api = rng.random()
+    v1, chat = 0.15 <= api < 0.45, api < 0.15
     stream = rng.random() < 0.45
     tokens = rng.choice([1, 2, rng.randint(3, 16), rng.randint(3, 16), rng.randint(16, max_tokens)])
     sampling = {"temperature": 0} if rng.random() < 0.4 else {"temperature": round(rng.uniform(0.7, 1.3), 2),
@@ -204,7 +207,19 @@ def random_call(rng: random.Random, stops: list[str], *, max_prompts: int, max_t
     if rng.random() < 0.35:
         chosen = rng.sample(stops, rng.randint(1, min(3, len(stops))))
         body["stop"] = chosen[0] if len(chosen) == 1 and rng.random() < 0.5 else chosen
-    if v1:
+    if chat:
+        n = rng.choice([1, 1, 2, 3]) if 3 <= max_prompts else 1
+        messages = [{"role": "user", "content": p} for p in prompts[:2]]
+        if rng.random() < 0.3:
+            messages.insert(0, {"role": "system", "content": random_prompt(rng)})
+        body |= {"model": "tiny", "messages": messages}
+        if n > 1:
+            body["n"] = n
+        if rng.random() < 0.25:
+            body |= {"logprobs": True, "top_logprobs": rng.randint(0, 3)}
+        if stream and rng.random() < 0.3:
+            body["stream_options"] = {"include_usage": True}
+    elif v1:
         n = rng.choice([1, 1, 2, 3]) if len(prompts) * 3 <= max_prompts else 1
         body |= {"model": "tiny", "prompt": prompts[0] if len(prompts) == 1 and rng.random() < 0.5 else prompts}
         if n > 1:
@@ -219,7 +234,7 @@ def random_call(rng: random.Random, stops: list[str], *, max_prompts: int, max_t
         body["prompts"] = prompts[0] if len(prompts) == 1 and rng.random() < 0.5 else prompts
     if stream:
         body["stream"] = True
-    path = "/v1/completions" if v1 else "/generate"
+    path = "/v1/chat/completions" if chat else "/v1/completions" if v1 else "/generate"
     roll = rng.random()
     if stream and roll < 0.3:
         return Call(path, body, HANG_UP, events=rng.randint(1, 4))

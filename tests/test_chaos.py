@@ -20,6 +20,7 @@ from collections import Counter
 import httpx
 import pytest
 
+from chat_models import CHATML, with_template
 from chaos_clients import OVERLOADED, Call, Outcome, burst, random_call, run_call, same
 from conftest import ENGINE_OPTIONS, served
 from service.app import create_app
@@ -264,7 +265,13 @@ def mismatches(url: str, outcomes: list[Outcome]) -> tuple[list[str], list[str],
     return bad, flips, len(solo)
 
 
-def test_chaos_load_every_answer_is_the_solo_answer(backend, model_dir):
+@pytest.fixture(scope="module")
+def chat_model_dir(model_dir, tmp_path_factory):
+    """The tiny model with a ChatML template, so the load's chat requests are served."""
+    return with_template(model_dir, tmp_path_factory.mktemp("chaos-chat") / "model", CHATML)
+
+
+def test_chaos_load_every_answer_is_the_solo_answer(backend, chat_model_dir):
     """CHAOS_CLIENTS clients for CHAOS_SECONDS doing what clients do (chaos_clients.random_call),
     now and then a burst past the queue bound. No 500 and no 5xx but a full queue's 503; every
     answer read whole equals the same request made alone; hung-up streams got a prefix of it;
@@ -273,7 +280,7 @@ def test_chaos_load_every_answer_is_the_solo_answer(backend, model_dir):
     # Not the `random` module's own generator: a plugin (hypothesis's) seeds it the same for every test.
     seed = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(2**32))
     replay = f"[{name}] CHAOS_SEED={seed} CHAOS_SECONDS={CHAOS_SECONDS:g} CHAOS_CLIENTS={CHAOS_CLIENTS}"
-    settings = settings_for(model_dir, max_queue_size=QUEUE, max_prompts_per_request=MAX_PROMPTS,
+    settings = settings_for(chat_model_dir, max_queue_size=QUEUE, max_prompts_per_request=MAX_PROMPTS,
                             max_tokens_limit=64, max_total_tokens=4096)
     with serve(engine, settings) as url:
         stops = frequent_texts(url)

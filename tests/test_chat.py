@@ -3,20 +3,17 @@ the completions route on the rendered prompt (on both backends), the official `o
 and every refusal's exact body."""
 
 import json
-import shutil
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from chat_models import CHATML, with_template
 from conftest import served_engine
 from fakes import FakeEngine
 from service.app import create_app
 from service.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 
-# Qwen2's template (ChatML).
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 # A default system prompt, alternation enforced with raise_exception, and whitespace that only
 # trim_blocks and lstrip_blocks remove.
 SYSTEM_DEFAULT = """{% if messages[0]['role'] == 'system' %}
@@ -62,17 +59,6 @@ def joined(conversation):
     """The conversation as the server hands it to the template: text parts joined by newlines."""
     return [{**m, "content": "\n".join(p["text"] for p in m["content"]) if isinstance(m["content"], list)
              else m["content"]} for m in conversation]
-
-
-def with_template(model_dir, out, template: str, as_file: bool = False):
-    """A copy of the tiny model with `template` in its tokenizer_config.json or chat_template.jinja."""
-    shutil.copytree(model_dir, out)
-    if as_file:
-        (out / "chat_template.jinja").write_text(template)
-    else:
-        config = json.loads((out / "tokenizer_config.json").read_text())
-        (out / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
-    return out
 
 
 @pytest.fixture(scope="module")
