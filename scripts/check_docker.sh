@@ -314,7 +314,7 @@ model = Path("/models/model")
 check_model_dir(model)
 verify_manifest(model)
 listed = set(read_manifest(model)["files"])
-litert = {"gpt2.fp32.tflite", "gpt2.int8.tflite", "embeddings.npy", "positions.npy"}
+litert = {"decoder.fp32.tflite", "decoder.int8.tflite", "embeddings.npy", "positions.npy"}
 missing = sorted(n for n in litert | {"litert.json"} if not (model / n).is_file())
 assert not missing, f"no {missing} in {model}"
 assert litert <= listed, f"the manifest does not list {sorted(litert - listed)}"
@@ -338,7 +338,7 @@ print("   ", " ".join(sorted(p.name for p in model.iterdir())))
         docker run --rm --network none "$image" python -c '
 import os, sys
 names = {"tf_model.h5", "pytorch_model.bin", "model.safetensors", "flax_model.msgpack", "manifest.json",
-         "gpt2.fp32.tflite", "gpt2.int8.tflite", "embeddings.npy", "positions.npy", "litert.json"}
+         "decoder.fp32.tflite", "decoder.int8.tflite", "embeddings.npy", "positions.npy", "litert.json"}
 found = [os.path.join(d, f) for top in ("/app", "/models", "/opt", "/tmp", "/home", "/root", "/srv")
          for d, _, files in os.walk(top) for f in files if f in names]
 found += [os.path.join("/models", f) for f in os.listdir("/models")]

@@ -2,7 +2,7 @@
 
     python scripts/convert_model.py --model-dir DIR [--force]
 
-Writes, beside the TensorFlow files: `gpt2.fp32.tflite` and `gpt2.int8.tflite` (signatures
+Writes, beside the TensorFlow files: `decoder.fp32.tflite` and `decoder.int8.tflite` (signatures
 `extend`, `decode` and `head`; int8 = dynamic-range int8 weights), `embeddings.npy` and `positions.npy`
 (looked up on the host), and `litert.json` (what was converted, from which weights, and the int8
 quality gate's figures and decision). Then it rewrites `manifest.json` with every file's size and

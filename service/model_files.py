@@ -14,15 +14,18 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
-WEIGHTS = "tf_model.h5"
+WEIGHTS = "tf_model.h5"  # GPT-2's TensorFlow weights (the tf backend and GPT-2's conversion read them)
+# Other architectures' weights (weight_files): one safetensors file, or the shards an index names.
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 # A GPT-2 tokenizer is either the fast tokenizer's single file or the slow one's pair.
 TOKENIZER_CHOICES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 # LiteRT files, made from the TensorFlow weights by scripts/convert_model.py (litert.json last).
 LITERT_META = "litert.json"
 # The LiteRT files' layout and signatures, recorded in litert.json as `converter_version`; the
 # service reads only this one (scripts/convert_model.py converts again when it differs).
-LITERT_FORMAT = 4
-LITERT_FILES = ("gpt2.fp32.tflite", "gpt2.int8.tflite", "embeddings.npy", "positions.npy", LITERT_META)
+LITERT_FORMAT = 5
+LITERT_FILES = ("decoder.fp32.tflite", "decoder.int8.tflite", "embeddings.npy", "positions.npy", LITERT_META)
 # The files downloads fetch when the repository has them (`missing_files` says which are required);
 # the converter adds LITERT_FILES.
 SERVICE_FILES = (
@@ -68,9 +71,30 @@ class ModelDirError(ValueError):
     """The model directory is missing, incomplete or does not match its manifest."""
 
 
+def weight_files(model_dir: Path) -> list[str]:
+    """The weights' file names: tf_model.h5 where there is one, else model.safetensors, else
+    the shards model.safetensors.index.json names (sorted); empty if none is there."""
+    if (model_dir / WEIGHTS).is_file():
+        return [WEIGHTS]
+    if (model_dir / SAFETENSORS).is_file():
+        return [SAFETENSORS]
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelDirError(f"model directory {model_dir}: unreadable {SAFETENSORS_INDEX} ({exc})") from exc
+        return [SAFETENSORS_INDEX, *shards]
+    return []
+
+
 def missing_files(model_dir: Path) -> list[str]:
     """Names of the files the service needs that `model_dir` lacks (empty when complete)."""
-    missing = [name for name in (CONFIG, WEIGHTS) if not (model_dir / name).is_file()]
+    missing = [CONFIG] if not (model_dir / CONFIG).is_file() else []
+    weights = weight_files(model_dir)
+    if not weights:
+        missing.append(f"{WEIGHTS} (or {SAFETENSORS}, or {SAFETENSORS_INDEX} and its shards)")
+    missing += [name for name in weights if not (model_dir / name).is_file()]
     if not any(all((model_dir / n).is_file() for n in choice) for choice in TOKENIZER_CHOICES):
         missing.append("tokenizer.json (or vocab.json + merges.txt)")
     return missing
@@ -95,7 +119,7 @@ def check_model_dir(model_dir: Path) -> None:
 
 
 def litert_model_file(precision: str) -> str:
-    return f"gpt2.{precision}.tflite"
+    return f"decoder.{precision}.tflite"
 
 
 def has_litert_files(model_dir: Path) -> bool:
@@ -154,7 +178,7 @@ def write_manifest(model_dir: Path, extra: dict | None = None) -> dict:
     by the converter."""
     files = {
         name: {"size": (model_dir / name).stat().st_size, "sha256": sha256_of(model_dir / name)}
-        for name in SERVICE_FILES + LITERT_FILES
+        for name in dict.fromkeys((*SERVICE_FILES, *weight_files(model_dir), *LITERT_FILES))
         if (model_dir / name).is_file()
     }
     manifest = {**(extra or {}), "files": files}

@@ -41,7 +41,7 @@ def test_conversion_writes_every_file_and_records_it_in_the_manifest(litert_mode
     verify_manifest(litert_model_dir)
     meta = json.loads((litert_model_dir / LITERT_META).read_text())
     assert meta["source_sha256"] == convert_model.source_fingerprint(litert_model_dir)
-    assert meta["models"] == {"fp32": "gpt2.fp32.tflite", "int8": "gpt2.int8.tflite"}
+    assert meta["models"] == {"fp32": "decoder.fp32.tflite", "int8": "decoder.int8.tflite"}
     assert (meta["n_layer"], meta["n_head"], meta["n_embd"], meta["vocab_size"]) == (2, 4, 64, 512)
     assert not (litert_model_dir / ".litert-tmp").exists()
 

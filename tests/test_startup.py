@@ -48,7 +48,7 @@ def test_an_incomplete_model_dir_names_the_missing_files(tmp_path, model_dir):
         r = run_service({"MODEL_DIR": str(tmp_path)}, args)
         assert r.returncode == 1
         assert last_line(r.stderr) == (f"service: invalid settings: model directory {tmp_path} is missing "
-                                       "tf_model.h5, tokenizer.json (or vocab.json + merges.txt)")
+                                       "tf_model.h5 (or model.safetensors, or model.safetensors.index.json and its shards), tokenizer.json (or vocab.json + merges.txt)")
 
 
 def test_a_file_that_does_not_match_the_manifest_is_refused(tmp_path, model_dir):
@@ -69,7 +69,7 @@ def test_a_weight_file_corrupted_after_download_stops_the_server_with_one_line(t
     running the server refuse to start, with one line and a nonzero status."""
     for f in litert_model_dir.iterdir():
         shutil.copy(f, tmp_path / f.name)
-    weights = tmp_path / "gpt2.fp32.tflite"
+    weights = tmp_path / "decoder.fp32.tflite"
     with weights.open("r+b") as f:
         f.seek(weights.stat().st_size // 2)
         byte = f.read(1)
@@ -79,7 +79,7 @@ def test_a_weight_file_corrupted_after_download_stops_the_server_with_one_line(t
         r = run_service({"MODEL_DIR": str(tmp_path), "PORT": str(free_port())}, args)
         assert r.returncode == 1
         assert r.stderr.strip() == (
-            f"service: refusing to start: model directory {tmp_path}: gpt2.fp32.tflite does not match its sha256 in "
+            f"service: refusing to start: model directory {tmp_path}: decoder.fp32.tflite does not match its sha256 in "
             "manifest.json; fetch the model again (scripts/download_model.py --force; docs/operations.md: Faults)")
 
 
