@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service.model_files import litert_model_file
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # The signatures a decode step invokes, in order; `head`'s input is `decode`'s `hidden` output.
@@ -332,7 +334,7 @@ def summarize(result: dict, top: int = 12) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__.splitlines()[0])
-    p.add_argument("--model-dir", type=Path, required=True, help="directory holding gpt2.<precision>.tflite")
+    p.add_argument("--model-dir", type=Path, required=True, help="directory holding decoder.<precision>.tflite")
     p.add_argument("--precision", default="int8", choices=("int8", "fp32"))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--cache", type=int, default=256, help="cache slots per row (the pool the step attends over holds batch x this)")
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="MiB written between timed invokes to evict the CPU caches (0: time with warm caches)")
     p.add_argument("--json", type=Path, help="also write the result and its tables here")
     args = p.parse_args(argv)
-    model_path = args.model_dir / f"gpt2.{args.precision}.tflite"
+    model_path = args.model_dir / litert_model_file(args.precision)
     if not model_path.is_file():
         raise SystemExit(f"{model_path} is missing (scripts/convert_model.py --model-dir writes it)")
     result = profile(model_path, args.model_dir, args.batch, args.cache, args.threads, args.repeats, args.flush_mib)
