@@ -6,23 +6,32 @@ the tensors they are handed. It runs in its own process, started by `bench.cli`:
     python -m bench.baseline JOB.json OUT.json
 
 TensorFlow runs in the service's venv (`.venv`); PyTorch runs in `bench/.venv-torch`, where
-TensorFlow is absent. That venv cannot read `tf_model.h5`, so the TensorFlow worker first
-converts the weights (`"convert_to"` in the job) to a `model.safetensors` that
+TensorFlow is absent. For GPT-2, that venv cannot read `tf_model.h5`, so the TensorFlow worker
+first converts the weights (`"convert_to"` in the job) to a `model.safetensors` that
 `GPT2LMHeadModel.from_pretrained` loads, with the logits of a reference prompt beside it; the
 PyTorch worker loads that file and checks its own logits against the reference before it
-times anything.
+times anything. A Llama-family model directory holds `model.safetensors` itself (bfloat16, as
+on the hub): the PyTorch worker loads it with `AutoModelForCausalLM` in float32, as a user on a
+CPU would, and checks its logits against those bench/make_model.py recorded for the model it
+saved (`bench-reference/`), which proves the loading (every weight read, biases and tied
+embeddings included); there is no TensorFlow model of it and no TensorFlow worker.
 
-Job (JSON): {"framework": "tf"|"pt", "model_dir": str, "weights_dir": str (pt only),
-"convert_to": str (tf only, optional), "retries_when_shared": int (optional), "runs": [{"name",
-"prompts", "batch_size", "max_new_tokens"}]}. A run during which other processes used more than
-SHARED_CORES cores is measured again, up to `retries_when_shared` times; the least shared
-attempt is kept and `attempts` says how many there were. Result (JSON): {"framework", "versions", "threads", "logits_check",
-"runs": [{"name", "batch_size", "requests", "new_tokens", "seconds", "tok_per_s",
-"req_per_s", "latencies", "eos_stops", "prompt_tokens", "texts", "cpu"}]}.
+Job (JSON): {"framework": "tf"|"pt", "model_dir": str, "weights_dir": str (pt, GPT-2 only: the
+converted weights; without it the model directory's own are loaded), "reference_dir": str (pt:
+the reference logits; default weights_dir), "convert_to": str (tf only, optional),
+"retries_when_shared": int (optional), "runs": [{"name", "prompts", "batch_size",
+"max_new_tokens"}]}. A run during which other processes used more than SHARED_CORES cores is
+measured again, up to `retries_when_shared` times; the least shared attempt is kept and
+`attempts` says how many there were. Result (JSON): {"framework", "versions", "threads",
+"logits_check", "peak_rss_mib", "runs": [{"name", "batch_size", "requests", "new_tokens",
+"seconds", "tok_per_s", "req_per_s", "latencies", "eos_stops", "prompt_tokens", "texts",
+"cpu"}]}.
 
-Greedy only (do_sample=False). Generation stops at end-of-text as the service's does; each
-row's new tokens are counted up to and including its first end-of-text, so the counts are
-the tokens the model really produced, and `eos_stops` says how often that happened.
+Greedy only (do_sample=False, and no repetition penalty: Qwen2.5's generation_config.json asks
+for 1.1, which `generate` would apply, and the service applies only what a request asks for).
+Generation stops at the model's end-of-sequence ids (generation_config.json's, as the
+service's); each row's new tokens are counted up to and including its first one, so the counts
+are the tokens the model really produced, and `eos_stops` says how often that happened.
 
 Only the standard library (and bench.cpu, which uses nothing else) is imported at module
 level: the PyTorch venv has no TensorFlow and the TensorFlow venv has no torch.
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -47,6 +57,8 @@ REFERENCE_PROMPT = "def main(argv=None):\n    parser = argparse.ArgumentParser("
 WEIGHTS_FILE = "model.safetensors"
 REFERENCE_FILE = "reference_logits.npy"
 REFERENCE_IDS_FILE = "reference_ids.json"
+# Where bench/make_model.py puts the reference files in a model directory it writes.
+REFERENCE_DIR = "bench-reference"
 # fp32 on both sides; the two frameworks order their sums differently, nothing more.
 LOGITS_ATOL = 1e-3
 
@@ -85,19 +97,27 @@ def convert_tf_to_pt(model, tokenizer, model_dir: Path, out_dir: Path) -> dict:
     return {"tensors": len(tensors)}
 
 
-def check_pt_logits(model, weights_dir: Path) -> dict:
+def check_pt_logits(model, reference_dir: Path, reference: str) -> dict:
+    """The loaded model's logits on the reference prompt against `reference_dir`'s (`reference`
+    says whose they are: TensorFlow's, or the model's as bench/make_model.py saved it)."""
     import numpy as np
     import torch
 
-    ids = json.loads((weights_dir / REFERENCE_IDS_FILE).read_text())
-    expected = np.load(weights_dir / REFERENCE_FILE)
+    if not (reference_dir / REFERENCE_FILE).is_file():
+        # A model directory given with --model-dir that bench/make_model.py did not write.
+        return {"reference": None, "skipped": f"no {REFERENCE_FILE} in {reference_dir}"}
+    ids = json.loads((reference_dir / REFERENCE_IDS_FILE).read_text())
+    expected = np.load(reference_dir / REFERENCE_FILE)
     with torch.inference_mode():
-        got = model(torch.tensor([ids])).logits[0].numpy()
+        got = model(torch.tensor([ids])).logits[0].float().numpy()
+    if got.shape != expected.shape:
+        raise SystemExit(f"PyTorch logits have shape {got.shape}, the reference's ({reference}) {expected.shape}")
     diff = float(np.abs(got - expected).max())
     same_argmax = bool((got.argmax(-1) == expected.argmax(-1)).all())
-    if got.shape != expected.shape or diff > LOGITS_ATOL:
-        raise SystemExit(f"PyTorch logits differ from TensorFlow's: max |diff| {diff:.3g} > {LOGITS_ATOL}")
-    return {"max_abs_diff": diff, "same_argmax": same_argmax, "positions": len(ids), "atol": LOGITS_ATOL}
+    if diff > LOGITS_ATOL:
+        raise SystemExit(f"PyTorch logits differ from the reference's ({reference}): max |diff| {diff:.3g} > {LOGITS_ATOL}")
+    return {"reference": reference, "max_abs_diff": diff, "same_argmax": same_argmax, "positions": len(ids),
+            "atol": LOGITS_ATOL}
 
 
 class Generator:
@@ -107,18 +127,18 @@ class Generator:
         from transformers import AutoTokenizer
 
         self.framework = framework
-        # The model's own tokenizer config pads on the left, as batched generation needs.
+        # Batched generation pads on the left (GPT-2's test tokenizer says so; the Llama-family
+        # tokenizers, like their hub originals, leave it to the caller).
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             # GPT-2 has no pad token; padding is masked out, so end-of-text serves, as is usual.
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.eos = self.tokenizer.eos_token_id
         if framework == "tf":
             from transformers import TFGPT2LMHeadModel
 
             self.model = TFGPT2LMHeadModel.from_pretrained(model_dir)
-        else:
+        elif weights_dir is not None:
             from transformers import GPT2LMHeadModel
 
             self.model, info = GPT2LMHeadModel.from_pretrained(weights_dir, output_loading_info=True)
@@ -127,12 +147,27 @@ class Generator:
             if missing or info["unexpected_keys"] or info["mismatched_keys"]:
                 raise SystemExit(f"converted weights do not fit GPT2LMHeadModel: {info}")
             self.model.eval()
+        else:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            # float32 whatever the file holds (bfloat16 on the hub): what a CPU user runs.
+            self.model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                                    output_loading_info=True)
+            if any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+                raise SystemExit(f"{model_dir}'s weights do not fit {type(self.model).__name__}: {info}")
+            self.model.eval()
+        # What `generate` stops on: generation_config.json's end-of-sequence id or ids.
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> tuple[list[list[int]], int]:
-        """New token ids per prompt (up to and including end-of-text) and the padded prompt length."""
+        """New token ids per prompt (up to and including the first end-of-sequence id) and the
+        padded prompt length."""
         tensors = "tf" if self.framework == "tf" else "pt"
         enc = self.tokenizer(prompts, return_tensors=tensors, padding=True)
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.eos)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0,
+                      pad_token_id=self.tokenizer.pad_token_id)
         if self.framework == "tf":
             out = self.model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kwargs).numpy()
         else:
@@ -143,7 +178,8 @@ class Generator:
         width = enc["input_ids"].shape[1]
         rows = []
         for row in out[:, width:].tolist():
-            rows.append(row[: row.index(self.eos) + 1] if self.eos in row else row)
+            stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+            rows.append(row if stop is None else row[: stop + 1])
         return rows, width
 
     def run(self, spec: dict) -> dict:
@@ -160,7 +196,7 @@ class Generator:
             latencies += [time.perf_counter() - t0] * len(chunk)
             for prompt, row in zip(chunk, rows):
                 new_tokens += len(row)
-                eos_stops += bool(row) and row[-1] == self.eos
+                eos_stops += bool(row) and row[-1] in self.eos_ids
                 texts.setdefault(prompt, self.tokenizer.decode(row, skip_special_tokens=True))
         seconds = time.perf_counter() - start
         cpu = window.stop()
@@ -210,7 +246,9 @@ def main(argv: list[str]) -> int:
     if framework == "tf" and job.get("convert_to"):
         result["conversion"] = convert_tf_to_pt(gen.model, gen.tokenizer, model_dir, Path(job["convert_to"]))
     if framework == "pt":
-        result["logits_check"] = check_pt_logits(gen.model, weights_dir)
+        reference_dir = Path(job.get("reference_dir") or weights_dir)
+        reference = "TensorFlow's" if weights_dir is not None else "the model's as saved"
+        result["logits_check"] = check_pt_logits(gen.model, reference_dir, reference)
     result["runs"] = []
     retries = int(job.get("retries_when_shared", 0))
     for spec in job["runs"]:
@@ -228,6 +266,8 @@ def main(argv: list[str]) -> int:
             flush=True,
         )
         result["runs"].append(run)
+    # The worker's peak: the model, generate's caches at the largest batch, and the runtime.
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out_path.write_text(json.dumps(result, indent=1))
     return 0
 
