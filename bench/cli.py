@@ -1,12 +1,14 @@
 """`python -m bench`: baselines, then the service under load, then the report.
 
 Order of work, one heavy thing at a time so no measurement shares the cores with another:
-1. the model directory (made with scripts/make_test_model.py into the cache if absent), and its
-   LiteRT files (scripts/convert_model.py --model-dir, idempotent) when a LiteRT backend runs;
-2. the PyTorch venv (bench/.venv-torch, made if absent);
-3. the TensorFlow worker: converts the weights for PyTorch, then times the naive baseline (only
-   when the TF backend is benchmarked: that baseline backs its bar alone);
-4. the PyTorch worker: checks its logits against TensorFlow's, then times batch 1 and batch 8;
+1. the PyTorch venv (bench/.venv-torch, made if absent; a Llama-family model is made in it);
+2. the model directory (made into the cache if absent: GPT-2 shapes by scripts/make_test_model.py,
+   Llama-family shapes by bench/make_model.py), and its LiteRT files
+   (scripts/convert_model.py --model-dir, idempotent) when a LiteRT backend runs;
+3. the TensorFlow worker (GPT-2 only): converts the weights for PyTorch, then times the naive
+   baseline (only when the TF backend is benchmarked: that baseline backs its bar alone);
+4. the PyTorch worker: checks its logits against the reference (TensorFlow's for GPT-2, the
+   saved model's for the Llama family), then times batch 1 and batch 8;
 5. the service, once per backend (--backends), each started cold: warm-up timed, each of that
    backend's scenarios driven over HTTP, then its streaming scenarios (bench/stream.py), peak
    memory from process start recorded;
@@ -29,10 +31,12 @@ import time
 from pathlib import Path
 
 from bench import config, plots, report, stream
+from bench.baseline import REFERENCE_DIR
 from bench.cpu import SHARED_CORES, CpuWindow, own_cpu_seconds
 from bench.load import run_load
 from bench.server import REPO, Service, histogram_window, parse_labels, parse_metrics
 from bench.torch_env import DEFAULT_VENV, ensure_venv
+from service.model_files import SAFETENSORS, WEIGHTS, weight_files
 
 BENCH = Path(__file__).resolve().parent
 DEFAULT_CACHE = BENCH / ".cache"
@@ -43,22 +47,36 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def ensure_model(model_dir: Path | None, shape: str, cache: Path) -> Path:
-    """The TF model to benchmark: the one given, or a random-weight one made in the cache."""
+def ensure_model(model_dir: Path | None, shape: str, cache: Path, torch_python: str | None = None) -> Path:
+    """The model to benchmark: the one given, or a random-weight one of `shape` made in the
+    cache: GPT-2's TensorFlow weights by scripts/make_test_model.py (this venv), a Llama-family
+    model's bfloat16 safetensors by bench/make_model.py (the PyTorch venv, `torch_python`)."""
     if model_dir is not None:
-        if not (model_dir / "config.json").is_file() or not (model_dir / "tf_model.h5").is_file():
-            raise SystemExit(f"{model_dir} has no config.json and tf_model.h5")
+        if not (model_dir / "config.json").is_file() or not weight_files(model_dir):
+            raise SystemExit(f"{model_dir} has no config.json and weights ({WEIGHTS} or {SAFETENSORS})")
         return model_dir
     model_dir = cache / "models" / shape
-    if not (model_dir / "tf_model.h5").is_file():
+    llama = config.MODEL_SHAPES[shape] == "llama"
+    if not (model_dir / (SAFETENSORS if llama else WEIGHTS)).is_file():
         log(f"writing a random-weight {shape} model to {model_dir}")
         tmp = model_dir.with_name(model_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run([sys.executable, str(REPO / "scripts" / "make_test_model.py"), "--out", str(tmp),
-                        "--shape", shape], check=True, cwd=REPO)
+        if llama:
+            if torch_python is None:
+                raise SystemExit(f"the {shape} model is made in the PyTorch venv; none was given")
+            cmd = [torch_python, "-m", "bench.make_model", "--out", str(tmp), "--shape", shape]
+        else:
+            cmd = [sys.executable, str(REPO / "scripts" / "make_test_model.py"), "--out", str(tmp), "--shape", shape]
+        subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.rename(model_dir)
     return model_dir
+
+
+def model_family(model_dir: Path) -> str:
+    """gpt2 for a GPT-2 (TensorFlow weights, the tf backend), llama for the Llama family."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return "gpt2" if cfg.get("model_type") == "gpt2" else "llama"
 
 
 def ensure_litert(model_dir: Path, work: Path) -> dict:
@@ -76,8 +94,8 @@ def ensure_litert(model_dir: Path, work: Path) -> dict:
     if proc.returncode != 0:
         tail = "\n".join((work / "convert_model.log").read_text(errors="replace").splitlines()[-30:])
         raise SystemExit(f"scripts/convert_model.py failed ({proc.returncode}):\n{tail}")
-    info: dict = {"seconds": seconds, "files": sorted(p.name for p in model_dir.iterdir()
-                                                      if p.suffix in (".tflite", ".npy") or p.name == "litert.json")}
+    info: dict = {"seconds": seconds, "files": sorted(p.name for p in model_dir.iterdir() if p.is_file()
+                                                      and (p.suffix in (".tflite", ".npy") or p.name == "litert.json"))}
     gate_path = model_dir / "litert.json"
     if gate_path.is_file():
         gate = json.loads(gate_path.read_text())
@@ -101,16 +119,27 @@ def _gate_summary(gate: dict) -> dict:
 
 def model_summary(model_dir: Path) -> dict:
     cfg = json.loads((model_dir / "config.json").read_text())
+    layers, width = cfg.get("n_layer", cfg.get("num_hidden_layers")), cfg.get("n_embd", cfg.get("hidden_size"))
+    summary = f"{layers} layers, {width} wide, {cfg.get('vocab_size')} vocab"
+    if model_family(model_dir) == "llama":
+        summary = (f"{(cfg.get('architectures') or [cfg.get('model_type')])[0]}: {summary}, "
+                   f"{cfg.get('num_attention_heads')} heads, {cfg.get('num_key_value_heads')} key/value heads, "
+                   f"MLP {cfg.get('intermediate_size')}, "
+                   + ("tied" if cfg.get("tie_word_embeddings") else "untied") + " embeddings")
+    weights = weight_files(model_dir)
     return {
         "dir": str(model_dir),
-        "summary": f"{cfg.get('n_layer')} layers, {cfg.get('n_embd')} wide, {cfg.get('vocab_size')} vocab",
-        "n_layer": cfg.get("n_layer"), "n_embd": cfg.get("n_embd"), "vocab_size": cfg.get("vocab_size"),
+        "summary": summary,
+        "n_layer": layers, "n_embd": width, "vocab_size": cfg.get("vocab_size"),
+        "family": model_family(model_dir),
+        # What the weights file holds (the engines and the baselines compute in fp32 either way).
+        "weights": f"{weights[0] if weights else 'no weights'}, {cfg.get('torch_dtype', 'float32')}",
     }
 
 
 def weights_key(model_dir: Path) -> str:
     """Names the PyTorch conversion of exactly these TF weights (path, size, mtime)."""
-    st = (model_dir / "tf_model.h5").stat()
+    st = (model_dir / WEIGHTS).stat()
     ident = f"{model_dir.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
@@ -315,11 +344,11 @@ def run_stream_scenarios(svc: Service, scenarios: tuple, backend: str, phase_loa
     return results
 
 
-def phase_result(backend: config.Backend, raw: dict, baselines: dict) -> dict:
+def phase_result(preset: config.Preset, backend: config.Backend, raw: dict, baselines: dict) -> dict:
     """Bars, ratios and consistency checks of one backend's phase."""
     texts = raw.pop("texts")
     bars, ratios = report.compute_bars(backend.name, raw["scenarios"], baselines, raw["service"],
-                                       raw["stream_scenarios"])
+                                       raw["stream_scenarios"], preset.name, preset.model_shape)
     checks = report.consistency_checks(
         raw["scenarios"], baselines, {p: next(iter(t)) for p, t in texts.items() if len(t) == 1})
     checks["greedy_deterministic"] = {
@@ -331,7 +360,9 @@ def run_profiles(preset: config.Preset, model_dir: Path, work: Path, args) -> li
     """bench/profile_step.py in its own process, once per cache size (after the service phases,
     so it shares no cores with them)."""
     profiles = []
-    for cache in [int(c) for c in str(args.profile_cache).split(",") if c.strip()]:
+    caches = preset.profile_caches if args.profile_cache is None else [
+        int(c) for c in args.profile_cache.split(",") if c.strip()]
+    for cache in caches:
         out_json, out_log = work / f"profile-c{cache}.json", work / f"profile-c{cache}.txt"
         cmd = [sys.executable, "-m", "bench.profile_step", "--model-dir", str(model_dir), "--precision", "int8",
                "--batch", str(args.profile_batch), "--cache", str(cache), "--json", str(out_json),
@@ -354,15 +385,22 @@ def run_profiles(preset: config.Preset, model_dir: Path, work: Path, args) -> li
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the text-generation service "
                                 "against transformers' generate on TensorFlow (naive) and PyTorch.")
-    p.add_argument("--preset", choices=("full", "tiny"), default="full",
-                   help="full: DistilGPT2 shape, 64 tokens, 1/8/32 clients (default); tiny: a quick end-to-end check")
-    p.add_argument("--backends", default=",".join(config.DEFAULT_BACKENDS), type=config.parse_backends,
-                   help="service backends to benchmark, each in its own cold phase, in this order "
-                   f"(default {','.join(config.DEFAULT_BACKENDS)}); e.g. --backends litert-int8 to bound run time")
+    p.add_argument("--preset", choices=config.PRESETS,
+                   help="full: DistilGPT2 shape, 64 tokens, 1/8/32 clients (the default for GPT-2 shapes); tiny: a "
+                   "quick end-to-end check; llama: small scope for the Llama-family shapes, 1 and 8 clients, "
+                   "LiteRT int8 and fp32 (the default for those shapes)")
+    p.add_argument("--model-shape", choices=tuple(config.MODEL_SHAPES), help="the random-weight model's shape "
+                   "(default: the preset's: distilgpt2, tiny, smollm2-135m); smollm2-135m and qwen2.5-0.5b are "
+                   "SmolLM2-135M-Instruct's and Qwen2.5-0.5B-Instruct's")
+    p.add_argument("--backends", type=config.parse_backends,
+                   help="service backends to benchmark, each in its own cold phase, in this order (default: the "
+                   f"preset's, {','.join(config.DEFAULT_BACKENDS)} for GPT-2, without tf for the Llama family); "
+                   "e.g. --backends litert-int8 to bound run time")
     p.add_argument("--no-profile", action="store_true", help="skip the per-op profile of the int8 decode step")
     p.add_argument("--profile-batch", type=int, default=8, help="rows in the profiled decode step (default 8)")
-    p.add_argument("--profile-cache", default="256,640", help="cache slots in the profiled decode step, one profile "
-                   "per comma-separated size (default 256,640: the mixed prompts' size and the long prompts')")
+    p.add_argument("--profile-cache", help="cache slots in the profiled decode step, one profile per "
+                   "comma-separated size (default: 256,640 for full and tiny, the mixed prompts' size and the long "
+                   "prompts'; none for llama)")
     p.add_argument("--model-dir", type=Path, help="model to serve (default: a random-weight model of the "
                    "preset's shape, made in the cache)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="models and converted weights")
@@ -372,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the service, e.g. MAX_BATCH_SIZE=8 (repeatable)")
     p.add_argument("--health-timeout", type=float, help="seconds to wait for /health ok "
-                   "(default: 600 for full, 300 for tiny)")
+                   "(default: 600 for full and llama, 300 for tiny)")
     p.add_argument("--retries-when-shared", type=int, help="measure a baseline run or scenario again, up to this "
                    f"many times, while other processes use more than {SHARED_CORES} cores during it; the least "
                    "shared attempt counts (default: 2 for full, 0 for tiny)")
@@ -382,43 +420,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve(args: argparse.Namespace) -> tuple[config.Preset, tuple[config.Backend, ...]]:
+    """The preset and the backends a command line asks for."""
+    preset = config.make_preset(args.preset or config.default_preset(args.model_shape), args.model_shape)
+    backends: tuple[config.Backend, ...] = args.backends or tuple(config.BACKENDS[b] for b in preset.backends)
+    if preset.family != "gpt2" and any(b.backend == "tf" for b in backends):
+        raise SystemExit(f"the tf backend serves GPT-2's TensorFlow weights only, not {preset.model_shape}")
+    return preset, backends
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    preset = config.make_preset(args.preset)
-    backends: tuple[config.Backend, ...] = args.backends
+    preset, backends = resolve(args)
     names = [b.name for b in backends]
     started_at = time.strftime("%Y-%m-%d %H:%M:%S")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    work = args.results_dir / f"{stamp}-{preset.name}"
+    # The llama preset's runs name their shape: one preset, several models.
+    work = args.results_dir / (f"{stamp}-{preset.name}" + (f"-{preset.model_shape}" if preset.name == "llama" else ""))
     work.mkdir(parents=True, exist_ok=True)
     load_before = [round(x, 2) for x in os.getloadavg()]
     revision = service_revision()  # before the run: the tree may change while it runs
     command = "./bench/run.sh" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
 
-    model_dir = ensure_model(args.model_dir, preset.model_shape, args.cache_dir).resolve()
-    log(f"preset {preset.name}, model {model_dir}, backends {','.join(names)}")
-    litert = ensure_litert(model_dir, work) if any(b.backend == "litert" for b in backends) else None
-
     torch_info = None
-    if not args.no_torch:
+    # A Llama-family model is made in the PyTorch venv, baseline or not.
+    if not args.no_torch or (args.model_dir is None and preset.family == "llama"):
         torch_info = ensure_venv(args.torch_venv, log=log)
         log(f"PyTorch venv ready: torch {torch_info['torch']}, {torch_info['threads']} threads"
             + (f" (created in {torch_info['install_seconds']:.0f} s)" if torch_info["created"] else ""))
+    model_dir = ensure_model(args.model_dir, preset.model_shape, args.cache_dir,
+                             torch_info and torch_info["python_path"]).resolve()
+    if args.no_torch:
+        torch_info = None
+    family = model_family(model_dir)
+    if family != "gpt2" and "tf" in names:
+        raise SystemExit(f"the tf backend serves GPT-2's TensorFlow weights only; {model_dir} is not a GPT-2")
+    log(f"preset {preset.name}, model {model_dir}, backends {','.join(names)}")
+    litert = ensure_litert(model_dir, work) if any(b.backend == "litert" for b in backends) else None
 
     retries = args.retries_when_shared if args.retries_when_shared is not None else preset.retries_when_shared
-    pt_dir = args.cache_dir / "pt" / weights_key(model_dir)
+    # GPT-2: PyTorch reads the weights the TF worker converts (cached by weights_key). The Llama
+    # family: PyTorch reads the model directory's own safetensors, against the reference logits
+    # bench/make_model.py left beside them.
+    pt_dir = args.cache_dir / "pt" / weights_key(model_dir) if family == "gpt2" else None
     # The naive TF baseline only backs the TF backend's bar; it is slow, so it runs only then.
     tf_runs = preset.tf_runs if "tf" in names else ()
     tf_job = {"framework": "tf", "model_dir": str(model_dir), "runs": [r.job() for r in tf_runs],
               "retries_when_shared": retries}
-    if torch_info and not (pt_dir / "model.safetensors").is_file():
+    if torch_info and pt_dir is not None and not (pt_dir / SAFETENSORS).is_file():
         tf_job["convert_to"] = str(pt_dir)
     # The 1-minute load average as each phase starts: this machine may be shared, and a busy
     # neighbour shows here before it shows as a slow figure.
-    phase_load = {"tf_baseline": round(os.getloadavg()[0], 2)}
+    phase_load: dict[str, float] = {}
     tf_out, baseline_raw = {"versions": None}, {}
     if tf_runs or "convert_to" in tf_job:
+        phase_load["tf_baseline"] = round(os.getloadavg()[0], 2)
         log("TensorFlow worker: " + ("naive eager generate, one request at a time" if tf_runs
                                      else "weights for PyTorch only"))
         tf_out = run_worker(sys.executable, tf_job, work, "tf")
@@ -426,19 +483,24 @@ def main(argv: list[str] | None = None) -> int:
     if torch_info:
         phase_load["torch_baseline"] = round(os.getloadavg()[0], 2)
         log("PyTorch worker: generate at batch 1 and batch 8")
-        pt_job = {"framework": "pt", "model_dir": str(model_dir), "weights_dir": str(pt_dir),
+        pt_job = {"framework": "pt", "model_dir": str(model_dir),
                   "runs": [r.job() for r in preset.torch_runs], "retries_when_shared": retries}
+        if pt_dir is not None:
+            pt_job.update(weights_dir=str(pt_dir), reference_dir=str(pt_dir))
+        else:
+            pt_job["reference_dir"] = str(model_dir / REFERENCE_DIR)
         pt_out = run_worker(torch_info["python_path"], pt_job, work, "pt")
         torch_info["logits_check"] = pt_out["logits_check"]
+        torch_info["peak_rss_mib"] = pt_out.get("peak_rss_mib")
         baseline_raw.update({f"pt:{r['name']}": r for r in pt_out["runs"]})
     baselines = {k: {**report.baseline_result(r, k.split(":")[0]), "texts": r["texts"]} for k, r in baseline_raw.items()}
 
     service_env = {**preset.service_env, **parse_env(args.service_env)}
-    health_timeout = args.health_timeout or (600.0 if preset.name == "full" else 300.0)
+    health_timeout = args.health_timeout or preset.health_timeout
     phases = {}
     for backend in backends:
         raw = run_service(preset, backend, model_dir, work, service_env, health_timeout, phase_load, retries)
-        phases[backend.name] = phase_result(backend, raw, baselines)
+        phases[backend.name] = phase_result(preset, backend, raw, baselines)
 
     profiles = []
     if "litert-int8" in names and not args.no_profile:

@@ -1,20 +1,23 @@
 """What the benchmark runs: the fixed prompts, the scenarios, the baselines and the bars.
 
-Two presets. `full` is the standing benchmark (DistilGPT2 shape, 64 new tokens, 1/8/32
+Three presets. `full` is the standing benchmark (DistilGPT2 shape, 64 new tokens, 1/8/32
 clients, plus 8 identical prompts and a long-context pair with 128 new tokens); `tiny` runs the
 same scenarios at a size that proves the harness end to end in a test (tiny model, 8 new
 tokens, 1/2/4 clients) and means nothing as a measurement. Both end with issue 8's streaming
-scenarios (head-of-line blocking, uneven load, the cost of streaming).
+scenarios (head-of-line blocking, uneven load, the cost of streaming). `llama` is of small scope
+for the Llama-family shapes (`--model-shape`, SmolLM2-135M's by default): the short prompt at 1
+client and the mixed prompts at 8, 64 new tokens, against PyTorch at batch 1 and batch 8.
 
 Each preset is run against up to three service backends (`BACKENDS`), each started cold: LiteRT
 with int8 weights (every scenario; the issue's bars), LiteRT fp32 (the single-client bar and
-exact text) and the TensorFlow/XLA backend (the earlier bars).
+exact text) and the TensorFlow/XLA backend (the earlier bars; GPT-2 only: it serves TensorFlow
+weights).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # 16 tokens with the DistilGPT2-shape test tokenizer: the prompt of the single-client bar.
 SHORT_PROMPT = "The service keeps a queue of requests and decodes them in batches of eight."
@@ -286,6 +289,16 @@ BACKENDS = {
 DEFAULT_BACKENDS = ("litert-int8", "litert-fp32", "tf")
 
 
+# The model shapes the benchmark makes in its cache, by family: GPT-2's with TensorFlow weights
+# (scripts/make_test_model.py, in the service's venv), the Llama family's as their hub
+# repositories hold them, bfloat16 safetensors (bench/make_model.py, in the PyTorch venv).
+MODEL_SHAPES = {"tiny": "gpt2", "distilgpt2": "gpt2", "smollm2-135m": "llama", "qwen2.5-0.5b": "llama"}
+
+# The int8 bars of the llama preset, per shape: LiteRT int8 at 1 client vs PyTorch batch 1, and
+# at 8 clients vs PyTorch batch 8. Another shape's ratios are reported against no bar.
+LLAMA_BARS = {"smollm2-135m": {"single_vs_torch_b1": 3.0, "batch_vs_torch_b8": 2.0}}
+
+
 def parse_backends(text: str) -> tuple[Backend, ...]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in BACKENDS]
@@ -297,7 +310,7 @@ def parse_backends(text: str) -> tuple[Backend, ...]:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    model_shape: str  # scripts/make_test_model.py --shape
+    model_shape: str  # a key of MODEL_SHAPES
     max_tokens: int
     long_max_tokens: int
     scenarios: tuple[Scenario, ...]
@@ -311,6 +324,16 @@ class Preset:
     retries_when_shared: int = 0
     # Issue 8's scenarios (streaming, continuous batching); they run after `scenarios`.
     stream_scenarios: tuple[StreamScenario, ...] = ()
+    # The backends run unless --backends says otherwise (names of BACKENDS, in order).
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
+    # Cache slots of the per-op profiles of the int8 decode step (--profile-cache); () for none.
+    profile_caches: tuple[int, ...] = (256, 640)
+    # Seconds to wait for /health ok (--health-timeout).
+    health_timeout: float = 600.0
+
+    @property
+    def family(self) -> str:
+        return MODEL_SHAPES[self.model_shape]
 
     def scenarios_for(self, backend: Backend) -> tuple[Scenario, ...]:
         return tuple(s for s in self.scenarios if backend.roles is None or s.role in backend.roles)
@@ -319,7 +342,50 @@ class Preset:
         return tuple(s for s in self.stream_scenarios if backend.roles is None or s.role in backend.roles)
 
 
-def make_preset(name: str) -> Preset:
+PRESETS = ("full", "tiny", "llama")
+
+
+def default_preset(shape: str | None) -> str:
+    """The preset a run without --preset gets: llama for a Llama-family shape, else full."""
+    return "llama" if shape is not None and MODEL_SHAPES[shape] == "llama" else "full"
+
+
+def make_preset(name: str, shape: str | None = None) -> Preset:
+    """The preset `name`, for model `shape` (default: the preset's own: distilgpt2, tiny,
+    smollm2-135m). A Llama-family shape drops the tf backend, which serves GPT-2 alone."""
+    if shape is not None and shape not in MODEL_SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; known: {', '.join(MODEL_SHAPES)}")
+    if name == "llama":
+        preset = _llama_preset(shape or "smollm2-135m")
+    else:
+        preset = _gpt2_preset(name)
+        if shape is not None:
+            preset = replace(preset, model_shape=shape)
+    if preset.family != "gpt2":
+        preset = replace(preset, backends=tuple(b for b in preset.backends if BACKENDS[b].backend != "tf"))
+    return preset
+
+
+def _llama_preset(shape: str) -> Preset:
+    """Small scope: the single-client and 8-client greedy scenarios of `full` (same prompts, 64
+    new tokens, half the 8-client requests) on LiteRT int8 and fp32, PyTorch at batch 1 and 8.
+    About 10 minutes for SmolLM2-135M's shape on 2 cores, 20 for Qwen2.5-0.5B's (estimates)."""
+    n, short, mixed = 64, (SHORT_PROMPT,), MIXED_PROMPTS
+    return Preset(
+        name="llama",
+        model_shape=shape,
+        max_tokens=n,
+        long_max_tokens=n,
+        scenarios=(Scenario("greedy_c1", "single", 1, 8, short, n), Scenario("greedy_c8", "batch", 8, 32, mixed, n)),
+        tf_runs=(),
+        torch_runs=(BaselineRun("short_b1", "short_b1", short * 3, 1, n), BaselineRun("mixed_b8", "mixed_b8", mixed * 2, 8, n)),
+        retries_when_shared=1,
+        backends=("litert-int8", "litert-fp32"),
+        profile_caches=(),
+    )
+
+
+def _gpt2_preset(name: str) -> Preset:
     if name == "full":
         n, n_long, (c1, c8, c32), (r1, r8, r32), single_reps, b8_reps = 64, 128, (1, 8, 32), (8, 64, 128), 3, 2
         r_long1, r_long8, paragraphs = 4, 16, LONG_PARAGRAPHS_PER_PROMPT
@@ -391,4 +457,5 @@ def make_preset(name: str) -> Preset:
         profile_args=("--repeats", "7") if name == "full" else ("--repeats", "2", "--flush-mib", "8"),
         retries_when_shared=2 if name == "full" else 0,
         stream_scenarios=stream_scenarios,
+        health_timeout=600.0 if name == "full" else 300.0,
     )

@@ -129,22 +129,30 @@ SHAPES = {
 MIN_FREQUENCY = 2
 
 
-def corpus_texts():
-    """The standard library's .py files in a fixed order (a reproducible local corpus)."""
+def corpus_texts(limit_bytes: int | None = None):
+    """The standard library's .py files in a fixed order (a reproducible local corpus), the
+    first `limit_bytes` of them if given."""
     root = Path(sysconfig.get_paths()["stdlib"])
+    total = 0
     for f in sorted(f for f in root.rglob("*.py") if "site-packages" not in f.parts):
-        yield f.read_text(encoding="utf-8", errors="replace")
+        if limit_bytes is not None and total >= limit_bytes:
+            return
+        text = f.read_text(encoding="utf-8", errors="replace")
+        total += len(text)
+        yield text
 
 
-def build_tokenizer(vocab_size: int, specials: dict[int, str], not_special: tuple[str, ...] = ()):
-    """A byte-level BPE `tokenizers.Tokenizer` of exactly `vocab_size` ids, `specials` at their ids."""
+def build_tokenizer(vocab_size: int, specials: dict[int, str], not_special: tuple[str, ...] = (),
+                    corpus_bytes: int | None = None):
+    """A byte-level BPE `tokenizers.Tokenizer` of exactly `vocab_size` ids, `specials` at their
+    ids, and the number of ids its training filled (the rest are `<unused_N>`)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     trained = Tokenizer(models.BPE())
     trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), min_frequency=MIN_FREQUENCY,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    trained.train_from_iterator(corpus_texts(), trainer)
+    trained.train_from_iterator(corpus_texts(corpus_bytes), trainer)
     model = json.loads(trained.to_str())["model"]
     regular = sorted(model["vocab"], key=model["vocab"].get)
     # Unreachable: the byte-level pre-tokenizer splits "<", "unused", "_", digits and ">" apart.

@@ -10,6 +10,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.config import LLAMA_BARS
 from bench.cpu import SHARED_CORES
 from bench.load import LoadResult, percentile
 
@@ -275,13 +276,16 @@ def stream_bars(streams: dict, shared) -> list[Bar]:
 
 
 def compute_bars(backend: str, scenarios: dict, baselines: dict, service: dict,
-                 streams: dict | None = None) -> tuple[list[Bar], dict]:
+                 streams: dict | None = None, preset: str = "full", shape: str | None = None) -> tuple[list[Bar], dict]:
     """The bars of one backend's phase, each with the number it rests on.
 
     litert-int8 carries issue 7's bars (plus the sampling and compile bars kept from the
     first benchmark) and issue 8's streaming bars (`streams`: the phase's stream_scenarios);
-    litert-fp32 the single-client bar; tf the earlier bars unchanged.
+    litert-fp32 the single-client bar; tf the earlier bars unchanged. The llama preset has its
+    own (`llama_bars`).
     """
+    if preset == "llama":
+        return llama_bars(backend, scenarios, baselines, service, shape)
     ratios = compute_ratios(scenarios, baselines)
     by_role = {s["role"]: s for s in scenarios.values()}
     name = lambda role: by_role.get(role, {}).get("name", role)  # noqa: E731
@@ -381,17 +385,55 @@ def compute_bars(backend: str, scenarios: dict, baselines: dict, service: dict,
     return bars, ratios
 
 
-# Which baseline run does the same work as each scenario role (same prompts, same token budget).
-SAME_WORK = {"single": "short_b1", "batch": "mixed_b1", "overload": "mixed_b1", "same": "same_b8",
-             "long_single": "long_b1", "long_batch": "long_b8"}
+def llama_bars(backend: str, scenarios: dict, baselines: dict, service: dict, shape: str | None) -> tuple[list[Bar], dict]:
+    """The llama preset's bars: LiteRT int8 at 1 client vs PyTorch batch 1 and at 8 clients vs
+    PyTorch batch 8, with the targets LLAMA_BARS sets for `shape` (a shape without targets gets
+    the ratios with no bar: holds None), and no compile after warm-up. Other backends: none
+    (their ratios are in the report's text)."""
+    ratios = compute_ratios(scenarios, baselines)
+    if backend != "litert-int8":
+        return [], ratios
+    by_role = {s["role"]: s for s in scenarios.values()}
+    name = lambda role: by_role.get(role, {}).get("name", role)  # noqa: E731
+    targets = LLAMA_BARS.get(shape or "", {})
+
+    def shared(*parts) -> bool:
+        cpus = [(baselines.get(p) if ":" in p else by_role.get(p)) or {} for p in parts]
+        return any(((c.get("cpu") or {}).get("other_cores") or 0) > SHARED_CORES for c in cpus)
+
+    def vs(rid, text):
+        r, target = ratios[rid], targets.get(rid)
+        if target is None:
+            known = "; ".join(f"{k}: ≥ {v[rid]}×" for k, v in LLAMA_BARS.items() if rid in v)
+            return Bar(rid, text, fmt_bar(r, ".2f", "×"), f"none for {shape} ({known})", None,
+                       shared=shared(*RATIO_PARTS[rid]))
+        return Bar(rid, text, fmt_bar(r, ".2f", "×"), f"≥ {target}×", _at_least(r, target),
+                   shared=shared(*RATIO_PARTS[rid]))
+
+    compiles = service.get("compiles_after_warmup")
+    bars = [
+        vs("single_vs_torch_b1", f"{shape}: {name('single')} (the short prompt): tok/s vs PyTorch generate, batch 1"),
+        vs("batch_vs_torch_b8", f"{shape}: {name('batch')} (mixed prompts): total tok/s vs PyTorch generate, batch 8"),
+        Bar("compiles_after_warmup", "llm_compiles_after_warmup_total at the end", fmt_bar(compiles, ".0f"), "= 0",
+            None if compiles is None else compiles == 0),
+    ]
+    for bar in bars:
+        bar.phase = backend
+    return bars, ratios
+
+
+# Which baseline run does the same work as each scenario role (same prompts, same token budget):
+# the first of these the run has (the llama preset times the mixed prompts at batch 8 alone).
+SAME_WORK = {"single": ("short_b1",), "batch": ("mixed_b1", "mixed_b8"), "overload": ("mixed_b1",),
+             "same": ("same_b8",), "long_single": ("long_b1",), "long_batch": ("long_b8",)}
 
 
 def consistency_checks(scenarios: dict, baselines: dict, service_texts: dict) -> dict:
     """Do the service and the baselines do the same work? Token counts and greedy texts."""
     tokens = []
     for s in scenarios.values():
-        run = SAME_WORK.get(s["role"])
         for fw in ("tf", "pt"):
+            run = next((r for r in SAME_WORK.get(s["role"], ()) if f"{fw}:{r}" in baselines), None)
             b = baselines.get(f"{fw}:{run}")
             if run and b and s.get("tokens_per_request") is not None:
                 tokens.append({
@@ -533,10 +575,13 @@ def markdown(result: dict) -> str:
         f"Linux {m['kernel']} {m['machine']}; load average (1/5/15 min) {result['load_before']} before, "
         f"{result['load_after']} after; 1-min load as each phase began: "
         + ", ".join(f"{k} {v}" for k, v in result.get("load_at_phase_start", {}).items()) + ".",
-        f"Model: {result['model']['shape']} ({result['model']['summary']}), random fp32 weights, "
-        f"`{result['model']['dir']}`. {result['max_tokens']} new tokens per request "
-        f"({result.get('long_max_tokens')} in the long-context scenarios); sampled scenarios use "
-        f"T={result['temperature']} with a seed per request.",
+        f"Model: {result['model']['shape']} ({result['model']['summary']}), "
+        + (f"random weights ({result['model']['weights']} on disk), " if result["model"].get("weights")
+           else "random fp32 weights, ") +
+        f"`{result['model']['dir']}`. {result['max_tokens']} new tokens per request"
+        + (", greedy." if preset == "llama" else
+           f" ({result.get('long_max_tokens')} in the long-context scenarios); sampled scenarios use "
+           f"T={result['temperature']} with a seed per request."),
     ]
     if litert:
         gate = litert.get("gate") or {}
@@ -555,6 +600,8 @@ def markdown(result: dict) -> str:
             if bar.get("shared"):
                 holds += " (shared: unreliable)"
             lines.append(f"| {name} | {bar['text']} | {bar['measured']} | {bar['target']} | {holds} |")
+    if preset == "llama":
+        lines += [""] + _llama_summary(result)
     lines += plot_links(result)
     for name, phase in phases.items():
         lines += ["", f"{phase['title']}:", ""] + _scenario_table(phase)
@@ -601,10 +648,18 @@ def markdown(result: dict) -> str:
     if result.get("torch"):
         t = result["torch"]
         lc = t.get("logits_check") or {}
+        if lc.get("skipped"):
+            loaded = f"weights loaded as float32; logits not checked ({lc['skipped']})"
+        elif lc.get("reference", "TensorFlow's") == "TensorFlow's":
+            loaded = (f"weights converted from tf_model.h5; logits equal to TensorFlow's within "
+                      f"{fmt(lc.get('max_abs_diff'), '.1e')} (same argmax: {lc.get('same_argmax')})")
+        else:
+            loaded = (f"`AutoModelForCausalLM` on the model's own safetensors, loaded as float32; logits equal to "
+                      f"those bench/make_model.py recorded for the model it saved within "
+                      f"{fmt(lc.get('max_abs_diff'), '.1e')} (same argmax: {lc.get('same_argmax')})")
         lines.append(
-            f"PyTorch side: torch {t.get('torch')} (CPU build, {t.get('threads')} threads), "
-            f"weights converted from tf_model.h5; logits equal to TensorFlow's within "
-            f"{fmt(lc.get('max_abs_diff'), '.1e')} (same argmax: {lc.get('same_argmax')}). "
+            f"PyTorch side: torch {t.get('torch')} (CPU build, {t.get('threads')} threads), {loaded}"
+            + (f"; the worker's peak RSS {t['peak_rss_mib']:.0f} MiB" if t.get("peak_rss_mib") else "") + ". "
             + (f"Venv created this run in {t['install_seconds']:.0f} s." if t.get("created") else "Venv reused.")
         )
     else:
@@ -629,19 +684,43 @@ def markdown(result: dict) -> str:
             lines.append(f"{name}: each prompt got one greedy text in every request, whatever its batch: "
                          f"{det['same_text_every_request']} of {det['prompts']} prompts.")
         r = phase["ratios"]
+        if preset == "llama":
+            lines.append(f"{name}: greedy_c1 vs PyTorch batch 1 {fmt(r.get('single_vs_torch_b1'), '.2f')}×, "
+                         f"greedy_c8 vs PyTorch batch 8 {fmt(r.get('batch_vs_torch_b8'), '.2f')}×.")
+            continue
         lines.append(
             f"{name}, other ratios: single vs naive TF {fmt(r.get('single_vs_naive_tf'), '.1f')}×, "
             f"{'mixed c8 vs PyTorch batch 8 ' + fmt(r.get('batch_vs_torch_b8'), '.2f') + '×, ' if name == 'litert-fp32' else ''}"
             f"mixed c8 vs PyTorch batch 1 {fmt(r.get('batch_vs_torch_b1'), '.2f')}×.")
     ratios = next(iter(phases.values()))["ratios"] if phases else {}
-    lines.append(f"Baselines: PyTorch batch 8 vs batch 1 {fmt(ratios.get('torch_b8_vs_b1'), '.2f')}×, "
-                 f"PyTorch batch 8 vs naive TF {fmt(ratios.get('torch_b8_vs_naive_tf'), '.1f')}×.")
+    if preset != "llama":  # it times neither the mixed prompts at batch 1 nor naive TF
+        lines.append(f"Baselines: PyTorch batch 8 vs batch 1 {fmt(ratios.get('torch_b8_vs_b1'), '.2f')}×, "
+                     f"PyTorch batch 8 vs naive TF {fmt(ratios.get('torch_b8_vs_naive_tf'), '.1f')}×.")
     for profile in result.get("profiles") or []:
         if profile.get("table"):
             lines += ["", profile["title"], "", *profile["table"], "", *profile.get("notes", [])]
         elif profile.get("error"):
             lines += ["", f"Per-op profile (cache {profile.get('cache')}) failed: {profile['error']}"]
     return "\n".join(lines) + "\n"
+
+
+def _llama_summary(result: dict) -> list[str]:
+    """The llama preset's figures in one table: tok/s at 1 and 8 clients per backend beside
+    PyTorch at batch 1 and 8, the ratios, and peak memory."""
+    pt = lambda key: (result["baselines"].get(key) or {}).get("tok_per_s")  # noqa: E731
+    lines = ["| | 1 client (short prompt), tok/s | 8 clients (mixed prompts), tok/s | vs PyTorch batch 1 "
+             "| vs PyTorch batch 8 | peak RSS MiB |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, phase in result["phases"].items():
+        by_role = {s["role"]: s for s in phase["scenarios"].values()}
+        r = phase["ratios"]
+        lines.append(f"| service, {name} | {fmt((by_role.get('single') or {}).get('tok_per_s'))} | "
+                     f"{fmt((by_role.get('batch') or {}).get('tok_per_s'))} | {fmt(r.get('single_vs_torch_b1'), '.2f')}× | "
+                     f"{fmt(r.get('batch_vs_torch_b8'), '.2f')}× | "
+                     f"{fmt(phase['service'].get('vmhwm_since_start_mib'), '.0f')} (server, since start) |")
+    torch = result.get("torch") or {}
+    lines.append(f"| PyTorch generate (fp32) | {fmt(pt('pt:short_b1'))} (batch 1) | {fmt(pt('pt:mixed_b8'))} (batch 8) "
+                 f"| – | – | {fmt(torch.get('peak_rss_mib'), '.0f')} (worker) |")
+    return lines
 
 
 def _cores(cpu: dict | None) -> str:
@@ -671,7 +750,7 @@ def rerender(result: dict) -> dict:
     """Bars and checks computed again from a result.json's measurements (for a report change)."""
     for name, phase in result["phases"].items():
         bars, ratios = compute_bars(name, phase["scenarios"], result["baselines"], phase["service"],
-                                    phase.get("stream_scenarios"))
+                                    phase.get("stream_scenarios"), result["preset"], result["model"].get("shape"))
         phase["bars"], phase["ratios"] = bars_as_dicts(bars), ratios
     result["bars"] = [bar for p in result["phases"].values() for bar in p["bars"]]
     return result

@@ -100,6 +100,106 @@ def test_full_preset_matches_the_issue():
     assert preset.stream_scenarios_for(config.BACKENDS["litert-fp32"]) == ()
 
 
+def test_llama_preset_runs_the_short_scenarios_on_litert_against_pytorch_b1_and_b8():
+    preset = config.make_preset("llama")
+    assert (preset.model_shape, preset.family, preset.max_tokens) == ("smollm2-135m", "llama", 64)
+    assert preset.backends == ("litert-int8", "litert-fp32") and preset.stream_scenarios == ()
+    assert preset.tf_runs == () and preset.profile_caches == ()
+    by_role = {s.role: s for s in preset.scenarios}
+    assert set(by_role) == {"single", "batch"}
+    full = {s.role: s for s in config.make_preset("full").scenarios}
+    for role, clients in (("single", 1), ("batch", 8)):
+        s = by_role[role]
+        # GPT-2's short scenarios: the same prompts, greedy, 64 new tokens; whole rounds of them.
+        assert (s.clients, s.prompts, s.max_tokens, s.temperature) == (clients, full[role].prompts, 64, 0.0)
+        assert s.requests % len(s.prompts) == 0
+    runs = {r.name: r for r in preset.torch_runs}
+    assert set(runs) == {"short_b1", "mixed_b8"}
+    assert (runs["short_b1"].batch_size, set(runs["short_b1"].prompts)) == (1, {config.SHORT_PROMPT})
+    assert (runs["mixed_b8"].batch_size, set(runs["mixed_b8"].prompts)) == (8, set(config.MIXED_PROMPTS))
+    assert all(r.max_new_tokens == 64 for r in preset.torch_runs)
+    # int8 is forced (random weights fail the quality gate), fp32 asked for.
+    assert config.BACKENDS["litert-int8"].env["LITERT_PRECISION"] == "int8"
+    assert config.BACKENDS["litert-fp32"].env["LITERT_PRECISION"] == "fp32"
+    assert preset.scenarios_for(config.BACKENDS["litert-fp32"]) == preset.scenarios
+    qwen = config.make_preset("llama", "qwen2.5-0.5b")
+    assert qwen.model_shape == "qwen2.5-0.5b" and qwen.scenarios == preset.scenarios
+    # Any preset on a Llama-family shape drops tf, which serves GPT-2's TensorFlow weights alone.
+    assert config.make_preset("full", "smollm2-135m").backends == ("litert-int8", "litert-fp32")
+    assert config.make_preset("tiny").backends == config.DEFAULT_BACKENDS
+    assert config.default_preset("qwen2.5-0.5b") == "llama"
+    assert config.default_preset("distilgpt2") == config.default_preset(None) == "full"
+    with pytest.raises(ValueError, match="unknown model shape"):
+        config.make_preset("llama", "llama-3-8b")
+
+
+def test_model_shape_option_picks_the_preset_and_its_backends():
+    from bench import cli
+
+    def resolve(*argv):
+        return cli.resolve(cli.build_parser().parse_args(list(argv)))
+
+    preset, backends = resolve("--model-shape", "qwen2.5-0.5b")
+    assert (preset.name, preset.model_shape) == ("llama", "qwen2.5-0.5b")
+    assert [b.name for b in backends] == ["litert-int8", "litert-fp32"]
+    preset, backends = resolve("--preset", "llama")
+    assert preset.model_shape == "smollm2-135m" and preset.health_timeout == 600
+    preset, backends = resolve("--preset", "llama", "--model-shape", "smollm2-135m", "--backends", "litert-int8")
+    assert [b.name for b in backends] == ["litert-int8"]
+    preset, backends = resolve()
+    assert (preset.name, preset.model_shape, [b.name for b in backends]) == (
+        "full", "distilgpt2", list(config.DEFAULT_BACKENDS))
+    assert resolve("--preset", "tiny")[0].health_timeout == 300
+    with pytest.raises(SystemExit, match="tf backend"):
+        resolve("--model-shape", "smollm2-135m", "--backends", "tf,litert-int8")
+    with pytest.raises(SystemExit):
+        resolve("--model-shape", "llama-3-8b")  # argparse: not one of the choices
+
+
+def test_model_shapes_are_the_real_models_configs():
+    from bench import make_model
+
+    assert set(make_model.SHAPES) == {k for k, v in config.MODEL_SHAPES.items() if v == "llama"}
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from make_test_model import SHAPES as GPT2_SHAPES
+    finally:
+        sys.path.pop(0)
+    assert set(GPT2_SHAPES) == {k for k, v in config.MODEL_SHAPES.items() if v == "gpt2"}
+    smol, qwen = (make_model.SHAPES[k]["config"] for k in ("smollm2-135m", "qwen2.5-0.5b"))
+    dims = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+            "vocab_size", "tie_word_embeddings", "rope_theta", "max_position_embeddings", "rms_norm_eps")
+    assert [smol[k] for k in dims] == [576, 30, 9, 3, 1536, 49152, True, 100000, 8192, 1e-5]
+    assert [qwen[k] for k in dims] == [896, 24, 14, 2, 4864, 151936, True, 1000000.0, 32768, 1e-6]
+    assert smol["architectures"] == ["LlamaForCausalLM"] and qwen["architectures"] == ["Qwen2ForCausalLM"]
+    assert smol["torch_dtype"] == qwen["torch_dtype"] == "bfloat16"
+    for name, shape in make_model.SHAPES.items():
+        ids = {t: i for i, t in shape["specials"].items()}
+        assert {"<|im_start|>", "<|im_end|>", "<|endoftext|>"} <= set(ids), name
+        eos = shape["generation_config"]["eos_token_id"]
+        assert ids["<|im_end|>"] == shape["config"]["eos_token_id"] == (eos[0] if isinstance(eos, list) else eos)
+        assert max(ids.values()) < shape["config"]["vocab_size"]
+        assert "<|im_start|>" in shape["tokenizer_config"]["chat_template"]
+    assert make_model.SHAPES["qwen2.5-0.5b"]["specials"][151643] == "<|endoftext|>"
+
+
+def test_llama_tokenizer_has_exactly_the_vocabulary_with_specials_at_their_ids():
+    """Qwen2.5's layout (the special tokens after the regular ones, then more ids) at a small size."""
+    from bench import make_model
+
+    specials = {1000: "<|endoftext|>", 1001: "<|im_start|>", 1002: "<|im_end|>", 1003: "<tool_call>"}
+    tok, trained = make_model.build_tokenizer(1200, specials, ("<tool_call>",), corpus_bytes=200_000)
+    assert tok.get_vocab_size(with_added_tokens=True) == 1200 and trained == 1200 - 4
+    assert {i: tok.id_to_token(i) for i in specials} == specials
+    # 2000 ids from a corpus that supports fewer: the rest are filled, and never produced.
+    tok, trained = make_model.build_tokenizer(2000, specials, corpus_bytes=20_000)
+    assert tok.get_vocab_size(with_added_tokens=True) == 2000 and trained < 2000 - 4
+    assert tok.id_to_token(1999) == f"<unused_{1999 - 4 - trained}>"
+    enc = tok.encode("<|im_start|>user\nprint('<unused_0>')<|im_end|>")
+    assert enc.ids[0] == 1001 and enc.ids[-1] == 1002 and max(enc.ids[1:-1]) < trained
+    assert tok.decode(enc.ids, skip_special_tokens=False) == "<|im_start|>user\nprint('<unused_0>')<|im_end|>"
+
+
 def test_long_prompts_are_about_400_tokens():
     """With the DistilGPT2-shape test tokenizer (trained here, as make_test_model.py does: ~10 s)."""
     sys.path.insert(0, str(REPO / "scripts"))
@@ -443,6 +543,66 @@ def test_stream_bars_hold_fail_or_read_na():
     assert all(b.holds is None for b in report.stream_bars({}, shared))
     parts = [name for name, _ in report.stream_measurements(_streams())]
     assert parts == ["head_of_line", "uneven_c8 (uneven)", "uneven_c8 (lockstep)", "stream_overhead"]
+
+
+def _llama_result(shape: str, int8=(120.0, 300.0), fp32=(40.0, 90.0), torch=(30.0, 110.0)) -> dict:
+    """A llama-preset result of result.json's shape (tok/s at 1 and 8 clients per backend)."""
+    def scenarios(c1, c8):
+        return {name: {"name": name, "role": role, "clients": clients, "requests": 8, "ok": 8, "max_tokens": 64,
+                       "temperature": 0.0, "tok_per_s": tps, "new_tokens": 512, "req_per_s": 1.0, "latency_p50_s": 1.0,
+                       "latency_p95_s": 1.0, "responses_503": 0, "errors": 0, "vmhwm_mib": 300.0,
+                       "tokens_per_request": 64.0, "cpu": {"own_cores": 2.0, "other_cores": 0.0}}
+                for name, role, clients, tps in (("greedy_c1", "single", 1, c1), ("greedy_c8", "batch", 8, c8))}
+
+    baselines = {f"pt:{name}": {"name": name, "framework": "pt", "batch_size": b, "requests": 8, "max_new_tokens": 64,
+                                "new_tokens": 512, "tokens_per_request": 64.0, "tok_per_s": tps, "req_per_s": 1.0,
+                                "latency_p50_s": 1.0, "eos_stops": 0, "cpu": {"own_cores": 2.0, "other_cores": 0.0}}
+                 for name, b, tps in (("short_b1", 1, torch[0]), ("mixed_b8", 8, torch[1]))}
+    phases = {}
+    for name, tps in (("litert-int8", int8), ("litert-fp32", fp32)):
+        service = {"compiles_after_warmup": 0, "vmhwm_since_start_mib": 350.0, "warmup_seconds": 3.0}
+        sc = scenarios(*tps)
+        bars, ratios = report.compute_bars(name, sc, baselines, service, {}, "llama", shape)
+        phases[name] = {"title": name, "scenarios": sc, "service": service, "stream_scenarios": {},
+                        "bars": report.bars_as_dicts(bars), "ratios": ratios, "exact_text": name == "litert-fp32",
+                        "checks": report.consistency_checks(sc, baselines, {})}
+    return {"preset": "llama", "started_at": "now", "machine": {"cpu_model": "Test CPU", "cores": 2, "cores_usable": 2,
+            "memory_gib": 8, "kernel": "6", "machine": "x86_64"}, "load_before": [0.1], "load_after": [0.1],
+            "model": {"shape": shape, "summary": "LlamaForCausalLM: 30 layers", "dir": "m",
+                      "weights": "model.safetensors, bfloat16"},
+            "max_tokens": 64, "long_max_tokens": 64, "temperature": 0.8, "phases": phases, "baselines": baselines,
+            "torch": {"torch": "2.13.0+cpu", "threads": 2, "peak_rss_mib": 1100.0,
+                      "logits_check": {"reference": "the model's as saved", "max_abs_diff": 0.0, "same_argmax": True}}}
+
+
+def test_llama_bars_state_smollm2s_targets_and_whether_they_hold():
+    result = _llama_result("smollm2-135m", int8=(120.0, 200.0))  # 4.0x PyTorch b1, 1.82x PyTorch b8
+    bars = {b["id"]: b for b in result["phases"]["litert-int8"]["bars"]}
+    assert set(bars) == {"single_vs_torch_b1", "batch_vs_torch_b8", "compiles_after_warmup"}
+    assert (bars["single_vs_torch_b1"]["measured"], bars["single_vs_torch_b1"]["target"]) == ("4.00×", "≥ 3.0×")
+    assert bars["single_vs_torch_b1"]["holds"] is True
+    assert (bars["batch_vs_torch_b8"]["measured"], bars["batch_vs_torch_b8"]["holds"]) == ("1.82×", False)
+    assert bars["compiles_after_warmup"]["holds"] is True
+    assert result["phases"]["litert-fp32"]["bars"] == []
+    # The mixed prompts' token counts are checked against PyTorch batch 8 (no batch-1 run of them).
+    counts = result["phases"]["litert-int8"]["checks"]["token_counts"]
+    assert [(c["scenario"], c["baseline"]) for c in counts] == [("greedy_c1", "pt:short_b1"), ("greedy_c8", "pt:mixed_b8")]
+    md = report.markdown(result)
+    assert "| litert-int8 | smollm2-135m: greedy_c1 (the short prompt): tok/s vs PyTorch generate, batch 1 | 4.00× | " \
+           "≥ 3.0× | yes |" in md
+    assert "| 1.82× | ≥ 2.0× | **no** |" in md
+    assert "| service, litert-int8 | 120.0 | 200.0 | 4.00× | 1.82× | 350 (server, since start) |" in md
+    assert "| service, litert-fp32 | 40.0 | 90.0 | 1.33× | 0.82× |" in md
+    assert "| PyTorch generate (fp32) | 30.0 (batch 1) | 110.0 (batch 8) | – | – | 1100 (worker) |" in md
+    assert "model.safetensors, bfloat16" in md and "recorded for the model it saved" in md
+    assert "naive TF" not in md
+    # Qwen2.5's shape has no bars of its own: the same ratios against none (n/a).
+    qwen = {b["id"]: b for b in _llama_result("qwen2.5-0.5b")["phases"]["litert-int8"]["bars"]}
+    assert qwen["single_vs_torch_b1"]["holds"] is None and qwen["single_vs_torch_b1"]["measured"] == "4.00×"
+    assert qwen["single_vs_torch_b1"]["target"] == "none for qwen2.5-0.5b (smollm2-135m: ≥ 3.0×)"
+    # bench.report RESULT.json recomputes them with the preset and shape the result names.
+    again = report.rerender(json.loads(json.dumps(result)))
+    assert again["phases"]["litert-int8"]["bars"] == result["phases"]["litert-int8"]["bars"]
 
 
 @pytest.fixture(scope="module")
