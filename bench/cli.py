@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 600 for full and llama, 300 for tiny)")
     p.add_argument("--retries-when-shared", type=int, help="measure a baseline run or scenario again, up to this "
                    f"many times, while other processes use more than {SHARED_CORES} cores during it; the least "
-                   "shared attempt counts (default: 2 for full, 0 for tiny)")
+                   "shared attempt counts (default: 2 for full, 1 for llama, 0 for tiny)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a bar does not hold")
     p.add_argument("--publish", type=Path, metavar="DIR", help="also copy the result (as latest.md and latest.json) "
                    "and its plots to DIR, e.g. docs/benchmark, the documentation's latest results")
