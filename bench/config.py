@@ -369,7 +369,9 @@ def make_preset(name: str, shape: str | None = None) -> Preset:
 def _llama_preset(shape: str) -> Preset:
     """Small scope: the single-client and 8-client greedy scenarios of `full` (same prompts, 64
     new tokens, half the 8-client requests) on LiteRT int8 and fp32, PyTorch at batch 1 and 8.
-    About 10 minutes for SmolLM2-135M's shape on 2 cores, 20 for Qwen2.5-0.5B's (estimates)."""
+    On the 2-core AMD EPYC VM on 2026-12-05, with the model and its LiteRT files cached: 2 minutes
+    for SmolLM2-135M's shape, 4.5 for Qwen2.5-0.5B's; a first run adds making the model (0.5 and
+    1 minute) and converting it (about 4 minutes each)."""
     n, short, mixed = 64, (SHORT_PROMPT,), MIXED_PROMPTS
     return Preset(
         name="llama",
