@@ -1,14 +1,17 @@
-"""Convert a model directory's TensorFlow GPT-2 weights into the LiteRT files the service serves.
+"""Convert a model directory's weights into the LiteRT files the service serves.
 
     python scripts/convert_model.py --model-dir DIR [--force]
 
-Writes, beside the TensorFlow files: `decoder.fp32.tflite` and `decoder.int8.tflite` (signatures
+Reads GPT-2's TensorFlow weights (tf_model.h5), or a Llama-family model's safetensors
+(LlamaForCausalLM: SmolLM2, TinyLlama, Llama; Qwen2ForCausalLM: Qwen2, Qwen2.5), as config.json's
+`architectures` says; any other architecture fails with one line naming the supported ones.
+Writes, beside the weights: `decoder.fp32.tflite` and `decoder.int8.tflite` (signatures
 `extend`, `decode` and `head`; int8 = dynamic-range int8 weights), `embeddings.npy` and `positions.npy`
-(looked up on the host), and `litert.json` (what was converted, from which weights, and the int8
+(looked up on the host: GPT-2's position embeddings, or a rotary model's cos and sin), and `litert.json` (what was converted, from which weights, and the int8
 quality gate's figures and decision). Then it rewrites `manifest.json` with every file's size and
 sha256.
 
-- Idempotent: if `litert.json` records these very weights (sha256 of tf_model.h5 and
+- Idempotent: if `litert.json` records these very weights (sha256 of the weight files and
   config.json) and this converter's version, it exits 0 at once (`--force` converts anyway).
 - Atomic: files are written to a temporary folder in DIR and moved into place, `litert.json`
   last and the manifest after it; the service treats the conversion as done only when the
@@ -36,7 +39,7 @@ from service.model_files import (  # noqa: E402
     LITERT_FILES,
     LITERT_FORMAT,
     LITERT_META,
-    WEIGHTS,
+    weight_files,
     ModelDirError,
     check_model_dir,
     has_litert_files,
@@ -52,7 +55,7 @@ CONVERTER_VERSION = LITERT_FORMAT  # bump it (in service/model_files.py) when th
 def source_fingerprint(model_dir: Path) -> str:
     """What the LiteRT files were made from: the weights and the configuration (a sha256 of
     their sha256 sums)."""
-    sums = " ".join(sha256_of(model_dir / name) for name in (CONFIG, WEIGHTS))
+    sums = " ".join(sha256_of(model_dir / name) for name in (CONFIG, *weight_files(model_dir)))
     return hashlib.sha256(sums.encode()).hexdigest()
 
 
@@ -82,7 +85,7 @@ def convert_model_dir(model_dir: Path, force: bool = False) -> dict:
 
     started = time.monotonic()
     _ensure_fast_tokenizer(model_dir)
-    weights, shape = litert_convert.load_tf_weights(model_dir)
+    weights, shape = litert_convert.load_weights(model_dir)
     models = litert_convert.convert(weights, shape)
     eos = json.loads((model_dir / CONFIG).read_text()).get("eos_token_id", shape.vocab_size - 1)
     eos_id = int(eos[0] if isinstance(eos, list) else eos)  # a list's first is the primary (end_of_sequence_ids)
@@ -94,7 +97,7 @@ def convert_model_dir(model_dir: Path, force: bool = False) -> dict:
         for precision, flatbuffer in models.items():
             (tmp / litert_model_file(precision)).write_bytes(flatbuffer)
         np.save(tmp / "embeddings.npy", weights["wte"])
-        np.save(tmp / "positions.npy", weights["wpe"])
+        np.save(tmp / "positions.npy", litert_convert.host_positions(weights))
         del weights, models
 
         ids = load_tokenizer(model_dir).encode(quality.TEXT.read_text(), add_special_tokens=False).ids
@@ -108,7 +111,9 @@ def convert_model_dir(model_dir: Path, force: bool = False) -> dict:
         meta = {
             "converter_version": CONVERTER_VERSION,
             "source_sha256": fingerprint,
-            "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
+            "architecture": shape.architecture,
+            "n_layer": shape.n_layer, "n_head": shape.n_head, "n_kv_head": shape.kv_heads,
+            "head_dim": shape.dim, "n_embd": shape.n_embd,
             "vocab_size": shape.vocab_size, "n_positions": shape.n_positions, "eos_token_id": eos_id,
             "models": {p: litert_model_file(p) for p in ("fp32", "int8")},
             "embeddings": "embeddings.npy", "positions": "positions.npy",
@@ -130,6 +135,8 @@ def _ensure_fast_tokenizer(model_dir: Path) -> None:
     gets one, written by transformers from the same files."""
     if (model_dir / "tokenizer.json").is_file():
         return
+    if not (model_dir / "vocab.json").is_file():
+        raise ModelDirError(f"{model_dir} has no tokenizer.json")
     from transformers import GPT2TokenizerFast
 
     GPT2TokenizerFast.from_pretrained(model_dir).backend_tokenizer.save(str(model_dir / "tokenizer.json"))

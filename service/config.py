@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     max_total_tokens: int = Field(
         16384, ge=1, description="Most new tokens one request may ask for: prompts × `max_tokens` (× `n` on `/v1`).")
 
+    context_tokens: int = Field(
+        2048, ge=16, description="LiteRT: most tokens a prompt and its answer span together; the model's own "
+        "window where that is smaller (DistilGPT2: 1,024; SmolLM2: 8,192; Qwen2.5: 32,768). Warm-up scores a "
+        "prompt this long, and the memory a prompt's prefill takes grows with its square.")
     max_batch_size: int = Field(
         8, ge=1, le=64, description="Most prompts decoded together. `tf` compiles batch shapes 1, then powers of two "
         "from 4 up to it; LiteRT runs any batch size.")

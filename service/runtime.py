@@ -35,7 +35,8 @@ def litert_engine(settings: Settings) -> Engine:
 
     return LiteRTGPT2Engine(settings.model_dir, precision=settings.litert_precision,
                             max_batch_size=settings.max_batch_size, num_threads=settings.num_threads,
-                            smallest_cache=settings.min_cache_size, short_lane=settings.short_lane)
+                            smallest_cache=settings.min_cache_size, short_lane=settings.short_lane,
+                            max_context=settings.context_tokens)
 
 
 def tensorflow_engine(settings: Settings) -> Engine:

@@ -1,30 +1,34 @@
-"""TensorFlow weights in, LiteRT decoder models out (needs TensorFlow; the LiteRT backend does not).
+"""A model's weights in, LiteRT decoder models out (needs TensorFlow; the LiteRT backend does not).
+
+Two architectures share one graph (`ModelShape.architecture`): GPT-2 (layer norms, learned
+positions, gelu_new) and the Llama family (RMSNorm, rotary positions, SwiGLU, grouped-query
+attention, tied or untied embeddings, optional q/k/v biases: Llama, SmolLM2, TinyLlama, Qwen2).
 
 One `.tflite` file per precision, each with three signatures over the same weights:
 - `decode`: one new token for each of B rows, attending over a host-owned key/value *pool* of S
   slots that all rows share; returns each row's hidden state (the last block's output, before
-  the final layer norm) and each layer's key and value for that token only ([H, B, D]). The
-  host keeps the pool in this signature's own input tensors and writes the new slots itself, so
-  it is never copied through a call. The additive mask [1, B, S + 1] says which slots are each
-  row's own (the last column is the new token itself). Scores are one matmul of every row's
-  query against the whole pool per head: the pool is read once a call, whatever the rows'
-  lengths, where a cache per row [B, C] made every row read as many slots as the longest row
-  holds. The scores of other rows' slots are masked to exactly zero weight (exp underflows), so
-  a row's numbers do not depend on its neighbours.
+  the final norm) and each layer's key and value for that token only ([K, B, D], K key/value
+  heads). The host keeps the pool in this signature's own input tensors and writes the new
+  slots itself, so it is never copied through a call. The additive mask [1, B, S + 1] says
+  which slots are each row's own (the last column is the new token itself). Scores are one
+  matmul of every row's query against the whole pool per key/value head: the pool is read once
+  a call, whatever the rows' lengths. The scores of other rows' slots are masked to exactly
+  zero weight (exp underflows), so a row's numbers do not depend on its neighbours.
 - `extend`: N new tokens over a pool of S slots given with the call, and over each other, as the
-  mask [1, N, S + N] allows; returns their keys and values ([H, N, D]) and hidden states. One
+  mask [1, N, S + N] allows; returns their keys and values ([K, N, D]) and hidden states. One
   prompt's tokens (causal among themselves: a prefill), or one token each of a few rows apart
   from the batch (the scheduler's short lane, whose small pool the host copies in per call).
-- `head`: hidden states [M, E] -> logits [M, V] (the final layer norm and the tied LM head), for
-  either of the others. Being its own signature, the LM head (a third of DistilGPT2's int8
-  weights) is packed by XNNPACK once, not per signature.
+- `head`: hidden states [M, E] -> logits [M, V] (the final norm and the LM head), for either of
+  the others. Being its own signature, the LM head (a third of DistilGPT2's int8 weights) is
+  packed by XNNPACK once, not per signature.
 
 The graph is written here from the weights (not by calling transformers' layers), in shapes
 XNNPACK delegates whole: 2-D matmuls for every weight (a 3-D one stays fp32 under dynamic-range
-quantization and ran 3-7x slower), reshapes with at most one open dimension, no GATHER (token and
-position embeddings are looked up on the host, from `embeddings.npy` and `positions.npy`), and
-the attention mask given as an additive input. The arithmetic is transformers' TF GPT-2: the
-same layer norms, gelu_new, scaled dot-product attention and -1e4 mask.
+quantization and ran 3-7x slower), reshapes with at most one open dimension, no GATHER (token
+embeddings, GPT-2's position embeddings and the rotary cos/sin tables are looked up on the host,
+from `embeddings.npy` and `positions.npy`), and the attention mask given as an additive input.
+The arithmetic is transformers': TF GPT-2's layer norms, gelu_new, scaled dot-product attention
+and -1e4 mask; Llama's RMSNorm, `apply_rotary_pos_emb` and SwiGLU.
 """
 
 from __future__ import annotations
@@ -42,62 +46,86 @@ import tensorflow as tf  # noqa: E402
 
 
 @dataclass(frozen=True)
-class Gpt2Shape:
+class ModelShape:
+    """What the graph is built from: an architecture's switches and sizes.
+
+    `architecture` is "gpt2" (learned positions added to the embeddings on the host, layer
+    norms, gelu_new, one fused c_attn) or "llama" (rotary positions: each row's cos and sin
+    come from the host as the `rope` input; RMSNorm, SwiGLU, grouped-query attention with
+    `n_kv_head` key/value heads; Qwen2 adds q/k/v biases, taken wherever the weights have them)."""
+
+    architecture: str
     n_layer: int
     n_head: int
     n_embd: int
     vocab_size: int
     n_positions: int
     eps: float
+    n_kv_head: int = 0  # 0: as many as n_head
+    head_dim: int = 0  # 0: n_embd // n_head
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def dim(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def rotary(self) -> bool:
+        return self.architecture == "llama"
 
 
 class _Decoder(tf.Module):
     """The three programs over one set of variables (the converter freezes them into the file)."""
 
-    def __init__(self, weights: dict[str, np.ndarray], shape: Gpt2Shape):
+    def __init__(self, weights: dict[str, np.ndarray], shape: ModelShape):
         super().__init__()
         self.shape = shape
         self.w = {name: tf.Variable(value, trainable=False, name=name.replace(".", "_"))
                   for name, value in weights.items()}
-        E, H, D = shape.n_embd, shape.n_head, shape.head_dim
-        kv = [tf.TensorSpec([H, None, D], tf.float32, name=f"{kind}_{i}")
+        E, K, D = shape.n_embd, shape.kv_heads, shape.dim
+        kv = [tf.TensorSpec([K, None, D], tf.float32, name=f"{kind}_{i}")
               for i in range(shape.n_layer) for kind in ("key", "value")]
+        # Rotary models take each new token's cos and sin ([N, 2D]: cos, then sin), looked up on
+        # the host like the embeddings.
+        rope = [tf.TensorSpec([None, 2 * D], tf.float32, name="rope")] if shape.rotary else []
         self.decode = tf.function(self._decode, input_signature=[
             tf.TensorSpec([None, 1, E], tf.float32, name="embeds"),
             tf.TensorSpec([1, None, None], tf.float32, name="mask"),
+            *rope,
             *kv,
         ])
         self.extend = tf.function(self._extend, input_signature=[
             tf.TensorSpec([1, None, E], tf.float32, name="embeds"),
             tf.TensorSpec([1, None, None], tf.float32, name="mask"),
             tf.TensorSpec([None], tf.int32, name="rows"),
+            *rope,
             *kv,
         ])
         self.head = tf.function(self._head, input_signature=[tf.TensorSpec([None, E], tf.float32, name="hidden")])
 
     # --- the three programs ---------------------------------------------------------------------
 
-    def _extend(self, embeds, mask, rows, *pools):
+    def _extend(self, embeds, mask, rows, *inputs):
         """embeds [1, N, E]; mask [1, N, S + N] additive (0 where a new token may look: its own
         pool slots, then itself and the new tokens before it); rows [M]: the new tokens whose
         hidden states are wanted (the last block's feed-forward runs for these only: a prefill
-        wants none, and gives one); pools [H, S, D] each."""
-        H, D, E = self.shape.n_head, self.shape.head_dim, self.shape.n_embd
+        wants none, and gives one); rope [N, 2D] for rotary models; pools [K, S, D] each."""
+        rope, pools = self._split_inputs(inputs)
+        E = self.shape.n_embd
         x, outputs = embeds, {}
-        scale = math.sqrt(self.shape.head_dim)
+        scale = math.sqrt(self.shape.dim)
+        mask = self._group(mask)  # [1, G * N, S + N]
         for i in range(self.shape.n_layer):
             k_pool, v_pool = pools[2 * i], pools[2 * i + 1]
-            h = self._dense(self._norm(x, f"h{i}.ln_1"), f"h{i}.attn.c_attn")  # [N, 3E]
-            q, k, v = (tf.transpose(tf.reshape(t, [-1, H, D]), [1, 0, 2]) for t in tf.split(h, 3, axis=-1))  # [H, N, D]
+            q, k, v = self._qkv(i, x, rope)  # [K, G * N, D], [K, N, D], [K, N, D]
             # The pool here is small (a prompt's dummy slot, or the short lane's few rows), so it
             # is concatenated with the new keys and values: no slice of a dynamic size.
-            w = tf.matmul(q, tf.concat([k_pool, k], axis=1), transpose_b=True) / scale  # [H, N, S + N]
-            a = tf.matmul(tf.nn.softmax(w + mask, axis=-1), tf.concat([v_pool, v], axis=1))  # [H, N, D]
-            outputs[f"key_{i}"], outputs[f"value_{i}"] = k, v  # [H, N, D]
+            w = tf.matmul(q, tf.concat([k_pool, k], axis=1), transpose_b=True) / scale  # [K, G * N, S + N]
+            a = tf.matmul(tf.nn.softmax(w + mask, axis=-1), tf.concat([v_pool, v], axis=1))  # [K, G * N, D]
+            outputs[f"key_{i}"], outputs[f"value_{i}"] = k, v  # [K, N, D]
             if i < self.shape.n_layer - 1:
                 x = self._finish_merged(i, x, self._merge_heads(a), batch=1, length=-1)
             else:
@@ -106,61 +134,139 @@ class _Decoder(tf.Module):
         outputs["hidden"] = tf.reshape(x, [-1, E])
         return outputs
 
-    def _decode(self, embeds, mask, *pools):
+    def _decode(self, embeds, mask, *inputs):
         """embeds [B, 1, E]; mask [1, B, S + 1] additive (0 on a row's own slots and, last, on the
-        new token itself; -1e4 elsewhere); pools: key_0, value_0, key_1, ... each [H, S, D]."""
-        E, H, D = self.shape.n_embd, self.shape.n_head, self.shape.head_dim
+        new token itself; -1e4 elsewhere); rope [B, 2D] for rotary models; pools: key_0,
+        value_0, key_1, ... each [K, S, D]."""
+        rope, pools = self._split_inputs(inputs)
+        E = self.shape.n_embd
         x, outputs = embeds, {}
-        scale = math.sqrt(self.shape.head_dim)
+        scale = math.sqrt(self.shape.dim)
+        mask = self._group(mask)  # [1, G * B, S + 1]
         for i in range(self.shape.n_layer):
             k_pool, v_pool = pools[2 * i], pools[2 * i + 1]
-            h = self._dense(self._norm(x, f"h{i}.ln_1"), f"h{i}.attn.c_attn")  # [B, 3E]
-            q, k, v = (tf.transpose(tf.reshape(t, [-1, H, D]), [1, 0, 2]) for t in tf.split(h, 3, axis=-1))  # [H, B, D]
+            q, k, v = self._qkv(i, x, rope)  # [K, G * B, D], [K, B, D], [K, B, D]
             # Scores over the pool and over the new token, then one softmax over both: the pool
             # is read in place, never concatenated with the new slot.
-            w_pool = tf.matmul(q, k_pool, transpose_b=True) / scale  # [H, B, S]
-            w_new = tf.reduce_sum(q * k, axis=-1, keepdims=True) / scale  # [H, B, 1]
+            w_pool = tf.matmul(q, k_pool, transpose_b=True) / scale  # [K, G * B, S]
+            w_new = tf.reduce_sum(q * self._group(k), axis=-1, keepdims=True) / scale  # [K, G * B, 1]
             p = tf.nn.softmax(tf.concat([w_pool, w_new], axis=-1) + mask, axis=-1)
-            a = tf.matmul(p[..., :-1], v_pool) + p[..., -1:] * v  # [H, B, D]
+            a = tf.matmul(p[..., :-1], v_pool) + p[..., -1:] * self._group(v)  # [K, G * B, D]
             x = self._finish_merged(i, x, self._merge_heads(a))
-            outputs[f"key_{i}"], outputs[f"value_{i}"] = k, v  # [H, B, D]
+            outputs[f"key_{i}"], outputs[f"value_{i}"] = k, v  # [K, B, D]
         outputs["hidden"] = tf.reshape(x, [-1, E])
         return outputs
 
     def _head(self, hidden):
-        """hidden [M, E] -> logits [M, V]: the final layer norm, and the tied LM head as one 2-D matmul."""
-        return {"logits": tf.matmul(self._norm(hidden, "ln_f"), self.w["wte"], transpose_b=True)}
+        """hidden [M, E] -> logits [M, V]: the final norm, and the LM head ([V, E]: tied to the
+        embeddings or its own) as one 2-D matmul."""
+        return {"logits": tf.matmul(self._norm(hidden, "ln_f"), self.w["lm_head"], transpose_b=True)}
 
-    # --- GPT-2's pieces -------------------------------------------------------------------------
+    # --- shared pieces --------------------------------------------------------------------------
+
+    def _split_inputs(self, inputs):
+        """(the rotary cos and sin [1, N, D] each, or None; the pools)."""
+        if not self.shape.rotary:
+            return None, inputs
+        D = self.shape.dim
+        return (inputs[0][None, :, :D], inputs[0][None, :, D:]), inputs[1:]
+
+    @property
+    def _groups(self) -> int:
+        """Query heads a key/value head serves (G; 1 but for grouped-query attention)."""
+        return self.shape.n_head // self.shape.kv_heads
+
+    def _group(self, t):
+        """G copies of t [X, N, Y] along its second axis: [X, G * N, Y] (t itself when G is 1).
+
+        With grouped-query attention the queries are laid out [K, G * N, D] (query head k * G + g,
+        token n at row g * N + n: transformers' `repeat_kv` order), so that each key/value head's
+        pool is read by one matmul for all of its query heads and is never copied; what is per
+        token (the mask, the new token's own key and value, the rotary cos and sin) is repeated
+        G times instead, which is small. Every reshape keeps at most one open dimension
+        (XNNPACK delegates those)."""
+        return t if self._groups == 1 else tf.concat([t] * self._groups, axis=1)
 
     def _merge_heads(self, a):
-        """[H, N, D] -> [N, E]."""
-        return tf.reshape(tf.transpose(a, [1, 0, 2]), [-1, self.shape.n_embd])
+        """[K, G * N, D] -> [N, H * D]."""
+        H, K, D = self.shape.n_head, self.shape.kv_heads, self.shape.dim
+        if self._groups > 1:
+            a = tf.reshape(a, [K * self._groups, -1, D])  # [H, N, D]: head k * G + g
+        return tf.reshape(tf.transpose(a, [1, 0, 2]), [-1, H * D])
+
+    def _qkv(self, i, x, rope):
+        """Block i's queries [K, G * N, D], keys and values [K, N, D] for x [B, T, E]
+        (N = B * T), the queries and keys rotated for their positions in rotary models."""
+        H, K, D = self.shape.n_head, self.shape.kv_heads, self.shape.dim
+        h = self._dense(self._norm(x, f"h{i}.ln_1"), f"h{i}.attn.c_attn")  # [N, (H + 2K) D]
+        sizes = 3 if H == K else [H * D, K * D, K * D]
+        q, k, v = (tf.transpose(tf.reshape(t, [-1, n, D]), [1, 0, 2])
+                   for t, n in zip(tf.split(h, sizes, axis=-1), (H, K, K)))  # [heads, N, D]
+        if rope is not None:
+            cos, sin = rope
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if self._groups > 1:
+            q = tf.reshape(q, [K, -1, D])  # [H, N, D] -> [K, G * N, D]
+        return q, k, v
 
     def _finish_merged(self, i, x, a, batch=-1, length=1):
-        """The rest of block i after attention, with the heads merged: a [B*T, E]."""
+        """The rest of block i after attention, with the heads merged: a [B*T, H * D]."""
         E = self.shape.n_embd
         x = x + tf.reshape(self._matmul(a, f"h{i}.attn.c_proj"), [batch, length, E])
-        m = _gelu_new(self._dense(self._norm(x, f"h{i}.ln_2"), f"h{i}.mlp.c_fc"))
+        h = self._dense(self._norm(x, f"h{i}.ln_2"), f"h{i}.mlp.c_fc")
+        if self.shape.architecture == "gpt2":
+            m = _gelu_new(h)
+        else:  # SwiGLU: c_fc is the gate and up projections side by side
+            gate, up = tf.split(h, 2, axis=-1)
+            m = tf.nn.silu(gate) * up
         return x + tf.reshape(self._matmul(m, f"h{i}.mlp.c_proj"), [batch, length, E])
 
     def _norm(self, x, name):
-        mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
-        return (x - mean) * tf.math.rsqrt(variance + self.shape.eps) * self.w[f"{name}.gamma"] + self.w[f"{name}.beta"]
+        if self.shape.architecture == "gpt2":
+            mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+            return (x - mean) * tf.math.rsqrt(variance + self.shape.eps) * self.w[f"{name}.gamma"] + self.w[f"{name}.beta"]
+        # RMSNorm, as transformers' LlamaRMSNorm (in float32 throughout).
+        variance = tf.reduce_mean(tf.square(x), axis=-1, keepdims=True)
+        return x * tf.math.rsqrt(variance + self.shape.eps) * self.w[f"{name}.gamma"]
 
     def _dense(self, x, name):
         return self._matmul(tf.reshape(x, [-1, x.shape[-1]]), name)
 
     def _matmul(self, x2d, name):
-        """transformers' TFConv1D: x @ W + b, with x already 2-D."""
-        return tf.matmul(x2d, self.w[f"{name}.weight"]) + self.w[f"{name}.bias"]
+        """x @ W (+ b where the weights have a bias), with x already 2-D and W [in, out]."""
+        y = tf.matmul(x2d, self.w[f"{name}.weight"])
+        bias = self.w.get(f"{name}.bias")
+        return y if bias is None else y + bias
+
+
+def _rotate(t, cos, sin):
+    """Rotary position embedding of t [heads, N, D] by each token's cos and sin [N, D], as
+    transformers' `apply_rotary_pos_emb`: t * cos + rotate_half(t) * sin."""
+    half = t.shape[-1] // 2
+    return t * cos + tf.concat([-t[..., half:], t[..., :half]], axis=-1) * sin
 
 
 def _gelu_new(x):
     return 0.5 * x * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * tf.pow(x, 3))))
 
 
-def load_tf_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], Gpt2Shape]:
+HOST_ONLY = ("wte", "wpe", "rope")  # looked up on the host, never in the graph
+
+
+def load_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], ModelShape]:
+    """The weights by the converter's names, and the shape, of the model in `model_dir`: GPT-2
+    from its TensorFlow checkpoint, the Llama family from safetensors (`checkpoint`); any other
+    architecture is refused with one line naming the supported ones."""
+    from service.engine import checkpoint
+
+    config = checkpoint.read_config(model_dir)
+    if checkpoint.architecture(config) == "gpt2":
+        return load_tf_weights(model_dir)
+    fields = checkpoint.llama_shape(config)
+    return checkpoint.llama_weights(model_dir, config, fields), ModelShape(**fields)
+
+
+def load_tf_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], ModelShape]:
     """The weights of a transformers TF GPT-2 checkpoint, by short names, and its shape."""
     from transformers import TFGPT2LMHeadModel
 
@@ -170,7 +276,8 @@ def load_tf_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], Gpt2Shape]:
     config = model.config
     _check_supported(config)
     t = model.transformer
-    weights = {"wte": t.wte.embeddings.numpy(), "wpe": t.wpe.embeddings.numpy(),
+    wte = t.wte.embeddings.numpy()
+    weights = {"wte": wte, "lm_head": wte, "wpe": t.wpe.embeddings.numpy(),
                "ln_f.gamma": t.ln_f.gamma.numpy(), "ln_f.beta": t.ln_f.beta.numpy()}
     for i, block in enumerate(t.h):
         for norm in ("ln_1", "ln_2"):
@@ -180,15 +287,21 @@ def load_tf_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], Gpt2Shape]:
                             ("mlp.c_fc", block.mlp.c_fc), ("mlp.c_proj", block.mlp.c_proj)):
             weights[f"h{i}.{name}.weight"] = layer.weight.numpy()
             weights[f"h{i}.{name}.bias"] = layer.bias.numpy().reshape(-1)
-    shape = Gpt2Shape(config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.n_positions,
-                      float(config.layer_norm_epsilon))
+    shape = ModelShape("gpt2", config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.n_positions,
+                       float(config.layer_norm_epsilon))
     del model
     return weights, shape
 
 
-def convert(weights: dict[str, np.ndarray], shape: Gpt2Shape) -> dict[str, bytes]:
+def host_positions(weights: dict[str, np.ndarray]) -> np.ndarray:
+    """What the host looks up per position: GPT-2's learned position embeddings [P, E] (added
+    to the token's), or a rotary model's cos and sin [P, 2D] (the `rope` input)."""
+    return weights["wpe"] if "wpe" in weights else weights["rope"]
+
+
+def convert(weights: dict[str, np.ndarray], shape: ModelShape) -> dict[str, bytes]:
     """The decoder as LiteRT flatbuffers: {"fp32": ..., "int8": ...} (int8: dynamic-range weights)."""
-    module = _Decoder({k: v for k, v in weights.items() if k != "wpe"}, shape)
+    module = _Decoder({k: v for k, v in weights.items() if k not in HOST_ONLY}, shape)
     with tempfile.TemporaryDirectory() as tmp:
         # The converter takes several signatures from a SavedModel; their weights are shared.
         tf.saved_model.save(module, tmp, signatures={
@@ -196,6 +309,7 @@ def convert(weights: dict[str, np.ndarray], shape: Gpt2Shape) -> dict[str, bytes
             "decode": module.decode.get_concrete_function(),
             "head": module.head.get_concrete_function(),
         })
+        del module
         out = {}
         for precision in ("fp32", "int8"):
             converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["extend", "decode", "head"])

@@ -96,6 +96,9 @@ class Decoder:
         self._extend = self._signature("extend")
         self._decode = self._signature("decode")
         self._head = self._signature("head")
+        # Rotary models (the Llama family) take each token's cos and sin as the `rope` input;
+        # GPT-2's learned position embeddings are added to the token's on the host instead.
+        self.rotary = "rope" in self._decode.inputs
         key = self._runtime.TensorSizeSignature(self._decode.inputs["key_0"], self._decode.subgraph)
         self.n_head, self.head_dim = int(key[0]), int(key[2])
         self.n_layer = sum(1 for name in self._decode.inputs if name.startswith("key_"))
@@ -226,6 +229,8 @@ class Decoder:
         shapes = {name: [heads, pool_size, head_dim] for name in self.cache_names()}
         shapes["mask"] = [1, batch_size, pool_size + 1]
         shapes["embeds"] = [batch_size, 1, self._embeddings.shape[1]]
+        if self.rotary:
+            shapes["rope"] = [batch_size, self._positions.shape[1]]
         self._resize(self._decode, shapes)
         self.batch_size, self.pool_size = batch_size, pool_size
 
@@ -267,17 +272,19 @@ class Decoder:
         return self.extend(self.embed(np.asarray(ids), np.arange(n)), mask, [dummy] * len(self.cache_names()),
                            [n - 1] if rows is None else rows)
 
-    def extend(self, embeds: np.ndarray, mask: np.ndarray, pools: Sequence[np.ndarray],
+    def extend(self, tokens: dict[str, np.ndarray], mask: np.ndarray, pools: Sequence[np.ndarray],
                rows: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
-        """The `extend` call: N new tokens' embeddings [N, E] over `pools` (one [H, S, D] per
-        cache name, in `cache_names` order) as `mask` [N, S + N] allows -> (each cache name's new
-        keys or values [H, N, D], the hidden states [len(rows), E] of the new tokens at `rows`);
-        copies."""
-        n, size = embeds.shape[0], pools[0].shape[1]
+        """The `extend` call: N new tokens' inputs (`embed`'s: embeddings [N, E], and [N, 2D]
+        rotary tables for a rotary model) over `pools` (one [K, S, D] per cache name, in
+        `cache_names` order) as `mask` [N, S + N] allows -> (each cache name's new keys or
+        values [K, N, D], the hidden states [len(rows), E] of the new tokens at `rows`); copies."""
+        n, size = tokens["embeds"].shape[0], pools[0].shape[1]
         shapes = {name: [self.n_head, size, self.head_dim] for name in self.cache_names()}
-        shapes.update(embeds=[1, n, embeds.shape[1]], mask=[1, n, size + n], rows=[len(rows)])
+        shapes.update(mask=[1, n, size + n], rows=[len(rows)])
+        shapes.update({name: [1, *value.shape] if name == "embeds" else list(value.shape)
+                       for name, value in tokens.items()})
         self._resize(self._extend, shapes)
-        self._view(self._extend, "inputs", "embeds")[0] = embeds
+        self._put(self._extend, tokens)
         self._view(self._extend, "inputs", "mask")[0] = mask
         self._view(self._extend, "inputs", "rows")[...] = rows
         for name, pool in zip(self.cache_names(), pools):
@@ -300,7 +307,7 @@ class Decoder:
         rows = np.flatnonzero(self.live)
         at = self.lengths
         slots = np.array(self._take(len(rows)), np.int64)
-        self._view(self._decode, "inputs", "embeds")[:, 0] = self.embed(ids, at)
+        self._put(self._decode, self.embed(ids, at))
         self._invoke(self._decode)
         for name in self.cache_names():
             self._view(self._decode, "inputs", name)[:, slots] = self._view(self._decode, "outputs", name)[:, rows]
@@ -342,9 +349,19 @@ class Decoder:
         self.last_apart_seconds = time.perf_counter() - started
         return logits
 
-    def embed(self, ids: Sequence[int], positions: np.ndarray) -> np.ndarray:
-        """Token + position embeddings [N, E] (looked up on the host)."""
-        return self._embeddings[ids] + self._positions[positions]
+    def embed(self, ids: Sequence[int], positions: np.ndarray) -> dict[str, np.ndarray]:
+        """The inputs of tokens `ids` at `positions`, looked up on the host: "embeds" [N, E]
+        (GPT-2: token + position embeddings), and for a rotary model "rope" [N, 2D] (the
+        positions' cos and sin)."""
+        if self.rotary:
+            return {"embeds": self._embeddings[ids], "rope": np.asarray(self._positions[positions], np.float32)}
+        return {"embeds": self._embeddings[ids] + self._positions[positions]}
+
+    def _put(self, signature: _Signature, tokens: dict[str, np.ndarray]) -> None:
+        """Write `embed`'s arrays into a signature's inputs (the embeddings' has a batch axis)."""
+        for name, value in tokens.items():
+            view = self._view(signature, "inputs", name)
+            view[...] = value.reshape(view.shape)
 
     # --- the interpreter -----------------------------------------------------------------------
 
@@ -392,7 +409,8 @@ class LiteRTGPT2Engine(Engine):
     backend = "litert"
 
     def __init__(self, model_dir: Path, *, precision: str = "auto", max_batch_size: int = 8,
-                 num_threads: int = 0, smallest_cache: int = 128, short_lane: bool = True):
+                 num_threads: int = 0, smallest_cache: int = 128, short_lane: bool = True,
+                 max_context: int | None = None):
         meta = json.loads((model_dir / LITERT_META).read_text())
         gate = meta["quality"]
         self.precision = resolve_precision(precision, meta)
@@ -400,7 +418,8 @@ class LiteRTGPT2Engine(Engine):
         if precision == "int8" and not gate["int8_enabled"]:
             log.warning("serving int8 although the quality gate rejected it (%s)", gate["reason"])
         self.eos_id, self.eos_ids = end_of_sequence_ids(model_dir, primary=int(meta["eos_token_id"]))
-        self.context_window = int(meta["n_positions"])
+        # The window a row's prompt and answer span: the model's, or less (`max_context`).
+        self.context_window = min(int(meta["n_positions"]), max_context or int(meta["n_positions"]))
         self.max_batch_size = max_batch_size
         # The pool holds every row's slots: at most a full window a row, and a slot per row for
         # the call that fills the last.
@@ -410,7 +429,7 @@ class LiteRTGPT2Engine(Engine):
         self.byte_fallback_ids = byte_fallback_ids(self._tokenizer)
         embeddings = Rows(model_dir / meta["embeddings"])
         self.vocab_size = int(embeddings.shape[0])
-        positions = np.load(model_dir / meta["positions"])
+        positions = np.load(model_dir / meta["positions"], mmap_mode="r")  # rows read as positions are met
         self._threads = num_threads or len(os.sched_getaffinity(0))
         self._model_path = model_dir / litert_model_file(self.precision)
         self._embeddings, self._positions = embeddings, positions
