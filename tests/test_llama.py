@@ -112,49 +112,46 @@ def entry_differences(where: str, got, want: dict) -> list[str]:
     return out
 
 
-def reference_max_tokens(llama_models) -> int:
-    return llama_models.reference["max_new_tokens"]
-
-
-def report(name: str, differences: list[str]) -> str:
+def report(request, differences: list[str]) -> str:
     shown = "\n".join(differences[:30])
     more = f"\n... and {len(differences) - 30} more" if len(differences) > 30 else ""
-    return (f"{name}: {len(differences)} differences from transformers (reproduce: python -m pytest "
-            f"tests/test_llama.py -k '{name}')\n{shown}{more}")
+    return (f"{len(differences)} differences from transformers; reproduce: python -m pytest "
+            f"'{request.node.nodeid}'\n{shown}{more}")
 
 
 # --- generation, against transformers ----------------------------------------------------------
 
 @pytest.mark.parametrize("name", MODELS)
-def test_greedy_rows_of_mixed_lengths_in_one_batch_are_transformers_generate(engines, llama_models, name):
-    engine, reference = engines(name), llama_models.ref(name)
-    rows = reference["rows"]
+def test_greedy_rows_of_mixed_lengths_in_one_batch_are_transformers_generate(engines, llama_models, name, request):
+    engine, rows = engines(name), llama_models.ref(name)["rows"]
     assert {len(r["prompt_ids"]) for r in rows} >= {1, 5, 30, 100, 200}
     assert any(r["stop"] is not None for r in rows)  # one row ends on an end token
-    out = run_together(engine, [GenerationRow(tuple(r["prompt_ids"]), reference_max_tokens(llama_models),
-                                              logprobs=TOP) for r in rows])
+    max_tokens = llama_models.reference["max_new_tokens"]
+    out = run_together(engine, [GenerationRow(tuple(r["prompt_ids"]), max_tokens, logprobs=TOP) for r in rows])
     differences = []
     for i, (row, got) in enumerate(zip(rows, out)):
         tokens, steps = expected_of(row)
         label = f"prompt {i} ({len(row['prompt_ids'])} tokens)"
+        compared = steps  # past a token that differs, the two sides see different contexts
         if got["tokens"] != tokens:
             step = next((s for s, (a, b) in enumerate(zip(got["tokens"], tokens)) if a != b),
                         min(len(got["tokens"]), len(tokens)))
-            differences.append(f"{label}: tokens differ from step {step} (transformers' top-1/top-2 gap there "
-                               f"{row['steps'][step]['gap']:.2e} if within its steps)\n  engine       "
-                               f"{got['tokens']}\n  transformers {tokens}")
+            gap = f"{row['steps'][step]['gap']:.2e}" if step < len(row["steps"]) else "none"
+            differences.append(f"{label}: tokens differ from step {step} (transformers' top-1/top-2 logit gap "
+                               f"there: {gap})\n  engine       {got['tokens']}\n  transformers {tokens}")
+            compared = steps[:step + 1]
         want_finish = "length" if row["stop"] is None else "eos_token"
         if got["finish"] != want_finish:
             differences.append(f"{label}: finish {got['finish']}, transformers {want_finish}")
-        for s, (entry, want) in enumerate(zip(got["logprobs"], steps)):
+        for s, (entry, want) in enumerate(zip(got["logprobs"], compared)):
             differences += entry_differences(f"{label} step {s}", entry, want)
-        if len(got["logprobs"]) != len(steps):
+        if got["tokens"] == tokens and len(got["logprobs"]) != len(steps):
             differences.append(f"{label}: {len(got['logprobs'])} logprob entries, transformers {len(steps)}")
-    assert not differences, report(name, differences)
+    assert not differences, report(request, differences)
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_prompt_logprobs_are_transformers_log_softmax(engines, llama_models, name):
+def test_prompt_logprobs_are_transformers_log_softmax(engines, llama_models, name, request):
     engine = engines(name)
     differences = []
     for i, row in enumerate(llama_models.ref(name)["rows"]):
@@ -163,14 +160,14 @@ def test_prompt_logprobs_are_transformers_log_softmax(engines, llama_models, nam
         assert got[0] is None and len(got) == len(ids)
         for position, (entry, want) in enumerate(zip(got[1:], row["prompt_logprobs"][1:]), start=1):
             differences += entry_differences(f"prompt {i} ({len(ids)} tokens) position {position}", entry, want)
-    assert not differences, report(name, differences)
+    assert not differences, report(request, differences)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_int8_generates_every_row_to_its_end(engines, llama_models, name):
     engine = engines(name, "int8")
     assert engine.precision == "int8"
-    max_tokens = reference_max_tokens(llama_models)
+    max_tokens = llama_models.reference["max_new_tokens"]
     rows = llama_models.ref(name)["rows"]
     out = run_together(engine, [GenerationRow(tuple(r["prompt_ids"]), max_tokens, logprobs=1) for r in rows])
     for got in out:
