@@ -269,6 +269,23 @@ def test_a_chat_through_the_openai_client_is_transformers_greedy_answer(chat_cli
     assert (last.prompt_tokens, last.completion_tokens, last.total_tokens) == usage
 
 
+# --- building the models -----------------------------------------------------------------------
+
+def test_without_the_pytorch_venv_the_build_fails_saying_why(monkeypatch, tmp_path):
+    """The fixture turns this into a failure, not a skip: a missing reference is not a pass."""
+    import llama_models
+    from bench import torch_env
+
+    def no_python(**kwargs):
+        raise torch_env.TorchEnvError("no Python 3.11 found for the PyTorch baseline (set BENCH_TORCH_PYTHON)")
+
+    monkeypatch.setattr(torch_env, "ensure_venv", no_python)
+    with pytest.raises(llama_models.BuildError) as caught:
+        llama_models.build(tmp_path)
+    assert str(caught.value) == ("the PyTorch venv the Llama reference needs could not be made (bench/torch_env.py): "
+                                 "TorchEnvError: no Python 3.11 found for the PyTorch baseline (set BENCH_TORCH_PYTHON)")
+
+
 # --- what the converter does not know ----------------------------------------------------------
 
 def test_an_unknown_architecture_is_refused_in_one_line_naming_those_supported(llama_models, tmp_path, capsys):
