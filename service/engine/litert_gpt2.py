@@ -468,8 +468,8 @@ class LiteRTGPT2Engine(Engine):
 
     # --- Engine interface -------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids or [self.eos_id]
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=special_tokens).ids or [self.eos_id]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
