@@ -336,11 +336,13 @@ print("   ", " ".join(sorted(p.name for p in model.iterdir())))
     for image in "$IMAGE_TF" "$IMAGE_LITERT"; do
         say "$image: no model files"
         docker run --rm --network none "$image" python -c '
-import os, sys
-names = {"tf_model.h5", "pytorch_model.bin", "model.safetensors", "flax_model.msgpack", "manifest.json",
+import os, re, sys
+names = {"tf_model.h5", "pytorch_model.bin", "model.safetensors", "model.safetensors.index.json",
+         "flax_model.msgpack", "manifest.json",
          "decoder.fp32.tflite", "decoder.int8.tflite", "embeddings.npy", "positions.npy", "litert.json"}
+shard = re.compile(r"model-[0-9]+-of-[0-9]+\.safetensors")
 found = [os.path.join(d, f) for top in ("/app", "/models", "/opt", "/tmp", "/home", "/root", "/srv")
-         for d, _, files in os.walk(top) for f in files if f in names]
+         for d, _, files in os.walk(top) for f in files if f in names or shard.fullmatch(f)]
 found += [os.path.join("/models", f) for f in os.listdir("/models")]
 sys.exit(f"model files in the image: {found}" if found else 0)
 ' || fail "$image holds model files"

@@ -86,7 +86,6 @@ def convert_model_dir(model_dir: Path, force: bool = False) -> dict:
     started = time.monotonic()
     _ensure_fast_tokenizer(model_dir)
     weights, shape = litert_convert.load_weights(model_dir)
-    models = litert_convert.convert(weights, shape)
     eos = json.loads((model_dir / CONFIG).read_text()).get("eos_token_id", shape.vocab_size - 1)
     eos_id = int(eos[0] if isinstance(eos, list) else eos)  # a list's first is the primary (end_of_sequence_ids)
 
@@ -94,11 +93,11 @@ def convert_model_dir(model_dir: Path, force: bool = False) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        for precision, flatbuffer in models.items():
-            (tmp / litert_model_file(precision)).write_bytes(flatbuffer)
         np.save(tmp / "embeddings.npy", weights["wte"])
         np.save(tmp / "positions.npy", litert_convert.host_positions(weights))
-        del weights, models
+        for precision, flatbuffer in litert_convert.convert(weights, shape).items():  # consumes the weights
+            (tmp / litert_model_file(precision)).write_bytes(flatbuffer)
+        del weights
 
         ids = load_tokenizer(model_dir).encode(quality.TEXT.read_text(), add_special_tokens=False).ids
         tokens = quality.windows(ids, shape.n_positions)

@@ -13,8 +13,11 @@ Settings come from the environment, as for the service:
                     uses a private cache beside MODEL_DIR and removes it once the model is in place
   HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE ...  read by huggingface_hub itself
 
-Contract: only `service.model_files.SERVICE_FILES` are fetched (never the PyTorch, Flax or ONNX
-weights). Files are gathered in `.<name>.download/` beside MODEL_DIR, the manifest is written
+Contract: only the files the service reads are fetched: those of `service.model_files.SERVICE_FILES`
+the repository has, and one kind of weights, the first it has of `tf_model.h5` (GPT-2),
+`model.safetensors`, or `model.safetensors.index.json` with every shard it names; never the
+PyTorch `.bin`, Flax, ONNX or GGUF weights. A repository (or MODEL_SOURCE) with none of the three
+is an error. Files are gathered in `.<name>.download/` beside MODEL_DIR, the manifest is written
 last, and the directory is renamed into place, so MODEL_DIR is either absent, the previous
 complete model, or the new complete model. When MODEL_DIR already holds a model from the same
 source whose files match the manifest's sizes, the script exits 0 at once without touching the
@@ -39,11 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service.model_files import (  # noqa: E402
     MANIFEST,
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
     SERVICE_FILES,
+    WEIGHTS,
     ModelDirError,
     check_model_dir,
     missing_files,
     read_manifest,
+    weight_files,
     write_manifest,
 )
 
@@ -64,6 +71,34 @@ def log(message: str) -> None:
 # ---- where the files come from ------------------------------------------------------------
 
 
+NO_WEIGHTS = (
+    f"has no supported weights: looked for {WEIGHTS}, {SAFETENSORS}, and {SAFETENSORS_INDEX} with its shards "
+    "(PyTorch .bin, Flax, ONNX and GGUF weights are not used)"
+)
+
+
+def chosen_weights(src_dir: Path, where: str) -> list[str]:
+    """The weights `weight_files` prefers in `src_dir`: tf_model.h5, else model.safetensors, else
+    the index and the shards it names. `where` names the source in errors ("MODEL_SOURCE /x")."""
+    try:
+        weights = weight_files(src_dir)
+    except ModelDirError as exc:
+        raise DownloadError(f"{where}: unreadable {SAFETENSORS_INDEX} ({exc.__cause__})") from None
+    if not weights:
+        raise DownloadError(f"{where} {NO_WEIGHTS}")
+    # An index is data from the repository: a shard named "../x" must not lead outside it.
+    bad = [name for name in weights if Path(name).name != name or name in (".", "..")]
+    if bad:
+        raise DownloadError(f"{where}: {SAFETENSORS_INDEX} names shards outside its folder: {', '.join(bad)}")
+    return weights
+
+
+def files_to_take(src_dir: Path, where: str) -> list[str]:
+    """The service's files in `src_dir`: the other SERVICE_FILES present, then `chosen_weights`."""
+    others = [name for name in SERVICE_FILES if name != WEIGHTS and (src_dir / name).is_file()]
+    return others + chosen_weights(src_dir, where)
+
+
 def describe_source(model_id: str, revision: str, model_source: str | None) -> dict:
     """What the manifest records as the origin; the same value on a second run means "done".
 
@@ -74,11 +109,12 @@ def describe_source(model_id: str, revision: str, model_source: str | None) -> d
         return {"model_id": model_id, "revision": revision}
     root = Path(model_source)
     files = {}
-    for name in SERVICE_FILES:
-        path = root / name
-        if path.is_file():
-            st = path.stat()
-            files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if root.is_dir():
+        for name in files_to_take(root, f"MODEL_SOURCE {model_source}"):
+            path = root / name
+            if path.is_file():
+                st = path.stat()
+                files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return {"model_source": str(root), "files": files}
 
 
@@ -159,28 +195,46 @@ def with_retries(
 
 
 def fetch_from_hub(model_id: str, revision: str, cache_dir: Path, attempts: int) -> Path:
-    """Download the service's files of `model_id` into `cache_dir`; return the snapshot folder."""
+    """Download the service's files of `model_id` into `cache_dir`; return the snapshot folder.
+
+    The weights are asked for in order of preference, each only when the repository lacks the one
+    before: tf_model.h5 with the other SERVICE_FILES (one call, as GPT-2 repositories have always
+    been fetched), then model.safetensors (or its index), then the shards the index names. Each
+    call lists the repository at the revision and takes what the patterns match; the later calls
+    ask for the commit the first resolved (its snapshot folder's name), so a push in between
+    cannot mix two commits. Offline, each call answers with the cached snapshot as it is.
+    """
     from huggingface_hub import snapshot_download
 
-    def attempt() -> str:
-        return snapshot_download(
-            repo_id=model_id,
-            revision=revision,
-            cache_dir=str(cache_dir),
-            allow_patterns=list(SERVICE_FILES),
-        )
+    def fetch(rev: str, patterns: list[str]) -> Path:
+        def attempt() -> str:
+            return snapshot_download(
+                repo_id=model_id,
+                revision=rev,
+                cache_dir=str(cache_dir),
+                allow_patterns=patterns,
+            )
 
-    return Path(with_retries(attempt, attempts))
+        return Path(with_retries(attempt, attempts))
+
+    snapshot = fetch(revision, list(SERVICE_FILES))
+    if (snapshot / WEIGHTS).is_file():
+        return snapshot
+    commit = snapshot.name
+    snapshot = fetch(commit, [SAFETENSORS, SAFETENSORS_INDEX])
+    if not (snapshot / SAFETENSORS).is_file() and (snapshot / SAFETENSORS_INDEX).is_file():
+        fetch(commit, chosen_weights(snapshot, f"{model_id}@{revision}")[1:])
+    return snapshot
 
 
-def gather(src_dir: Path, dest: Path, link: bool) -> list[str]:
-    """Put the service's files found in `src_dir` into `dest`; return their names.
+def gather(src_dir: Path, dest: Path, link: bool, where: str) -> list[str]:
+    """Put the service's files found in `src_dir` (`files_to_take`) into `dest`; return their names.
 
     Hub snapshots are symlinks into the cache's blobs: with `link`, the blob is hard-linked
     (no second copy on disk while the private cache and the model share the volume), else copied.
     """
     names = []
-    for name in SERVICE_FILES:
+    for name in files_to_take(src_dir, where):
         src = src_dir / name
         if not src.is_file():
             continue
@@ -249,14 +303,14 @@ def install(
         if model_source:
             if not Path(model_source).is_dir():
                 raise DownloadError(f"MODEL_SOURCE {model_source} is not a directory")
-            names = gather(Path(model_source), new_dir, link=False)
+            names = gather(Path(model_source), new_dir, link=False, where=f"MODEL_SOURCE {model_source}")
             origin = f"from {model_source}"
         else:
             cache = Path(hub_cache) if hub_cache else staging / "hub-cache"
             snapshot = fetch_from_hub(model_id, revision, cache, attempts)
             # Hard links only from the private cache, which goes away: files shared with a
             # cache the user keeps would carry any later change of one into the other.
-            names = gather(snapshot, new_dir, link=not hub_cache)
+            names = gather(snapshot, new_dir, link=not hub_cache, where=f"{model_id}@{revision}")
             origin = f"from {model_id}@{revision}"
         write_manifest(new_dir, extra={"source": source})
         swap_into_place(new_dir, model_dir)

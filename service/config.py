@@ -9,8 +9,8 @@ from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.memory import parse_bytes
-from service.model_files import (LITERT_FORMAT, ModelDirError, check_model_dir, has_litert_files, litert_format,
-                                 verify_manifest)
+from service.model_files import (LITERT_FORMAT, ModelDirError, check_model_dir, describe_model, has_litert_files,
+                                 litert_format, model_type, verify_manifest)
 
 
 class Settings(BaseSettings):
@@ -21,13 +21,15 @@ class Settings(BaseSettings):
     # Each field's description is its documentation: scripts/config_docs.py writes
     # docs/configuration.md from them, and tests/test_docs.py fails when the page differs.
     model_dir: Path = Field(
-        description="Directory with the model: `config.json`, `tf_model.h5` and the tokenizer (`tokenizer.json`, "
-        "or `vocab.json` + `merges.txt`), plus the LiteRT files `scripts/convert_model.py` adds. If it holds a "
-        "`manifest.json`, every file is checked against its size and sha256 at start, and a mismatch stops the server.")
+        description="Directory with the model: `config.json`, the weights (`tf_model.h5`, or `model.safetensors`, "
+        "or `model.safetensors.index.json` and its shards) and the tokenizer (`tokenizer.json`, or `vocab.json` + "
+        "`merges.txt`), plus the LiteRT files `scripts/convert_model.py` adds. If it holds a `manifest.json`, every "
+        "file is checked against its size and sha256 at start, and a mismatch stops the server.")
     backend: Literal["auto", "litert", "tf"] = Field(
-        "auto", description="`litert`: TensorFlow Lite's runtime on the converted files; `tf`: TensorFlow with XLA; "
-        "`auto`: `litert` when the model directory holds a finished conversion, else `tf`. `litert` without the "
-        "files stops the server with the command to run.")
+        "auto", description="`litert`: TensorFlow Lite's runtime on the converted files; `tf`: TensorFlow with XLA, "
+        "GPT-2 models only (`model_type` `gpt2` in `config.json`); `auto`: `litert` when the model directory holds "
+        "a finished conversion or a model other than GPT-2, else `tf`. `litert` without the files, or `tf` with "
+        "another model, stops the server with what to do.")
     litert_precision: Literal["auto", "int8", "fp32"] = Field(
         "auto", description="LiteRT weights. `auto`: `int8` if the conversion's quality gate passed it on these "
         "weights, else `fp32`. Forcing `int8` past a failed gate logs a warning.")
@@ -115,6 +117,9 @@ class Settings(BaseSettings):
 
     _api_keys: tuple[str, ...] = PrivateAttr(())
 
+    # config.json's model_type and architectures, read once by _backend_available.
+    _model_type: tuple[str, tuple[str, ...]] = PrivateAttr(("gpt2", ()))
+
     @field_validator("model_dir")
     @classmethod
     def _model_dir_complete(cls, value: Path) -> Path:
@@ -123,8 +128,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _backend_available(self) -> Settings:
-        if self.backend == "litert" and not has_litert_files(self.model_dir):
-            raise ValueError(f"BACKEND=litert, but {self.model_dir} holds no finished LiteRT conversion; "
+        self._model_type = model_type(self.model_dir)
+        kind = describe_model(*self._model_type)
+        if self.backend == "tf" and not self._is_gpt2:
+            raise ValueError(f"BACKEND=tf serves the GPT-2 family only; MODEL_DIR holds {kind}: use BACKEND=litert "
+                             "(or auto)")
+        if self.serving_backend == "litert" and not has_litert_files(self.model_dir):
+            why = ("BACKEND=litert" if self.backend == "litert"
+                   else f"BACKEND=auto serves {kind} with litert (tf serves the GPT-2 family only)")
+            raise ValueError(f"{why}, but {self.model_dir} holds no finished LiteRT conversion; "
                              f"run: python scripts/convert_model.py --model-dir {self.model_dir}")
         if self.serving_backend == "litert" and (found := litert_format(self.model_dir)) != LITERT_FORMAT:
             raise ValueError(f"the LiteRT files in {self.model_dir} are converter version {found}, this service "
@@ -182,11 +194,16 @@ class Settings(BaseSettings):
         return self.served_model_name or self.model_dir.resolve().name
 
     @property
+    def _is_gpt2(self) -> bool:
+        return self._model_type[0] == "gpt2"
+
+    @property
     def serving_backend(self) -> str:
-        """The backend that serves: `backend`, with auto resolved against the model directory."""
+        """The backend that serves: `backend`, with auto resolved against the model directory
+        (litert where it is converted, and for every model but GPT-2, which tf alone serves)."""
         if self.backend != "auto":
             return self.backend
-        return "litert" if has_litert_files(self.model_dir) else "tf"
+        return "litert" if not self._is_gpt2 or has_litert_files(self.model_dir) else "tf"
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

@@ -71,6 +71,25 @@ class ModelDirError(ValueError):
     """The model directory is missing, incomplete or does not match its manifest."""
 
 
+def model_type(model_dir: Path) -> tuple[str, tuple[str, ...]]:
+    """config.json's `model_type` ("gpt2" where it names none, as transformers' GPT2Config reads
+    it) and `architectures`: what decides which backend can serve the model."""
+    try:
+        config = json.loads((model_dir / CONFIG).read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"model directory {model_dir}: unreadable {CONFIG} ({exc})") from exc
+    architectures = config.get("architectures")
+    architectures = architectures if isinstance(architectures, list) else [architectures] if architectures else []
+    return str(config.get("model_type") or "gpt2"), tuple(str(a) for a in architectures)
+
+
+def describe_model(kind: str, architectures: tuple[str, ...] | list[str] = ()) -> str:
+    """A model as errors name it: "a 'llama' model (LlamaForCausalLM)"."""
+    return f"a {kind!r} model" + (f" ({', '.join(architectures)})" if architectures else "")
+
+
 def weight_files(model_dir: Path) -> list[str]:
     """The weights' file names: tf_model.h5 where there is one, else model.safetensors, else
     the shards model.safetensors.index.json names (sorted); empty if none is there."""

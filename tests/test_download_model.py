@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import huggingface_hub
@@ -63,6 +64,51 @@ OTHER_CONTENT = {
     ".gitattributes": b"*.bin filter=lfs\n",
 }
 
+# A Llama-architecture repository (SmolLM2, Qwen2, TinyLlama): no tf_model.h5; safetensors weights,
+# one file or shards named by an index, beside PyTorch, ONNX and GGUF ones the service never reads.
+LLAMA_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+LLAMA_SERVICE_CONTENT = {
+    "config.json": b'{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}',
+    "generation_config.json": b'{"eos_token_id": 2}',
+    "tokenizer.json": b'{"model": {"type": "BPE"}}',
+    "tokenizer_config.json": b'{"eos_token": "<|im_end|>"}',
+    "special_tokens_map.json": b'{"eos_token": "<|im_end|>"}',
+    "chat_template.jinja": b"{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}",
+}
+LLAMA_OTHER_CONTENT = {
+    "pytorch_model.bin": b"torch" * 100,
+    "flax_model.msgpack": b"flax" * 100,
+    "onnx/model.onnx": b"onnx" * 100,
+    "smollm2-135m-instruct-q8_0.gguf": b"GGUF" * 100,
+    "README.md": b"# SmolLM2\n",
+    ".gitattributes": b"*.safetensors filter=lfs\n",
+}
+SAFETENSORS_WEIGHTS = {"model.safetensors": b"safetensors" * 100}
+SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+SHARDED_WEIGHTS = {
+    "model.safetensors.index.json": json.dumps({
+        "metadata": {"total_size": 3 * 512},
+        "weight_map": {
+            "model.embed_tokens.weight": SHARDS[0],
+            "model.layers.0.self_attn.q_proj.weight": SHARDS[0],
+            "model.layers.0.mlp.down_proj.weight": SHARDS[1],
+            "model.norm.weight": SHARDS[2],
+            "lm_head.weight": SHARDS[2],
+        },
+    }).encode(),
+    **{name: bytes([65 + i]) * 512 for i, name in enumerate(SHARDS)},
+}
+# What a sharded repository also holds in PyTorch's format.
+SHARDED_OTHER_CONTENT = {
+    "pytorch_model.bin.index.json": b'{"weight_map": {}}',
+    "pytorch_model-00001-of-00002.bin": b"torch" * 100,
+    "pytorch_model-00002-of-00002.bin": b"torch" * 100,
+}
+NO_WEIGHTS_LINE = (
+    "has no supported weights: looked for tf_model.h5, model.safetensors, and model.safetensors.index.json "
+    "with its shards (PyTorch .bin, Flax, ONNX and GGUF weights are not used)"
+)
+
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
@@ -92,9 +138,9 @@ def write_files(root: Path, files: dict[str, bytes]) -> Path:
     return root
 
 
-def make_hub_cache(cache: Path, files: dict[str, bytes], revision: str = "main") -> Path:
-    """Lay out `files` as huggingface_hub's cache holds a snapshot of REPO_ID at `revision`."""
-    repo = cache / ("models--" + REPO_ID.replace("/", "--"))
+def make_hub_cache(cache: Path, files: dict[str, bytes], revision: str = "main", repo_id: str = REPO_ID) -> Path:
+    """Lay out `files` as huggingface_hub's cache holds a snapshot of `repo_id` at `revision`."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / revision).write_text(COMMIT)
     snapshot = repo / "snapshots" / COMMIT
@@ -108,8 +154,46 @@ def make_hub_cache(cache: Path, files: dict[str, bytes], revision: str = "main")
     return cache
 
 
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """The hub as snapshot_download sees it: a repository holding `hub.files` at COMMIT, which
+    records each listing's revision (`hub.listed`) and each file downloaded (`hub.fetched`)."""
+    from huggingface_hub import HfApi, _snapshot_download
+    from huggingface_hub.hf_api import ModelInfo
+
+    hub = types.SimpleNamespace(files={}, listed=[], fetched=[])
+
+    def repo_info(self, repo_id, *, revision=None, **kwargs):
+        hub.listed.append(revision)
+        return ModelInfo(id=repo_id, sha=COMMIT, siblings=[{"rfilename": n} for n in hub.files])
+
+    def hf_hub_download(repo_id, filename, *, revision, cache_dir, **kwargs):
+        hub.fetched.append(filename)
+        path = Path(cache_dir) / "fake" / revision / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(hub.files[filename])
+        link = Path(cache_dir) / ("models--" + repo_id.replace("/", "--")) / "snapshots" / revision / filename
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path)
+        return str(link)
+
+    monkeypatch.setattr(HfApi, "repo_info", repo_info)
+    monkeypatch.setattr(_snapshot_download, "hf_hub_download", hf_hub_download)
+    # huggingface_hub's progress bars share stderr with the script's lines (as HF_HUB_DISABLE_PROGRESS_BARS=1).
+    monkeypatch.setattr(sys.modules["huggingface_hub.utils.tqdm"], "HF_HUB_DISABLE_PROGRESS_BARS", True)
+    return hub
+
+
 def listing(model_dir: Path) -> set[str]:
     return {p.name for p in model_dir.iterdir()}
+
+
+def manifest_files(model_dir: Path) -> set[str]:
+    return set(json.loads((model_dir / MANIFEST).read_text())["files"])
+
+
+def stderr_lines(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
 
 
 def run_main(model_dir: Path, **env: str) -> int:
@@ -159,6 +243,92 @@ def test_local_source_changed_is_copied_again(tmp_path):
     check_model_dir(model_dir)
 
 
+@pytest.mark.parametrize("weights", [SAFETENSORS_WEIGHTS, SHARDED_WEIGHTS], ids=["single", "sharded"])
+def test_local_source_safetensors(tmp_path, weights, capsys):
+    source = write_files(tmp_path / "source", {**LLAMA_SERVICE_CONTENT, **weights, **LLAMA_OTHER_CONTENT,
+                                               **SHARDED_OTHER_CONTENT})
+    model_dir = tmp_path / "volume" / "model"
+
+    assert run_main(model_dir, MODEL_SOURCE=str(source)) == 0
+
+    assert listing(model_dir) == set(LLAMA_SERVICE_CONTENT) | set(weights) | {MANIFEST}
+    assert manifest_files(model_dir) == set(LLAMA_SERVICE_CONTENT) | set(weights)
+    verify_manifest(model_dir)
+    assert stderr_lines(capsys) == [
+        "download_model: installed config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json, "
+        f"generation_config.json, chat_template.jinja, {', '.join(weights)} from {source} into {model_dir}"
+    ]
+
+    # Same source: done at once. A shard that changed (or the one file): copied again.
+    assert run_main(model_dir, MODEL_SOURCE=str(source)) == 0
+    assert stderr_lines(capsys) == [f"download_model: {model_dir} is complete ({MANIFEST} matches); nothing to do"]
+    changed = list(weights)[-1]
+    (source / changed).write_bytes(b"other bytes")
+    assert run_main(model_dir, MODEL_SOURCE=str(source)) == 0
+    assert (model_dir / changed).read_bytes() == b"other bytes"
+    verify_manifest(model_dir)
+
+
+def test_local_source_prefers_tf_weights_then_the_single_safetensors(tmp_path):
+    source = write_files(tmp_path / "source", {**SERVICE_CONTENT, **SAFETENSORS_WEIGHTS, **SHARDED_WEIGHTS})
+    model_dir = tmp_path / "volume" / "model"
+    assert run_main(model_dir, MODEL_SOURCE=str(source)) == 0
+    assert manifest_files(model_dir) == set(SERVICE_CONTENT)
+
+    (source / "tf_model.h5").unlink()
+    assert run_main(model_dir, MODEL_SOURCE=str(source)) == 0
+    assert manifest_files(model_dir) == set(SERVICE_CONTENT) - {"tf_model.h5"} | {"model.safetensors"}
+    assert listing(model_dir) == manifest_files(model_dir) | {MANIFEST}
+
+
+def test_local_source_with_only_pytorch_weights_fails_with_one_line(tmp_path, capsys):
+    source = write_files(tmp_path / "source", {**LLAMA_SERVICE_CONTENT, **LLAMA_OTHER_CONTENT})
+    model_dir = tmp_path / "volume" / "model"
+
+    assert run_main(model_dir, MODEL_SOURCE=str(source)) == 1
+
+    assert stderr_lines(capsys) == [f"download_model: error: MODEL_SOURCE {source} {NO_WEIGHTS_LINE}"]
+    assert not model_dir.exists()
+
+
+def test_local_source_index_naming_a_missing_shard_fails_with_one_line(tmp_path, capsys):
+    weights = {name: data for name, data in SHARDED_WEIGHTS.items() if name != SHARDS[1]}
+    source = write_files(tmp_path / "source", {**LLAMA_SERVICE_CONTENT, **weights})
+    model_dir = tmp_path / "volume" / "model"
+
+    assert run_main(model_dir, MODEL_SOURCE=str(source)) == 1
+
+    assert stderr_lines(capsys) == [f"download_model: error: {source} lacks {SHARDS[1]}"]
+    assert not model_dir.exists()
+
+
+def test_an_unreadable_index_fails_with_one_line(tmp_path, capsys):
+    source = write_files(tmp_path / "source", {**LLAMA_SERVICE_CONTENT, "model.safetensors.index.json": b"{"})
+    model_dir = tmp_path / "volume" / "model"
+
+    assert run_main(model_dir, MODEL_SOURCE=str(source)) == 1
+
+    assert stderr_lines(capsys) == [
+        f"download_model: error: MODEL_SOURCE {source}: unreadable model.safetensors.index.json "
+        "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"
+    ]
+
+
+def test_an_index_naming_a_shard_outside_its_folder_is_refused(tmp_path, capsys):
+    index = json.dumps({"weight_map": {"lm_head.weight": "../outside.safetensors"}}).encode()
+    source = write_files(tmp_path / "source", {**LLAMA_SERVICE_CONTENT, "model.safetensors.index.json": index})
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    model_dir = tmp_path / "volume" / "model"
+
+    assert run_main(model_dir, MODEL_SOURCE=str(source)) == 1
+
+    assert stderr_lines(capsys) == [
+        f"download_model: error: MODEL_SOURCE {source}: model.safetensors.index.json names shards outside its "
+        "folder: ../outside.safetensors"
+    ]
+    assert not model_dir.exists()
+
+
 # ---- hub path -----------------------------------------------------------------------------
 
 
@@ -187,38 +357,125 @@ def test_hub_cache_offline_takes_only_service_files(tmp_path, monkeypatch, offli
     assert (cache / ("models--" + REPO_ID.replace("/", "--")) / "snapshots" / COMMIT / "pytorch_model.bin").exists()
 
 
-def test_hub_online_requests_only_service_files(tmp_path, monkeypatch):
-    """With the hub reachable, snapshot_download lists the repo and fetches only SERVICE_FILES."""
-    from huggingface_hub import HfApi, _snapshot_download
-    from huggingface_hub.hf_api import ModelInfo
-
-    every_file = {**SERVICE_CONTENT, **OTHER_CONTENT}
-
-    def repo_info(self, repo_id, **kwargs):
-        return ModelInfo(id=repo_id, sha=COMMIT, siblings=[{"rfilename": n} for n in every_file])
-
-    fetched = []
-
-    def hf_hub_download(repo_id, filename, *, revision, cache_dir, **kwargs):
-        fetched.append(filename)
-        path = Path(cache_dir) / "fake" / revision / filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(every_file[filename])
-        link = Path(cache_dir) / ("models--" + repo_id.replace("/", "--")) / "snapshots" / revision / filename
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(path)
-        return str(link)
-
-    monkeypatch.setattr(HfApi, "repo_info", repo_info)
-    monkeypatch.setattr(_snapshot_download, "hf_hub_download", hf_hub_download)
+def test_hub_online_requests_only_service_files(tmp_path, fake_hub):
+    """With the hub reachable, snapshot_download lists the repo and fetches only SERVICE_FILES:
+    tf_model.h5 where the repository has it, never also its safetensors, in one listing."""
+    fake_hub.files = {**SERVICE_CONTENT, **OTHER_CONTENT}
     model_dir = tmp_path / "volume" / "model"
 
     assert run_main(model_dir) == 0
 
-    assert sorted(fetched) == sorted(SERVICE_CONTENT)
+    assert sorted(fake_hub.fetched) == sorted(SERVICE_CONTENT)
+    assert fake_hub.listed == ["main"]
     assert listing(model_dir) == set(SERVICE_CONTENT) | {MANIFEST}
     # The private cache inside the volume is gone once the model is in place.
     assert listing(model_dir.parent) == {"model", ".model.lock"}
+
+
+def test_hub_tf_weights_win_over_single_and_sharded_safetensors(tmp_path, fake_hub, capsys):
+    fake_hub.files = {**SERVICE_CONTENT, **OTHER_CONTENT, **SHARDED_WEIGHTS, **SHARDED_OTHER_CONTENT}
+    model_dir = tmp_path / "volume" / "model"
+
+    assert run_main(model_dir) == 0
+
+    assert sorted(fake_hub.fetched) == sorted(SERVICE_CONTENT)
+    assert manifest_files(model_dir) == set(SERVICE_CONTENT)
+    assert stderr_lines(capsys) == [
+        "download_model: installed config.json, tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, "
+        f"generation_config.json, chat_template.jinja, tf_model.h5 from {REPO_ID}@main into {model_dir}"
+    ]
+
+
+def test_hub_safetensors_only_repository(tmp_path, fake_hub, capsys):
+    """No tf_model.h5: model.safetensors, asked for at the commit the first listing resolved."""
+    fake_hub.files = {**LLAMA_SERVICE_CONTENT, **SAFETENSORS_WEIGHTS, **LLAMA_OTHER_CONTENT}
+    model_dir = tmp_path / "volume" / "model"
+
+    assert run_main(model_dir, MODEL_ID=LLAMA_ID) == 0
+
+    assert sorted(fake_hub.fetched) == sorted([*LLAMA_SERVICE_CONTENT, "model.safetensors"])
+    assert fake_hub.listed == ["main", COMMIT]
+    assert listing(model_dir) == set(LLAMA_SERVICE_CONTENT) | {"model.safetensors", MANIFEST}
+    assert manifest_files(model_dir) == set(LLAMA_SERVICE_CONTENT) | {"model.safetensors"}
+    for name, data in {**LLAMA_SERVICE_CONTENT, **SAFETENSORS_WEIGHTS}.items():
+        assert (model_dir / name).read_bytes() == data
+    verify_manifest(model_dir)
+    assert stderr_lines(capsys) == [
+        "download_model: installed config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json, "
+        f"generation_config.json, chat_template.jinja, model.safetensors from {LLAMA_ID}@main into {model_dir}"
+    ]
+    assert listing(model_dir.parent) == {"model", ".model.lock"}
+
+
+def test_hub_sharded_repository_fetches_every_shard(tmp_path, fake_hub, capsys):
+    fake_hub.files = {**LLAMA_SERVICE_CONTENT, **SHARDED_WEIGHTS, **SHARDED_OTHER_CONTENT, **LLAMA_OTHER_CONTENT}
+    model_dir = tmp_path / "volume" / "model"
+
+    assert run_main(model_dir, MODEL_ID=LLAMA_ID, MODEL_REVISION="v1.0") == 0
+
+    assert sorted(fake_hub.fetched) == sorted([*LLAMA_SERVICE_CONTENT, *SHARDED_WEIGHTS])
+    assert fake_hub.listed == ["v1.0", COMMIT, COMMIT]
+    assert listing(model_dir) == set(LLAMA_SERVICE_CONTENT) | set(SHARDED_WEIGHTS) | {MANIFEST}
+    assert manifest_files(model_dir) == set(LLAMA_SERVICE_CONTENT) | set(SHARDED_WEIGHTS)
+    for name, data in SHARDED_WEIGHTS.items():
+        assert (model_dir / name).read_bytes() == data
+    check_model_dir(model_dir)
+    verify_manifest(model_dir)
+    assert stderr_lines(capsys) == [
+        "download_model: installed config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json, "
+        "generation_config.json, chat_template.jinja, model.safetensors.index.json, "
+        f"{', '.join(SHARDS)} from {LLAMA_ID}@v1.0 into {model_dir}"
+    ]
+
+
+def test_hub_single_file_wins_over_the_index(tmp_path, fake_hub):
+    fake_hub.files = {**LLAMA_SERVICE_CONTENT, **SAFETENSORS_WEIGHTS, **SHARDED_WEIGHTS}
+    model_dir = tmp_path / "volume" / "model"
+
+    assert run_main(model_dir, MODEL_ID=LLAMA_ID) == 0
+
+    assert not set(SHARDS) & set(fake_hub.fetched)
+    assert manifest_files(model_dir) == set(LLAMA_SERVICE_CONTENT) | {"model.safetensors"}
+
+
+def test_hub_repository_with_only_pytorch_weights_fails_with_one_line(tmp_path, fake_hub, capsys):
+    fake_hub.files = {**LLAMA_SERVICE_CONTENT, **LLAMA_OTHER_CONTENT, **SHARDED_OTHER_CONTENT}
+    model_dir = tmp_path / "volume" / "model"
+
+    assert run_main(model_dir, MODEL_ID=LLAMA_ID) == 1
+
+    assert stderr_lines(capsys) == [f"download_model: error: {LLAMA_ID}@main {NO_WEIGHTS_LINE}"]
+    assert sorted(fake_hub.fetched) == sorted(LLAMA_SERVICE_CONTENT)  # no weights of another format
+    assert not model_dir.exists()
+
+
+def test_hub_safetensors_second_run_makes_no_network_call(tmp_path, fake_hub, monkeypatch, capsys):
+    fake_hub.files = {**LLAMA_SERVICE_CONTENT, **SHARDED_WEIGHTS}
+    model_dir = tmp_path / "volume" / "model"
+    assert run_main(model_dir, MODEL_ID=LLAMA_ID) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()}
+    capsys.readouterr()
+
+    def forbidden(**kwargs):
+        raise AssertionError("snapshot_download called although the model is complete")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", forbidden)
+    assert run_main(model_dir, MODEL_ID=LLAMA_ID) == 0
+
+    assert stderr_lines(capsys) == [f"download_model: {model_dir} is complete ({MANIFEST} matches); nothing to do"]
+    assert {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()} == before
+
+
+def test_hub_cache_offline_sharded(tmp_path, offline):
+    """Offline, every call answers with the cached snapshot; the shards are taken from it."""
+    every_file = {**LLAMA_SERVICE_CONTENT, **SHARDED_WEIGHTS, **SHARDED_OTHER_CONTENT, **LLAMA_OTHER_CONTENT}
+    cache = make_hub_cache(tmp_path / "hf-cache", every_file, repo_id=LLAMA_ID)
+    model_dir = tmp_path / "volume" / "model"
+
+    assert run_main(model_dir, MODEL_ID=LLAMA_ID, HF_HUB_CACHE=str(cache)) == 0
+
+    assert listing(model_dir) == set(LLAMA_SERVICE_CONTENT) | set(SHARDED_WEIGHTS) | {MANIFEST}
+    verify_manifest(model_dir)
 
 
 def test_cli_with_hub_cache_and_offline_env(tmp_path):

@@ -83,6 +83,64 @@ def test_a_weight_file_corrupted_after_download_stops_the_server_with_one_line(t
             "manifest.json; fetch the model again (scripts/download_model.py --force; docs/operations.md: Faults)")
 
 
+def llama_model_dir(root):
+    """A Llama-architecture model directory as scripts/download_model.py leaves one: safetensors
+    weights, no tf_model.h5 (nothing here reads the weights' bytes)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    (root / "model.safetensors").write_bytes(b"safetensors")
+    (root / "tokenizer.json").write_text("{}")
+    return root
+
+
+def test_backend_tf_refuses_a_model_that_is_not_gpt2(tmp_path):
+    model = llama_model_dir(tmp_path / "llama")
+    for args in (("-m", "service"), ("-m", "uvicorn", "service.main:app")):
+        r = run_service({"MODEL_DIR": str(model), "BACKEND": "tf"}, args)
+        assert r.returncode == 1
+        assert last_line(r.stderr) == (
+            "service: invalid settings: BACKEND=tf serves the GPT-2 family only; MODEL_DIR holds a 'llama' model "
+            "(LlamaForCausalLM): use BACKEND=litert (or auto)")
+
+
+def test_backend_auto_serves_a_model_that_is_not_gpt2_with_litert(tmp_path, litert_model_dir):
+    from service.config import Settings
+    from service.model_files import LITERT_FILES
+
+    model = llama_model_dir(tmp_path / "llama")
+    r = run_service({"MODEL_DIR": str(model), "BACKEND": "auto"})
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        f"service: invalid settings: BACKEND=auto serves a 'llama' model (LlamaForCausalLM) with litert (tf serves "
+        f"the GPT-2 family only), but {model} holds no finished LiteRT conversion; run: python "
+        f"scripts/convert_model.py --model-dir {model}")
+
+    for name in LITERT_FILES:  # a finished conversion (its content is not looked at by Settings)
+        shutil.copy(litert_model_dir / name, model / name)
+    assert Settings(model_dir=model).serving_backend == "litert"
+    assert Settings(model_dir=model, backend="litert").serving_backend == "litert"
+
+
+def test_engine_tf_refuses_a_model_that_is_not_gpt2_before_loading_it(tmp_path):
+    from service.engine.tf_gpt2 import TFGPT2Engine
+
+    model = llama_model_dir(tmp_path / "llama")
+    with pytest.raises(ValueError) as caught:
+        TFGPT2Engine(model)
+    assert str(caught.value) == ("the TensorFlow GPT-2 engine serves the GPT-2 family only; the model is a 'llama' "
+                                 "model (LlamaForCausalLM)")
+
+
+def test_an_unreadable_config_json_is_named(tmp_path):
+    model = llama_model_dir(tmp_path / "llama")
+    (model / "config.json").write_text("{")
+    r = run_service({"MODEL_DIR": str(model)})
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        f"service: invalid settings: model directory {model}: unreadable config.json (Expecting property name "
+        "enclosed in double quotes: line 1 column 2 (char 1))")
+
+
 def test_bad_numbers_in_the_environment_are_named(model_dir):
     r = run_service({"MODEL_DIR": str(model_dir), "MAX_BATCH_SIZE": "0", "PORT": "http"})
     assert r.returncode == 1

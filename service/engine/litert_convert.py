@@ -83,8 +83,9 @@ class _Decoder(tf.Module):
     def __init__(self, weights: dict[str, np.ndarray], shape: ModelShape):
         super().__init__()
         self.shape = shape
-        self.w = {name: tf.Variable(value, trainable=False, name=name.replace(".", "_"))
-                  for name, value in weights.items()}
+        # Each array is let go of once its variable holds a copy (see `convert`).
+        self.w = {name: tf.Variable(weights.pop(name), trainable=False, name=name.replace(".", "_"))
+                  for name in list(weights)}
         E, K, D = shape.n_embd, shape.kv_heads, shape.dim
         kv = [tf.TensorSpec([K, None, D], tf.float32, name=f"{kind}_{i}")
               for i in range(shape.n_layer) for kind in ("key", "value")]
@@ -300,8 +301,13 @@ def host_positions(weights: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def convert(weights: dict[str, np.ndarray], shape: ModelShape) -> dict[str, bytes]:
-    """The decoder as LiteRT flatbuffers: {"fp32": ..., "int8": ...} (int8: dynamic-range weights)."""
-    module = _Decoder({k: v for k, v in weights.items() if k not in HOST_ONLY}, shape)
+    """The decoder as LiteRT flatbuffers: {"fp32": ..., "int8": ...} (int8: dynamic-range weights).
+
+    Consumes `weights`: the graph's arrays leave the dict as they become variables, and the
+    variables go once the SavedModel is written. TensorFlow's converter holds several copies of
+    the weights while it runs (a 135M-parameter model: about 5 GB at its peak), so nothing else
+    of them should be held then."""
+    module = _Decoder({k: weights.pop(k) for k in list(weights) if k not in HOST_ONLY}, shape)
     with tempfile.TemporaryDirectory() as tmp:
         # The converter takes several signatures from a SavedModel; their weights are shared.
         tf.saved_model.save(module, tmp, signatures={

@@ -56,7 +56,7 @@ from service.engine import sampling  # noqa: E402
 from service.engine.base import (  # noqa: E402
     DecodeBatch, Engine, FinishReason, GenerationRow, RowUpdate, TokenLogprob)
 from service.engine.layout import Buckets  # noqa: E402
-from service.model_files import end_of_sequence_ids  # noqa: E402
+from service.model_files import describe_model, end_of_sequence_ids, model_type  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +263,8 @@ class TFGPT2Engine(Engine):
 
     def __init__(self, model_dir: Path, *, max_batch_size: int = 8, prefill_chunk: int = 16,
                  decode_chunk: int = 16, smallest_cache: int = 128):
+        # Before the tokenizer and weights: another family's directory has no tf_model.h5 to load.
+        _check_family(*model_type(model_dir))
         self._tokenizer = GPT2TokenizerFast.from_pretrained(model_dir).backend_tokenizer
         self.byte_fallback_ids = byte_fallback_ids(self._tokenizer)
         self.model = TFGPT2LMHeadModel.from_pretrained(model_dir)
@@ -306,8 +308,8 @@ class TFGPT2Engine(Engine):
 
     # --- Engine interface -------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        ids = self._tokenizer.encode(text, add_special_tokens=special_tokens).ids
         return ids or [self.eos_id]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -623,10 +625,16 @@ def use_persistent_compile_cache(directory: Path) -> None:
         os.environ["TF_XLA_FLAGS"] = f"{current} {flag}".strip()
 
 
+def _check_family(kind: str, architectures: Sequence[str] | None = ()) -> None:
+    """Refuse another family than GPT-2, in the words Settings refuses BACKEND=tf with."""
+    if kind != "gpt2":
+        raise ValueError(f"the TensorFlow GPT-2 engine serves the GPT-2 family only; the model is "
+                         f"{describe_model(kind, tuple(architectures or ()))}")
+
+
 def _check_supported(config) -> None:
     """The loop re-implements GPT-2 attention; refuse variants it does not implement."""
-    if config.model_type != "gpt2":
-        raise ValueError(f"model_type {config.model_type!r} is not supported (only gpt2)")
+    _check_family(config.model_type, config.architectures)
     for flag in ("add_cross_attention", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if getattr(config, flag, False):
             raise ValueError(f"GPT-2 option {flag} is not supported")
