@@ -192,10 +192,21 @@ def test_chat_prompts_render_as_transformers_renders_them(llama_models, name):
 
 @pytest.mark.parametrize("name", ["llama", "llama-sp", "qwen2"])
 def test_chat_prompts_encode_as_transformers_tokenizes_them(engines, llama_models, name):
+    """As the chat route encodes them: the template writes the special tokens (Zephyr's <s>)."""
     engine, template = engines(name), load_chat_template(llama_models.dir(name))
     for chat in llama_models.ref(name)["chats"]:
         if chat["add_generation_prompt"]:
-            assert engine.encode(template.render(chat["messages"])) == chat["ids"], chat["name"]
+            assert engine.encode(template.render(chat["messages"]), special_tokens=False) == chat["ids"], chat["name"]
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-sp", "qwen2"])
+def test_prompts_encode_as_transformers_tokenizer_of_the_text(engines, llama_models, name):
+    """A text prompt gets the tokenizer's own special tokens (the SentencePiece one's <s>; none
+    for byte-level BPE), as transformers' `tokenizer(text)` adds them."""
+    engine, encodings = engines(name), llama_models.ref(name)["encodings"]
+    for case in encodings:
+        assert engine.encode(case["text"]) == case["ids"], case["text"]
+    assert (encodings[0]["ids"][0] == 1) == (name == "llama-sp")  # <s>
 
 
 # --- detokenization ----------------------------------------------------------------------------

@@ -347,7 +347,9 @@ def build(out: Path) -> dict:
                      "dtype": str(next(weights.parameters()).dtype).removeprefix("torch."),
                      "files": sorted(p.name for p in directory.iterdir()),
                      **model_reference(loaded, tokenizer, eos),
-                     "chats": chat_renderings(tokenizer)}
+                     "chats": chat_renderings(tokenizer),
+                     # tokenizer(text): with the special tokens the tokenizer adds itself
+                     "encodings": [{"text": t, "ids": tokenizer(t).input_ids} for t in PROMPT_TEXTS[:3]]}
             if saved_name == CHAT_MODEL:
                 entry["chat_answers"] = chat_answers(loaded, tokenizer, eos)
             if kind == "sentencepiece":
