@@ -282,6 +282,26 @@ def test_a_chat_through_the_openai_client_is_transformers_greedy_answer(chat_cli
 
 # --- building the models -----------------------------------------------------------------------
 
+def test_the_saves_are_what_their_names_say(llama_models):
+    """llama-sharded is an index and its shards, qwen2-bf16's weights are bf16 on disk (and change
+    transformers' own answers, so its reference is its own), the tied model saves no head."""
+    def header(path):
+        with path.open("rb") as f:
+            return json.loads(f.read(int.from_bytes(f.read(8), "little")))
+
+    def new_ids(name):
+        return [row["new_ids"] for row in llama_models.ref(name)["rows"]]
+
+    sharded = sorted(p.name for p in llama_models.dir("llama-sharded").glob("model*.safetensors*"))
+    assert sharded[-1] == "model.safetensors.index.json" and len(sharded) >= 3
+    assert new_ids("llama-sharded") == new_ids("llama")
+    bf16 = header(llama_models.dir("qwen2-bf16") / "model.safetensors")
+    assert {entry["dtype"] for name, entry in bf16.items() if name != "__metadata__"} == {"BF16"}
+    assert new_ids("qwen2-bf16") != new_ids("qwen2")
+    assert "lm_head.weight" not in header(llama_models.dir("llama") / "model.safetensors")
+    assert "lm_head.weight" in header(llama_models.dir("llama-sp") / "model.safetensors")
+
+
 def test_without_the_pytorch_venv_the_build_fails_saying_why(monkeypatch, tmp_path):
     """The fixture turns this into a failure, not a skip: a missing reference is not a pass."""
     import llama_models
