@@ -16,13 +16,13 @@ litert.json's `n_positions` capped by CONTEXT_TOKENS (from `--env`, else the ser
 of 2048), and MAX_TOKENS_LIMIT is raised to it unless `--env` sets it.
 
 The container runs with `--memory` and `--memory-swap` equal (no swap), the model directory
-mounted read-only, and the service's defaults otherwise. Printed as one JSON line: statuses,
-the service's peak resident memory from process start (VmHWM of PID 1) and after, the cgroup's
-peak (page cache included, as in the limit), OOM kill and restarts (docker inspect), wall time,
-new tokens per chat answer, the budget the service logged, and its kv gauges and new-token count
-once idle. If the container stops before it is ready, the line says so, with the last memory
-figures seen and the log's last lines. Exits 1 when any request got a 5xx other than 503, the
-container was OOM-killed, stopped or restarted. Needs a Docker engine (scripts/check_docker.sh
+mounted read-only, and the service's defaults otherwise. Printed as one JSON line: statuses and
+one body per error status, the service's peak resident memory from process start (VmHWM of
+PID 1) and after, the cgroup's peak (page cache included, as in the limit), OOM kill and
+restarts (docker inspect), wall time, new tokens per chat answer, the budget the service logged,
+and its kv gauges and new-token count once idle. If the container stops before it is ready, the
+line says so, with the last memory figures seen and the log's last lines. Exits 1 when any
+request got a 5xx other than 503, the container was OOM-killed, stopped or restarted. Needs a Docker engine (scripts/check_docker.sh
 builds the image and starts one).
 """
 
@@ -138,16 +138,16 @@ class Sampler(threading.Thread):
 
 
 async def load(url: str, path: str, bodies: list[dict], timeout: float) -> tuple[list, float]:
-    """Sends every body at once; each answer as (status, new tokens or None) or the exception's repr."""
+    """Sends every body at once; each answer as (status, a chat's new tokens, else None; or an error's
+    body), or the exception's repr."""
     async with httpx.AsyncClient(timeout=timeout) as client:
         started = time.monotonic()
 
         async def one(body):
             r = await client.post(f"{url}{path}", json=body)
-            tokens = None
-            if r.status_code == 200 and path != "/generate":
-                tokens = r.json().get("usage", {}).get("completion_tokens")
-            return r.status_code, tokens
+            if r.status_code != 200:
+                return r.status_code, r.text[:300]
+            return r.status_code, None if path == "/generate" else r.json()["usage"]["completion_tokens"]
 
         answers = await asyncio.gather(*(one(b) for b in bodies), return_exceptions=True)
     return [a if isinstance(a, tuple) else repr(a) for a in answers], time.monotonic() - started
@@ -234,9 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True)
         budget_line = next((line for line in (logs.stdout + logs.stderr).splitlines() if "memory: " in line), None)
         codes = [a[0] if isinstance(a, tuple) else a for a in answers]
-        tokens = [a[1] for a in answers if isinstance(a, tuple) and a[1] is not None]
+        tokens = [a[1] for a in answers if isinstance(a, tuple) and isinstance(a[1], int)]
+        errors = {str(a[0]): a[1] for a in answers if isinstance(a, tuple) and a[0] != 200}
         result.update({
             "statuses": {c: list(map(str, codes)).count(c) for c in sorted(set(map(str, codes)))},
+            "errors": errors or None,
             "completion_tokens": {"min": min(tokens), "max": max(tokens), "sum": sum(tokens)} if tokens else None,
             "seconds": round(seconds, 1), "ready_rss_mib": ready["VmRSS"],
             "peak_mib": after.get("VmHWM"), "rss_after_mib": after.get("VmRSS"),
