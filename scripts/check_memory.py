@@ -22,8 +22,8 @@ PID 1) and after, the cgroup's peak (page cache included, as in the limit), OOM 
 restarts (docker inspect), wall time, new tokens per chat answer, the budget the service logged,
 and its kv gauges and new-token count once idle. If the container stops before it is ready, the
 line says so, with the last memory figures seen and the log's last lines. Exits 1 when any
-request got a 5xx other than 503, the container was OOM-killed, stopped or restarted. Needs a Docker engine (scripts/check_docker.sh
-builds the image and starts one).
+request got a 5xx other than 503, the container was OOM-killed, stopped or restarted.
+Needs a Docker engine (scripts/check_docker.sh builds the image and starts one).
 """
 
 from __future__ import annotations
