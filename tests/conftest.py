@@ -32,6 +32,19 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama_models(tmp_path_factory):
+    """Tiny random-weight Llama, Llama with a SentencePiece tokenizer, Qwen2 and two saves of them,
+    with transformers' results on each (tests/llama_models.py): built once by the PyTorch venv.
+    Without that venv the tests that need it fail, saying why: they are not skipped."""
+    import llama_models
+
+    try:
+        return llama_models.build(tmp_path_factory.mktemp("llama-models"))
+    except llama_models.BuildError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
 def xla_cache(tmp_path_factory) -> Path:
     from service.engine.tf_gpt2 import use_persistent_compile_cache
 

@@ -28,7 +28,7 @@ class FakeEngine(Engine):
         self.fail_with = fail_with
         self.calls: list[list] = []  # the keys of the rows in each decode call
 
-    def encode(self, text):
+    def encode(self, text, special_tokens=True):
         return [ord(c) for c in text] or [0]
 
     def decode(self, ids):
@@ -111,7 +111,7 @@ class RecordingEngine(Engine):
         self.error_keys: set = set()
         self.batches: list[RecordingBatch] = []
 
-    def encode(self, text):
+    def encode(self, text, special_tokens=True):
         return self.inner.encode(text)
 
     def decode(self, ids):

@@ -160,7 +160,7 @@ def test_python_m_service_logs_json_lines_with_an_access_line_per_request(litert
 
 
 class BrokenEncoder(FakeEngine):
-    def encode(self, text):
+    def encode(self, text, special_tokens=True):
         raise RuntimeError("a bug")
 
 

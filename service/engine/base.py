@@ -168,8 +168,12 @@ class Engine(ABC):
     byte_fallback_ids: frozenset[int] = frozenset()
 
     @abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a prompt; an empty prompt is the start-of-text token alone."""
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt; an empty prompt is the start-of-text token alone.
+
+        `special_tokens`: add the tokens the tokenizer adds to a text of its own (Llama 2's and
+        TinyLlama's `<s>`; GPT-2, SmolLM2 and Qwen2 add none), as transformers' `tokenizer(text)`
+        does; False for a text that already holds them (a rendered chat template)."""
 
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str: ...

@@ -60,6 +60,8 @@ HOLE_SHARE = 0.6
 # A hole compacted away is a position added back when the next row joins (clients come back):
 # dropping holes costs this many rearrangements.
 HOLE_REFILLS = 2
+# Prompt tokens an `extend` call prefills at most (Decoder.encode_prompt).
+PREFILL_CHUNK = 128
 ARRANGE_SAMPLE_SLOTS = 128  # an `arrange` that moved at least this many slots sets the cost a slot
 MADV_DONTNEED = 4
 
@@ -259,18 +261,42 @@ class Decoder:
         self.slots[row] += slots
 
     def encode_prompt(self, ids: Sequence[int], rows: Sequence[int] | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-        """A prompt's keys and values ([H, n, D] per cache name) and the hidden states
-        [len(rows), E] of its tokens at `rows` (default: the last), its tokens seeing only each
-        other: an `extend` call over a pool of one dummy slot that none of them sees. It uses
-        the extend signature only: the decode signature's pool is left as it is."""
+        """A prompt's keys and values ([K, n, D] per cache name) and the hidden states
+        [len(rows), E] of its tokens at `rows` (ascending; default: the last), its tokens seeing only each
+        other. It uses the extend signature only: the decode signature's pool is left as it is.
+
+        The prompt goes in `PREFILL_CHUNK` tokens a call, each chunk over the keys and values of
+        the chunks before it (given as the call's pool; the first chunk's is a dummy slot none
+        sees). One call over the whole prompt would hold scores of [heads, n, n] floats a layer
+        (a 2,048-token SmolLM2 prompt: 151 MB each), and TFLite's arena keeps its largest size;
+        a chunk's are [heads, chunk, n]. The arithmetic is the same: each token attends over the
+        same keys, and masked slots weigh exactly zero."""
         n = len(ids)
         if n > len(self._positions):
             raise ValueError(f"a prompt of {n} tokens does not fit the context window")
-        mask = np.full([n, 1 + n], MASKED, np.float32)
-        mask[:, 1:] = np.triu(mask[:, 1:], k=1)
-        dummy = np.zeros([self.n_head, 1, self.head_dim], np.float32)
-        return self.extend(self.embed(np.asarray(ids), np.arange(n)), mask, [dummy] * len(self.cache_names()),
-                           [n - 1] if rows is None else rows)
+        ids, wanted = np.asarray(ids), [n - 1] if rows is None else list(rows)
+        names = self.cache_names()
+        keys = [np.empty([self.n_head, n, self.head_dim], np.float32) for _ in names]  # filled chunk by chunk
+        hidden = []
+        for start in range(0, n, PREFILL_CHUNK):
+            end = min(n, start + PREFILL_CHUNK)
+            m = end - start
+            if start:
+                pools = [values[:, :start] for values in keys]
+                mask = np.zeros([m, start + m], np.float32)
+            else:
+                pools = [np.zeros([self.n_head, 1, self.head_dim], np.float32)] * len(names)
+                mask = np.full([m, 1 + m], MASKED, np.float32)
+                mask[:, 1:] = 0
+            mask[:, -m:] = np.triu(np.full([m, m], MASKED, np.float32), k=1)
+            # The chunk's wanted rows; at least one (its last) so the call's output is never empty.
+            own = [r - start for r in wanted if start <= r < end]
+            new, states = self.extend(self.embed(ids[start:end], np.arange(start, end)), mask, pools, own or [m - 1])
+            for values, chunk in zip(keys, new):
+                values[:, start:end] = chunk
+            if own:
+                hidden.append(states)
+        return keys, np.concatenate(hidden) if hidden else np.zeros([0, self._embeddings.shape[1]], np.float32)
 
     def extend(self, tokens: dict[str, np.ndarray], mask: np.ndarray, pools: Sequence[np.ndarray],
                rows: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
@@ -419,6 +445,7 @@ class LiteRTGPT2Engine(Engine):
             log.warning("serving int8 although the quality gate rejected it (%s)", gate["reason"])
         self.eos_id, self.eos_ids = end_of_sequence_ids(model_dir, primary=int(meta["eos_token_id"]))
         # The window a row's prompt and answer span: the model's, or less (`max_context`).
+        self.query_heads = int(meta["n_head"])  # the pool holds key/value heads (fewer, with GQA)
         self.context_window = min(int(meta["n_positions"]), max_context or int(meta["n_positions"]))
         self.max_batch_size = max_batch_size
         # The pool holds every row's slots: at most a full window a row, and a slot per row for
@@ -441,8 +468,8 @@ class LiteRTGPT2Engine(Engine):
 
     # --- Engine interface -------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids or [self.eos_id]
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=special_tokens).ids or [self.eos_id]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -465,6 +492,7 @@ class LiteRTGPT2Engine(Engine):
         self.prompt_logprobs([self.eos_id] * self.context_window, 0)
         self.lane_call_seconds = self._time_lane_call()
         released += self.decoder.release_file_pages()  # any page the new shapes read again
+        _trim_heap()  # the prompt's keys, a layer at a time, were heap blocks: give them back
         log.info("warm-up ran %s (%s) in %.1f s; %.0f MiB of mapped model file released", self.backend,
                  self.precision, time.monotonic() - started, released / 2**20)
 
@@ -541,7 +569,7 @@ class LiteRTGPT2Engine(Engine):
         threshold = RESERVE_FROM * largest
         growing = max((c for c in self._all_cache_sizes if c < threshold), default=0)
         workspace = self.decoder.n_head * largest * self.decoder.head_dim * 4 if pool >= threshold else 0
-        scores = SCORE_BUFFERS * self.max_batch_size * (pool + 1) * 4 * self.decoder.n_head
+        scores = SCORE_BUFFERS * self.max_batch_size * (pool + 1) * 4 * self.query_heads
         return per * (2 * pool + min(pool, growing)) + workspace + scores
 
     def set_memory_budget(self, budget: int | None) -> None:
@@ -775,6 +803,16 @@ class LiteRTBatch(DecodeBatch):
         if dropped and live:
             self._engine.compactions += 1
         self._waste = 0.0
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (malloc_trim(3)); glibc keeps it otherwise, and the
+    memory budget is measured from what is resident after warm-up (SmolLM2 shape, a 1,024-token
+    window: 47 MiB of a full-window prompt's keys)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _drop_mapped_pages(path: Path) -> int:

@@ -308,8 +308,8 @@ class TFGPT2Engine(Engine):
 
     # --- Engine interface -------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        ids = self._tokenizer.encode(text, add_special_tokens=special_tokens).ids
         return ids or [self.eos_id]
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -45,7 +45,8 @@ def add_chat_route(router: APIRouter, settings: Settings) -> None:
                               "and no chat_template.jinja), so messages cannot be turned into its prompt; use "
                               "/v1/completions with a prompt", param="messages", code="no_chat_template")
         conversation = [_message(i, m) for i, m in enumerate(body.messages)]
-        ids = engine.encode(runtime.chat_template.render(conversation))  # ChatTemplateError: a 400
+        # The template writes the special tokens itself (as apply_chat_template, no second <s>).
+        ids = engine.encode(runtime.chat_template.render(conversation), special_tokens=False)  # ChatTemplateError: a 400
         n = body.n or 1
         tokens_param, max_tokens = _max_tokens(body)
         if max_tokens is None:  # OpenAI's is unbounded: the rest of the window, within the limits
