@@ -49,6 +49,8 @@ from service.model_files import (  # noqa: E402
     write_manifest,
 )
 
+# Model files of earlier formats (3 and 4 named them after GPT-2), removed once a conversion is done.
+STALE_FILES = ("gpt2.fp32.tflite", "gpt2.int8.tflite")
 CONVERTER_VERSION = LITERT_FORMAT  # bump it (in service/model_files.py) when the files' layout or signatures change
 
 
@@ -122,6 +124,8 @@ def convert_model_dir(model_dir: Path, force: bool = False) -> dict:
         (tmp / LITERT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         for name in LITERT_FILES:  # LITERT_META is last
             (tmp / name).replace(model_dir / name)
+        for name in STALE_FILES:  # an earlier format's, which nothing reads any more
+            (model_dir / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     manifest = read_manifest(model_dir) or {}

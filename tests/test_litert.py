@@ -59,9 +59,11 @@ def test_new_weights_are_converted_again(litert_model_dir, tmp_path):
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 2e-5}))
     (model / "manifest.json").unlink()  # as a download of new weights would rewrite it
+    (model / "gpt2.int8.tflite").write_bytes(b"an earlier format's model file")
     assert not convert_model.is_converted(model, convert_model.source_fingerprint(model))
     meta = convert_model.convert_model_dir(model)
     assert "skipped" not in meta and meta["source_sha256"] == convert_model.source_fingerprint(model)
+    assert not (model / "gpt2.int8.tflite").exists()  # the old file goes once the new ones are in place
 
 
 def test_an_interrupted_conversion_never_looks_complete(model_dir, tmp_path, monkeypatch, capsys):
