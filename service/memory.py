@@ -1,7 +1,7 @@
 """The process's memory: its limit, what it holds, and what generation may take of the rest.
 
 Pure functions over files the kernel writes (cgroup and /proc), each path injectable so tests
-give them fake trees. The runtime measures the resident memory once warm-up has touched every
+give them fake trees; and glibc's allocator, which both backends ask to give freed heap back. The runtime measures the resident memory once warm-up has touched every
 buffer a request can meet but the batches' key/value memory (the baseline), and hands the engine
 what is left under the limit less a margin as its budget (`budget`); the scheduler admits a row
 only while the batch's worst case fits that budget.
@@ -9,6 +9,8 @@ only while the batch's worst case fits that budget.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import re
 from pathlib import Path
 
@@ -116,3 +118,20 @@ def budget(limit: int | None, baseline: int, margin_bytes: int | None = None) ->
     if margin_bytes is None:
         margin_bytes = margin(limit)
     return max(0, limit - baseline - margin_bytes)
+
+
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
+    """The C library, where it is glibc (its allocator's controls); None elsewhere."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: leave the allocator as it is
+        return None
+
+
+def release_free_heap() -> None:
+    """Hand freed heap memory back to the OS (malloc_trim(3)): glibc keeps it otherwise, and a
+    batch's or warm-up's buffers would stay resident (and in the baseline the budget is taken from)."""
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

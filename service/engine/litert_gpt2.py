@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
+from service import memory
 from service.detokenize import byte_fallback_ids
 from service.engine.base import DecodeBatch, Engine, GenerationRow, RowUpdate, TokenLogprob
 from service.engine.sampling import next_token, token_logprob
@@ -492,7 +493,9 @@ class LiteRTGPT2Engine(Engine):
         self.prompt_logprobs([self.eos_id] * self.context_window, 0)
         self.lane_call_seconds = self._time_lane_call()
         released += self.decoder.release_file_pages()  # any page the new shapes read again
-        _trim_heap()  # the prompt's keys, a layer at a time, were heap blocks: give them back
+        # The prompt's keys, a layer at a time, were heap blocks: without this, 47 MiB of the
+        # baseline (SmolLM2 shape, a 1,024-token window).
+        memory.release_free_heap()
         log.info("warm-up ran %s (%s) in %.1f s; %.0f MiB of mapped model file released", self.backend,
                  self.precision, time.monotonic() - started, released / 2**20)
 
@@ -803,16 +806,6 @@ class LiteRTBatch(DecodeBatch):
         if dropped and live:
             self._engine.compactions += 1
         self._waste = 0.0
-
-
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS (malloc_trim(3)); glibc keeps it otherwise, and the
-    memory budget is measured from what is resident after warm-up (SmolLM2 shape, a 1,024-token
-    window: 47 MiB of a full-window prompt's keys)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def _drop_mapped_pages(path: Path) -> int:

@@ -34,7 +34,6 @@ penalty or log-probabilities), a third:
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import math
@@ -51,6 +50,7 @@ from tensorflow.compiler.tf2xla.python import xla  # noqa: E402
 from transformers import GPT2TokenizerFast, TFGPT2LMHeadModel  # noqa: E402
 from transformers.tf_utils import stable_softmax  # noqa: E402
 
+from service import memory  # noqa: E402
 from service.detokenize import byte_fallback_ids  # noqa: E402
 from service.engine import sampling  # noqa: E402
 from service.engine.base import (  # noqa: E402
@@ -189,14 +189,14 @@ class TFDecodeBatch(DecodeBatch):
         live = [r for r in self._rows if r is not None]
         if not live:
             self._rows, self._h, self._caches = [], None, ()
-            _release_free_memory()
+            memory.release_free_heap()
             return
         batch, cache = self._shape_for(live)
         if (batch, cache) != self.shape:
             # The rows left stop paying for the ones that went: move them to a smaller shape.
             self._move((batch, cache), [], [])
             self._engine.compactions += 1
-            _release_free_memory()
+            memory.release_free_heap()
 
     def _shape_for(self, rows: list[_Row]) -> tuple[int, int]:
         buckets = self._engine.buckets
@@ -331,7 +331,7 @@ class TFGPT2Engine(Engine):
             log.info("compiled cache %d (prefill and %d batch sizes) in %.1f s", cache,
                      len(self.buckets.batch_sizes), time.monotonic() - t0)
         self._shapes_at_warmup = len(self._shapes)
-        _release_free_memory()
+        memory.release_free_heap()
         log.info("warm-up compiled %d programs in %.1f s", len(self._shapes), time.monotonic() - started)
 
     def compiles_after_warmup(self) -> int:
@@ -589,27 +589,13 @@ def _count_at_most(cumulative, target):
     return tf.reduce_sum(tf.cast(cumulative <= target[:, None], tf.int32), axis=1)
 
 
-def _glibc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: leave the allocator as it is
-        return None
-
-
-_LIBC = _glibc()
+_LIBC = memory.glibc()
 if _LIBC is not None:
     # glibc raises its mmap threshold each time a large buffer is freed, after which buffers of
     # that size stay on the heap (mallopt(3), M_MMAP_THRESHOLD). A fixed 32 MiB sends caches and
     # other large per-batch buffers to mmap, returned to the OS when freed; a lower one would
     # also send XLA's per-step temporaries there, which costs 3x in page faults at batch 8.
     _LIBC.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-
-
-def _release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (malloc_trim(3)): a batch's or warm-up's buffers
-    would otherwise stay resident."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def use_persistent_compile_cache(directory: Path) -> None:
