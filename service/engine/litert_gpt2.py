@@ -445,8 +445,8 @@ class LiteRTGPT2Engine(Engine):
         if precision == "int8" and not gate["int8_enabled"]:
             log.warning("serving int8 although the quality gate rejected it (%s)", gate["reason"])
         self.eos_id, self.eos_ids = end_of_sequence_ids(model_dir, primary=int(meta["eos_token_id"]))
-        # The window a row's prompt and answer span: the model's, or less (`max_context`).
         self.query_heads = int(meta["n_head"])  # the pool holds key/value heads (fewer, with GQA)
+        # The window a row's prompt and answer span: the model's, or less (`max_context`).
         self.context_window = min(int(meta["n_positions"]), max_context or int(meta["n_positions"]))
         self.max_batch_size = max_batch_size
         # The pool holds every row's slots: at most a full window a row, and a slot per row for
