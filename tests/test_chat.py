@@ -13,6 +13,7 @@ from conftest import served_engine
 from fakes import FakeEngine
 from service.app import create_app
 from service.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
+from service.engine import GenerationRow
 
 # A default system prompt, alternation enforced with raise_exception, and whitespace that only
 # trim_blocks and lstrip_blocks remove.
@@ -170,6 +171,28 @@ def test_max_completion_tokens_wins_and_the_default_is_the_rest_of_the_window(cl
     unbounded = client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0)
     if unbounded.choices[0].finish_reason == "length":
         assert unbounded.usage.total_tokens == engine.context_window
+
+
+def test_without_a_bound_a_chat_gets_what_the_memory_budget_holds_for_it(client, engine, template_dirs):
+    """Under a budget too small for the rest of the window, a chat without max_tokens is given
+    the most new tokens a batch holding it alone can take (not refused); one that asks for more
+    than that is refused with over_memory_budget."""
+    messages = CONVERSATIONS["one user turn"]
+    ids = engine.encode(load_chat_template(template_dirs["chatml"]).render(joined(messages)))
+    engine.set_memory_budget(engine.batch_bytes([GenerationRow(tuple(ids), 40)]))
+    try:
+        most = engine.most_tokens_within_budget(ids, engine.context_window - len(ids))
+        assert 40 <= most < engine.context_window - len(ids)
+        assert engine.batch_bytes([GenerationRow(tuple(ids), most + 1)]) > engine.memory_budget
+        chat = client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0)
+        finish = chat.choices[0].finish_reason
+        assert (finish, chat.usage.completion_tokens) == ("length", most) or (
+            finish == "stop" and chat.usage.completion_tokens < most)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0, max_tokens=most + 1)
+        assert refused.value.code == "over_memory_budget"
+    finally:
+        engine.set_memory_budget(None)
 
 
 def test_n_seed_stop_and_logprobs_through_the_openai_client(client):

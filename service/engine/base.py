@@ -218,6 +218,20 @@ class Engine(ABC):
             if need > self.memory_budget:
                 raise OverMemoryBudget(index, len(prompt_ids), max_tokens, need, self.memory_budget)
 
+    def most_tokens_within_budget(self, prompt_ids: Sequence[int], up_to: int) -> int:
+        """The largest max_tokens (at most `up_to`) for which a batch holding this row alone
+        stays within `memory_budget`; `up_to` when there is no budget, 0 when not even one fits."""
+        if self.memory_budget is None:
+            return up_to
+        low, high = 0, up_to  # batch_bytes never falls as max_tokens grows: the last that fits
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.batch_bytes([GenerationRow(tuple(prompt_ids), middle)]) <= self.memory_budget:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
     # --- memory: what admission reads (service/scheduler.py) -------------------------------
 
     # Bytes the batches' key/value memory may take, set once after warm-up from the measured

@@ -50,10 +50,13 @@ def add_chat_route(router: APIRouter, settings: Settings) -> None:
         n = body.n or 1
         tokens_param, max_tokens = _max_tokens(body)
         if max_tokens is None:  # OpenAI's is unbounded: the rest of the window, within the limits
-            max_tokens = min(engine.context_window - len(ids), settings.max_tokens_limit,
-                             max(1, settings.max_total_tokens // n))
             if len(ids) >= engine.context_window:
                 raise generation.context_exceeded(engine, len(ids), 1, "messages")
+            max_tokens = min(engine.context_window - len(ids), settings.max_tokens_limit,
+                             max(1, settings.max_total_tokens // n))
+            # and what the memory budget holds for the conversation alone (if not even a token
+            # fits, check_fits says so below)
+            max_tokens = max(1, engine.most_tokens_within_budget(ids, max_tokens))
         sampling = Sampling.of(body, (body.top_logprobs or 0) if body.logprobs else None)
         generation.check_limits(settings, n, max_tokens, sampling.temperature, body.stops, rows_name="n",
                                 tokens_param=tokens_param)
