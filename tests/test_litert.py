@@ -307,33 +307,82 @@ def test_joining_prompts_count_as_filled_slots_for_the_headroom_so_short_answers
         assert out[key] == reference_tokens(hf_model, row.prompt_ids, 40, engine.eos_id)
 
 
-def test_a_pool_past_a_share_of_the_largest_has_the_largest_shape_allocated_first(litert_engine, hf_model):
-    """TFLite's arena never shrinks and grows by copying itself: the first pool of at least
-    RESERVE_FROM of the largest shape allocates that shape once (while the pool is small), so a
-    filling pool never grows the arena again. The rows' tokens are unchanged."""
-    from service.engine.litert_gpt2 import RESERVE_FROM, Decoder
+@pytest.mark.parametrize("capacity", [None, 4100])
+def test_a_pool_changing_shape_keeps_its_rows_tokens(litert_engine, hf_model, capacity):
+    """`arrange` to a larger pool (the rows stay where they are), then to a smaller one than the
+    kept slots' extent (they are packed at its start). Within a reservation (`capacity`) the
+    slots move inside the pool's memory; without one, a larger pool is new memory and the old
+    goes. Either way the rows' tokens are unchanged."""
+    import weakref
+
+    from service.engine.litert_gpt2 import Decoder
 
     engine = litert_engine
-    largest = (engine.max_batch_size, engine.cache_sizes[-1])
-    decoder = Decoder(engine._model_path, engine._embeddings, engine._positions, 1, largest=largest)
-    shapes = []
-    resize = decoder._resize_decode
-    decoder._resize_decode = lambda b, p: (shapes.append((b, p)), resize(b, p))
-    decoder.arrange([None], engine.cache_sizes[0])
-    assert not decoder.reserved and shapes == [(1, engine.cache_sizes[0])]
-    big = engine.cache_size_for(int(RESERVE_FROM * largest[1]))
-    row = GenerationRow(tuple(engine.encode(LONG_TEXT)[:50]), 10)
-    decoder.arrange([None, None], big)
-    assert decoder.reserved and shapes[1:] == [largest, (2, big)]
-    decoder.open_row(1)
-    decoder.prefill(1, row.prompt_ids[:-1])
-    decoder.arrange([1], big + 128)  # a later growth: the asked shape only
-    assert shapes[3:] == [(1, big + 128)]
-    tokens, token = [], row.prompt_ids[-1]
-    for _ in range(10):
-        token = int(np.argmax(decoder.step(np.array([token], np.int64))[0]))
-        tokens.append(token)
-    assert tokens == reference_tokens(hf_model, row.prompt_ids, 10, engine.eos_id)
+    decoder = Decoder(engine._model_path, engine._embeddings, engine._positions, 1, capacity=capacity)
+    rows = [GenerationRow(tuple(engine.encode(LONG_TEXT)[:n]), 12) for n in (50, 30)]
+    decoder.arrange([None, None], engine.cache_sizes[0])
+    tokens, feed = [[], []], []
+    for b, row in enumerate(rows):
+        decoder.open_row(b)
+        decoder.prefill(b, row.prompt_ids[:-1])
+        feed.append(row.prompt_ids[-1])
+
+    def step():
+        logits = decoder.step(np.array(feed, np.int64))
+        for b in np.flatnonzero(decoder.live):
+            feed[b] = int(np.argmax(logits[b]))
+            tokens[b].append(feed[b])
+
+    for _ in range(4):
+        step()
+    address = decoder._decode.inputs["key_0"].ctypes.data
+    before = weakref.ref(decoder._decode.inputs["key_0"].base)
+    decoder.arrange([0, 1], engine.cache_sizes[1])
+    assert decoder.pool_size == engine.cache_sizes[1]
+    if capacity:
+        assert decoder._decode.inputs["key_0"].ctypes.data == address  # in place
+    else:
+        assert before() is None  # the old memory went
+    for _ in range(4):
+        step()
+    decoder.close_row(0)  # the first row's slots were the lowest: the second's now start past them
+    assert min(decoder.slots[1]) == len(rows[0].prompt_ids) - 1
+    extent = 1 + max(decoder.slots[1])
+    small = 64
+    assert len(decoder.slots[1]) < small < extent
+    address = decoder._decode.inputs["value_0"].ctypes.data
+    decoder.arrange([1], small)
+    assert decoder._decode.inputs["value_0"].ctypes.data == address
+    assert decoder.slots[0] == list(range(len(decoder.slots[0])))
+    feed = [feed[1]]
+    for _ in range(4):
+        logits = decoder.step(np.array(feed, np.int64))
+        feed[0] = int(np.argmax(logits[0]))
+        tokens[1].append(feed[0])
+    assert tokens[0] == reference_tokens(hf_model, rows[0].prompt_ids, 8, engine.eos_id)
+    assert tokens[1] == reference_tokens(hf_model, rows[1].prompt_ids, 12, engine.eos_id)
+
+
+@pytest.mark.parametrize("chunk", [16, 7])
+def test_a_prompt_prefilled_in_chunks_is_the_prompt_prefilled_in_one_call(litert_engine, monkeypatch, chunk):
+    """The chunks' keys and values are laid out in the extend signature's pool input in place,
+    growing it a chunk at a time (heads moved apart): the keys, values and hidden states equal
+    one call's over the whole prompt."""
+    from service.engine import litert_gpt2
+
+    decoder = litert_engine.decoder
+    ids = litert_engine.encode(LONG_TEXT)[:150]
+
+    def encoded(size):
+        monkeypatch.setattr(litert_gpt2, "PREFILL_CHUNK", size)
+        parts, hidden = decoder.encode_prompt(ids, range(len(ids)))
+        return [np.concatenate([pool, last], axis=1) for pool, last in parts], hidden
+
+    whole, whole_hidden = encoded(len(ids))
+    chunked, chunked_hidden = encoded(chunk)
+    assert [k.shape for k in chunked] == [k.shape for k in whole]
+    assert max(float(np.abs(a - b).max()) for a, b in zip(chunked, whole)) < 1e-5
+    assert np.abs(chunked_hidden - whole_hidden).max() < 1e-4
 
 
 # --- the short lane ----------------------------------------------------------------------------

@@ -4,10 +4,10 @@ The model file (made by `scripts/convert_model.py`) has three signatures over on
 `decode` runs one token for each row of the batch over a key/value pool and returns that token's
 keys, values and hidden state; `extend` runs a few new tokens over a pool given with the call
 (a prompt's prefill, or the short lane's rows); `head` turns hidden states into logits. The
-batch's pool lives in the decode signature's own input tensors, which the host reads and writes
-through numpy views (no copy per call: copying the cache in and out of each call costs more than
-the step itself at batch 8). After each step the host writes the new slot and opens it in the
-additive attention mask.
+batch's pool is the decode signature's input arrays, which the host owns and the runtime reads
+in place (`litert_runtime`: no copy per call; copying the cache in and out of each call costs
+more than the step itself at batch 8). After each step the host writes the new slot and opens it
+in the additive attention mask.
 
 Every row keeps its own positions (no left padding): a row's prompt fills slots 0..n-1 and each
 new token the next slot, so a prompt is prefilled at its own length and a row's numbers are the
@@ -17,7 +17,6 @@ is not delegated to XNNPACK).
 
 from __future__ import annotations
 
-import ctypes
 import heapq
 import json
 import logging
@@ -29,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
 
 from service import memory
 from service.detokenize import byte_fallback_ids
 from service.engine.base import DecodeBatch, Engine, GenerationRow, RowUpdate, TokenLogprob
+from service.engine.litert_runtime import Program, Signature, drop_mapped_pages
 from service.engine.sampling import next_token, token_logprob
 from service.model_files import LITERT_META, end_of_sequence_ids, litert_model_file
 
@@ -42,7 +41,6 @@ log = logging.getLogger(__name__)
 MASKED = -1e4  # transformers' TF GPT-2 mask value
 HEADROOM_CALLS = 4  # a pool is sized for its rows' slots and this many more calls,
 HEADROOM_SHARE = 4  # or a 1/this share more slots, if more: growing a pool costs a copy of it
-RESERVE_FROM = 0.25  # a pool this share of the largest shape's first allocates that shape (Decoder.arrange)
 SCORE_BUFFERS = 4  # [heads, positions, pool] float buffers a decode call holds at once (scores, softmax)
 # The short lane (LiteRTBatch): a joining row also gets calls of its own when it asks for at most
 # LANE_MAX_TOKENS new tokens, its prompt and answer fit LANE_MAX_SLOTS slots (its keys and values
@@ -64,7 +62,6 @@ HOLE_REFILLS = 2
 # Prompt tokens an `extend` call prefills at most (Decoder.encode_prompt).
 PREFILL_CHUNK = 128
 ARRANGE_SAMPLE_SLOTS = 128  # an `arrange` that moved at least this many slots sets the cost a slot
-MADV_DONTNEED = 4
 
 
 class Decoder:
@@ -86,25 +83,23 @@ class Decoder:
     """
 
     def __init__(self, model_path: Path, embeddings: Rows, positions: np.ndarray, num_threads: int,
-                 largest: tuple[int, int] | None = None):
+                 capacity: int | None = None):
         self._model_path = model_path.resolve()
-        # (batch size, pool size): the largest shape, for which the decode signature's tensors
-        # are allocated once a pool passes RESERVE_FROM of it (see `arrange`); None: never.
-        self.largest = largest
-        self.reserved = False
-        self._interpreter = Interpreter(model_path=str(self._model_path), num_threads=num_threads)
-        self._runtime = self._interpreter._interpreter  # the wrapper: per-signature views and calls
+        self._program = Program(self._model_path, num_threads)
         self._embeddings = embeddings
         self._positions = positions
-        self._extend = self._signature("extend")
-        self._decode = self._signature("decode")
-        self._head = self._signature("head")
+        # Each signature keeps its arrays' memory for the next call (see `arrange` for the pool's).
+        self._extend = self._program.signature("extend")
+        self._decode = self._program.signature("decode")
+        self._head = self._program.signature("head")
         # Rotary models (the Llama family) take each token's cos and sin as the `rope` input;
         # GPT-2's learned position embeddings are added to the token's on the host instead.
-        self.rotary = "rope" in self._decode.inputs
-        key = self._runtime.TensorSizeSignature(self._decode.inputs["key_0"], self._decode.subgraph)
+        self.rotary = "rope" in self._decode.input_names
+        key = self._decode.declared("key_0")
         self.n_head, self.head_dim = int(key[0]), int(key[2])
-        self.n_layer = sum(1 for name in self._decode.inputs if name.startswith("key_"))
+        self.n_layer = sum(1 for name in self._decode.input_names if name.startswith("key_"))
+        if capacity is not None:  # address space: a page takes memory when a pool first writes it
+            self._decode.reserve({name: [self.n_head, capacity, self.head_dim] for name in self.cache_names()})
         self.batch_size = 0
         self.pool_size = 0
         self.live: list[bool] = []  # per position: does it hold a row
@@ -116,12 +111,6 @@ class Decoder:
         self.arrange_seconds_per_slot = 25e-6
         self.last_step_seconds = 0.0
         self.last_apart_seconds = 0.0
-
-    def _signature(self, name: str) -> _Signature:
-        runner = self._interpreter.get_signature_runner(name)
-        return _Signature(self._runtime.GetSubgraphIndexFromSignature(name),
-                          {n: d["index"] for n, d in runner.get_input_details().items()},
-                          {n: d["index"] for n, d in runner.get_output_details().items()})
 
     # --- the batch's pool -------------------------------------------------------------------
 
@@ -142,23 +131,15 @@ class Decoder:
         """Make the batch `sources` long over `pool_size` slots: position j takes the row at
         current position `sources[j]`, or is empty where it is None.
 
-        Resizing reallocates the signature's tensors (their contents are lost), so the kept
-        rows' slots are copied out and back: where they all fit the new pool they stay where they
-        are (the pool's filled extent is copied whole, a contiguous copy: a growing pool's case),
-        else they are packed at the pool's start. Every slot past them is zeroed (masked slots
-        must hold finite values: the mask is added, not selected; free slots below them keep a
-        finished row's finite values).
-
-        The first time a pool reaches `RESERVE_FROM` of the largest, the tensors are allocated at
-        the largest shape (`largest`) before the asked one. TFLite's arena grows by allocating the
-        larger buffer and copying the old one into it before freeing it, and never shrinks; growing
-        it step by step under a filling pool held the old arena, the new one and the copy of the
-        filled slots at once (8 DistilGPT2 rows filling the window: about 1.3 GB peak, OOM-killed
-        under the 1 GB default limit). Reserved while the pool is still small, later resizes fit
-        the buffer and only the copy of the filled slots is transient (860 MiB peak). The
-        reservation is mostly address space: the kernel backs a page when a pool first writes it
-        (XNNPACK zeroes a workspace of about one layer's keys at the largest pool, 28 MiB for
-        DistilGPT2, which a batch that never holds a large pool does not pay)."""
+        The kept rows' slots move to the new shape: where they all fit the new pool they stay
+        where they are (a growing pool's case), else they are packed at the pool's start. A pool
+        tensor is [K, S, D], so a new S moves every head's slots: within the tensor's memory,
+        reserved for the largest pool (`capacity`), heads last first when the pool grows and
+        first first when it shrinks, and the memory past a smaller pool goes back to the
+        kernel. The pool is never held twice (without a reservation large enough, a larger pool
+        is new memory, and the old is copied across and let go). Slots past the kept ones hold
+        zeros or earlier slots' values: masked slots must hold finite values (the mask is added,
+        not selected)."""
         started = time.perf_counter()
         kept = [self.slots[s] for s in sources if s is not None]
         used = sum(len(k) for k in kept)
@@ -176,26 +157,15 @@ class Decoder:
             counts = np.cumsum([0] + [len(self.slots[s]) if s is not None else 0 for s in sources])
             slots = [list(range(counts[j], counts[j + 1])) for j in range(len(sources))]
             top = used
-        # The copy is one buffer: once past glibc's largest mmap threshold (32 MiB, about 900
-        # DistilGPT2 slots) it goes back to the kernel when freed. A copy a tensor (a few MiB
-        # each) raised the threshold and stayed in the heap, fragmented (8 rows filling the
-        # window: 95 MiB more resident, and the peak as much higher).
-        saved = np.empty([len(names), self.n_head, top, self.head_dim], np.float32)
-        for name, into in zip(names, saved if top else ()):  # nothing to copy, maybe no tensor yet
-            pool = self._view(self._decode, "inputs", name)
-            if order is None:
-                into[...] = pool[:, :top]
-            else:
-                np.take(pool, order, axis=1, out=into)
-        if self.largest is not None and not self.reserved and pool_size >= RESERVE_FROM * self.largest[1]:
-            self._resize_decode(*self.largest)
-            self.reserved = True
+        old = dict(self._decode.inputs) if top else {}  # nothing to copy, maybe no arrays yet
         self._resize_decode(len(sources), pool_size)
-        for name, values in zip(names, saved):
-            pool = self._view(self._decode, "inputs", name)
-            pool[:, :top] = values
-            pool[:, top:] = 0
-        mask = self._view(self._decode, "inputs", "mask")
+        for name in names if top else ():
+            before = old[name]
+            # A gathered copy (one tensor's kept slots), or the slots in place.
+            _move_slots(self._decode.inputs[name], before[:, order] if order is not None else before[:, :top])
+        del old
+        self._decode.trim()
+        mask = self._decode.inputs["mask"]
         mask[...] = MASKED
         mask[..., pool_size] = 0  # the new token always sees itself
         for j, own in enumerate(slots):
@@ -216,7 +186,7 @@ class Decoder:
     def close_row(self, b: int) -> None:
         """End the row at position b: its slots go back to the free list (they keep finite
         values, and no row's mask shows them)."""
-        mask = self._view(self._decode, "inputs", "mask")
+        mask = self._decode.inputs["mask"]
         mask[0, b, self.slots[b]] = MASKED
         for slot in self.slots[b]:
             heapq.heappush(self._free, slot)
@@ -234,7 +204,7 @@ class Decoder:
         shapes["embeds"] = [batch_size, 1, self._embeddings.shape[1]]
         if self.rotary:
             shapes["rope"] = [batch_size, self._positions.shape[1]]
-        self._resize(self._decode, shapes)
+        self._decode.resize(shapes)
         self.batch_size, self.pool_size = batch_size, pool_size
 
     @property
@@ -254,50 +224,69 @@ class Decoder:
             raise ValueError(f"position {row} already holds slots: a prompt is prefilled into a new row")
         if not len(ids):
             return
-        new, _ = self.encode_prompt(ids)
+        parts, _ = self.encode_prompt(ids)
         slots = self._take(len(ids))
-        for name, values in zip(self.cache_names(), new):
-            self._view(self._decode, "inputs", name)[:, slots] = values
-        self._view(self._decode, "inputs", "mask")[0, row, slots] = 0
+        for name, (pool, last) in zip(self.cache_names(), parts):
+            into = self._decode.inputs[name]
+            into[:, slots[:pool.shape[1]]] = pool
+            into[:, slots[pool.shape[1]:]] = last
+        self._decode.inputs["mask"][0, row, slots] = 0
         self.slots[row] += slots
 
-    def encode_prompt(self, ids: Sequence[int], rows: Sequence[int] | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-        """A prompt's keys and values ([K, n, D] per cache name) and the hidden states
-        [len(rows), E] of its tokens at `rows` (ascending; default: the last), its tokens seeing only each
-        other. It uses the extend signature only: the decode signature's pool is left as it is.
+    def encode_prompt(self, ids: Sequence[int], rows: Sequence[int] | None = None
+                      ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+        """A prompt's keys and values, and the hidden states [len(rows), E] of its tokens at
+        `rows` (ascending; default: the last), its tokens seeing only each other. The keys and
+        values come per cache name as two parts, [K, p, D] then [K, n - p, D] (views, valid
+        until the extend signature's next call). It uses the extend signature only: the decode
+        signature's pool is left as it is.
 
         The prompt goes in `PREFILL_CHUNK` tokens a call, each chunk over the keys and values of
-        the chunks before it (given as the call's pool; the first chunk's is a dummy slot none
-        sees). One call over the whole prompt would hold scores of [heads, n, n] floats a layer
-        (a 2,048-token SmolLM2 prompt: 151 MB each), and TFLite's arena keeps its largest size;
-        a chunk's are [heads, chunk, n]. The arithmetic is the same: each token attends over the
-        same keys, and masked slots weigh exactly zero."""
+        the chunks before it: the extend signature's pool input, which holds them. Each call's new
+        keys and values are appended to it for the next (the slots so far are moved apart,
+        heads last first, to the next pool's layout), so the prompt's keys and values are held
+        once. The first chunk's pool is a dummy slot none sees. One call over the whole prompt
+        would hold scores of [heads, n, n] floats a layer (a 2,048-token SmolLM2 prompt: 151 MB
+        each), and the runtime's arena keeps its largest size; a chunk's are [heads, chunk, n].
+        The arithmetic is the same: each token attends over the same keys, and masked slots
+        weigh exactly zero."""
         n = len(ids)
         if n > len(self._positions):
             raise ValueError(f"a prompt of {n} tokens does not fit the context window")
         ids, wanted = np.asarray(ids), [n - 1] if rows is None else list(rows)
-        names = self.cache_names()
-        keys = [np.empty([self.n_head, n, self.head_dim], np.float32) for _ in names]  # filled chunk by chunk
-        hidden = []
+        names, signature = self.cache_names(), self._extend
+        last = (n - 1) // PREFILL_CHUNK * PREFILL_CHUNK  # the last chunk's start: its pool's slots
+        signature.reserve({name: [self.n_head, max(last, 1), self.head_dim] for name in names})
+        hidden, held = [], 0  # held: the pool input's slots of the prompt (0: the dummy slot)
         for start in range(0, n, PREFILL_CHUNK):
             end = min(n, start + PREFILL_CHUNK)
             m = end - start
             if start:
-                pools = [values[:, :start] for values in keys]
                 mask = np.zeros([m, start + m], np.float32)
             else:
-                pools = [np.zeros([self.n_head, 1, self.head_dim], np.float32)] * len(names)
                 mask = np.full([m, 1 + m], MASKED, np.float32)
                 mask[:, 1:] = 0
             mask[:, -m:] = np.triu(np.full([m, m], MASKED, np.float32), k=1)
             # The chunk's wanted rows; at least one (its last) so the call's output is never empty.
             own = [r - start for r in wanted if start <= r < end]
-            new, states = self.extend(self.embed(ids[start:end], np.arange(start, end)), mask, pools, own or [m - 1])
-            for values, chunk in zip(keys, new):
-                values[:, start:end] = chunk
+            tokens = self.embed(ids[start:end], np.arange(start, end))
+            before = {name: (signature.inputs[name], signature.outputs[name]) for name in names} if start else {}
+            self._resize_extend(tokens, max(start, 1), len(own or [m - 1]))
+            for name in names:
+                pool = signature.inputs[name]
+                if not start:
+                    pool[...] = 0
+                    continue
+                old, new = before[name]
+                for head in reversed(range(self.n_head)):  # to higher addresses: the last head first
+                    pool[head, :held] = old[head, :held]
+                pool[:, held:start] = new
+            held = start
+            self._call_extend(tokens, mask, own or [m - 1])
             if own:
-                hidden.append(states)
-        return keys, np.concatenate(hidden) if hidden else np.zeros([0, self._embeddings.shape[1]], np.float32)
+                hidden.append(signature.outputs["hidden"].copy())
+        parts = [(signature.inputs[name][:, :held], signature.outputs[name]) for name in names]
+        return parts, np.concatenate(hidden) if hidden else np.zeros([0, self._embeddings.shape[1]], np.float32)
 
     def extend(self, tokens: dict[str, np.ndarray], mask: np.ndarray, pools: Sequence[np.ndarray],
                rows: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
@@ -305,27 +294,35 @@ class Decoder:
         rotary tables for a rotary model) over `pools` (one [K, S, D] per cache name, in
         `cache_names` order) as `mask` [N, S + N] allows -> (each cache name's new keys or
         values [K, N, D], the hidden states [len(rows), E] of the new tokens at `rows`); copies."""
-        n, size = tokens["embeds"].shape[0], pools[0].shape[1]
+        self._resize_extend(tokens, pools[0].shape[1], len(rows))
+        for name, pool in zip(self.cache_names(), pools):
+            self._extend.inputs[name][...] = pool
+        self._call_extend(tokens, mask, rows)
+        new = [self._extend.outputs[name].copy() for name in self.cache_names()]
+        return new, self._extend.outputs["hidden"].copy()
+
+    def _resize_extend(self, tokens: dict[str, np.ndarray], size: int, rows: int) -> None:
+        """Shape the extend signature for `tokens` over a pool of `size` slots, `rows` rows wanted."""
+        n = tokens["embeds"].shape[0]
         shapes = {name: [self.n_head, size, self.head_dim] for name in self.cache_names()}
-        shapes.update(mask=[1, n, size + n], rows=[len(rows)])
+        shapes.update(mask=[1, n, size + n], rows=[rows])
         shapes.update({name: [1, *value.shape] if name == "embeds" else list(value.shape)
                        for name, value in tokens.items()})
-        self._resize(self._extend, shapes)
+        self._extend.resize(shapes)
+
+    def _call_extend(self, tokens: dict[str, np.ndarray], mask: np.ndarray, rows: Sequence[int]) -> None:
+        """Write the call's own inputs (the pool's are written) and run it."""
         self._put(self._extend, tokens)
-        self._view(self._extend, "inputs", "mask")[0] = mask
-        self._view(self._extend, "inputs", "rows")[...] = rows
-        for name, pool in zip(self.cache_names(), pools):
-            self._view(self._extend, "inputs", name)[...] = pool
-        self._invoke(self._extend)
-        new = [self._view(self._extend, "outputs", name).copy() for name in self.cache_names()]
-        return new, self._view(self._extend, "outputs", "hidden").copy()
+        self._extend.inputs["mask"][0] = mask
+        self._extend.inputs["rows"][...] = rows
+        self._extend.run()
 
     def head(self, hidden: np.ndarray) -> np.ndarray:
         """Hidden states [M, E] -> logits [M, V] (a copy)."""
-        self._resize(self._head, {"hidden": list(hidden.shape)})
-        self._view(self._head, "inputs", "hidden")[...] = hidden
-        self._invoke(self._head)
-        return self._view(self._head, "outputs", "logits").copy()
+        self._head.resize({"hidden": list(hidden.shape)})
+        self._head.inputs["hidden"][...] = hidden
+        self._head.run()
+        return self._head.outputs["logits"].copy()
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         """One token per position (in batch order; an empty position's is ignored) -> logits
@@ -335,13 +332,13 @@ class Decoder:
         at = self.lengths
         slots = np.array(self._take(len(rows)), np.int64)
         self._put(self._decode, self.embed(ids, at))
-        self._invoke(self._decode)
+        self._decode.run()
         for name in self.cache_names():
-            self._view(self._decode, "inputs", name)[:, slots] = self._view(self._decode, "outputs", name)[:, rows]
-        self._view(self._decode, "inputs", "mask")[0, rows, slots] = 0
+            self._decode.inputs[name][:, slots] = self._decode.outputs[name][:, rows]
+        self._decode.inputs["mask"][0, rows, slots] = 0
         for b, slot in zip(rows, slots):
             self.slots[b].append(int(slot))
-        logits = self.head(self._view(self._decode, "outputs", "hidden"))
+        logits = self.head(self._decode.outputs["hidden"])
         self.last_step_seconds = time.perf_counter() - started
         return logits
 
@@ -354,7 +351,7 @@ class Decoder:
         own = np.array([slot for b in rows for slot in self.slots[b]], np.int64)
         size, n = len(own), len(rows)
         if size:
-            pools = [self._view(self._decode, "inputs", name)[:, own] for name in self.cache_names()]
+            pools = [self._decode.inputs[name][:, own] for name in self.cache_names()]
         else:  # rows with no slots yet (one-token prompts): a dummy slot none sees
             pools = [np.zeros([self.n_head, 1, self.head_dim], np.float32)] * len(self.cache_names())
         width = pools[0].shape[1]
@@ -367,8 +364,8 @@ class Decoder:
         new, hidden = self.extend(self.embed(ids, np.array(lengths, np.int64)), mask, pools, range(n))
         slots = self._take(n)
         for name, values in zip(self.cache_names(), new):
-            self._view(self._decode, "inputs", name)[:, slots] = values
-        decode_mask = self._view(self._decode, "inputs", "mask")
+            self._decode.inputs[name][:, slots] = values
+        decode_mask = self._decode.inputs["mask"]
         for b, slot in zip(rows, slots):
             decode_mask[0, b, slot] = 0
             self.slots[b].append(slot)
@@ -384,50 +381,22 @@ class Decoder:
             return {"embeds": self._embeddings[ids], "rope": np.asarray(self._positions[positions], np.float32)}
         return {"embeds": self._embeddings[ids] + self._positions[positions]}
 
-    def _put(self, signature: _Signature, tokens: dict[str, np.ndarray]) -> None:
+    def _put(self, signature: Signature, tokens: dict[str, np.ndarray]) -> None:
         """Write `embed`'s arrays into a signature's inputs (the embeddings' has a batch axis)."""
         for name, value in tokens.items():
-            view = self._view(signature, "inputs", name)
+            view = signature.inputs[name]
             view[...] = value.reshape(view.shape)
 
-    # --- the interpreter -----------------------------------------------------------------------
+    # --- the runtime ---------------------------------------------------------------------------
 
     def release_file_pages(self) -> int:
         """Drop this process's resident pages of the mapped model file; returns bytes released.
 
-        The runtime maps the .tflite file and XNNPACK packs its weights into memory of its own at
-        the first allocation, after which the mapped pages are read only if a call needs them
-        again (they then fault back in from the file). Without this, the int8 model's weights are
-        resident twice (madvise(2), MADV_DONTNEED on a read-only file mapping)."""
-        return _drop_mapped_pages(self._model_path)
-
-    def _resize(self, signature: _Signature, shapes: dict[str, list[int]]) -> None:
-        """Give inputs new shapes; reallocating moves tensors, so views are taken afresh after."""
-        if signature.shapes == shapes:
-            return
-        for name, shape in shapes.items():
-            self._runtime.ResizeInputTensor(signature.inputs[name], np.array(shape, np.int32), False,
-                                            signature.subgraph)
-        self._runtime.AllocateTensors(signature.subgraph)
-        signature.shapes = shapes
-
-    def _invoke(self, signature: _Signature) -> None:
-        self._runtime.Invoke(signature.subgraph)
-
-    def _view(self, signature: _Signature, side: str, name: str) -> np.ndarray:
-        """A numpy view of a signature's tensor: valid until that signature is reallocated."""
-        index = (signature.inputs if side == "inputs" else signature.outputs)[name]
-        return self._runtime.tensor(self._interpreter, index, signature.subgraph)
-
-
-@dataclass
-class _Signature:
-    """A signature's subgraph, its tensors' indices by name, and the input shapes allocated."""
-
-    subgraph: int
-    inputs: dict[str, int]
-    outputs: dict[str, int]
-    shapes: dict[str, list[int]] | None = None
+        The runtime maps the .tflite file and XNNPACK packs its weights into its cache file when
+        the model is compiled, after which the mapped pages are read only if a call needs them
+        again (they then fault back in from the file) (madvise(2), MADV_DONTNEED on a read-only
+        file mapping)."""
+        return drop_mapped_pages(self._model_path)
 
 
 class LiteRTGPT2Engine(Engine):
@@ -461,8 +430,7 @@ class LiteRTGPT2Engine(Engine):
         self._threads = num_threads or len(os.sched_getaffinity(0))
         self._model_path = model_dir / litert_model_file(self.precision)
         self._embeddings, self._positions = embeddings, positions
-        self.decoder = Decoder(self._model_path, embeddings, positions, self._threads,
-                               largest=(max_batch_size, self.cache_sizes[-1]))
+        self.decoder = Decoder(self._model_path, embeddings, positions, self._threads, capacity=self.cache_sizes[-1])
         self.compactions = 0
         self.short_lane = short_lane
         self.lane_call_seconds = math.inf  # what a lane call takes: measured by warm-up, then kept up to date
@@ -476,12 +444,12 @@ class LiteRTGPT2Engine(Engine):
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def warmup(self) -> None:
-        """Run a short batch through every signature (XNNPACK packs the weights on first use),
+        """Run a short batch through every signature (the runtime sets up each on first use),
         let go of the model file's pages, which the packed copy has replaced, then score a
         full-window prompt.
 
-        The extend signature's arena grows with the prompt's length and never shrinks (a
-        full-window prompt's scores alone are n_head x 1024 x 1025 floats a layer), and
+        The extend signature's arrays and the runtime's arena grow with the prompt's length and
+        never shrink (a chunk's pool is the prompt's keys and values so far), and
         `prompt_logprobs` wants every position's hidden state: scoring a full window here puts
         the most either can take into the resident memory the runtime measures as its baseline,
         so the memory budget need not hold it. Scored after the release: the file's pages and
@@ -556,43 +524,31 @@ class LiteRTGPT2Engine(Engine):
     def pool_bytes(self, pool: int, largest: int | None = None) -> int:
         """The most memory a batch whose pool reaches `pool` slots takes beyond the baseline:
 
-        - the pool itself (in the decode signature's arena: TFLite never shrinks it, so what a
-          pool once touched stays resident);
-        - the copy `Decoder.arrange` makes of the filled slots when the pool is resized, at most
-          the new pool (one buffer);
-        - while the pool is under RESERVE_FROM of the largest, TFLite grows its arena by
-          allocating the larger one and copying the old one in: the old arena too, at most the
-          largest such pool. A pool past it allocated the largest shape once (address space only);
-        - then XNNPACK's workspace, about one layer's keys at the largest pool, zeroed once;
+        - the pool, once: `Decoder.arrange` moves the kept slots within its memory, and packing
+          them into a smaller pool copies one tensor's at a time;
+        - XNNPACK's workspace, about one layer's keys at the largest pool (`largest`, default
+          the largest bucket): the runtime's arena keeps what a pool once took;
         - the mask and the attention scores, a few floats per (position, slot) and head.
-        Every term grows with `pool`, so a larger pool never costs less. `largest`: the largest
-        pool (default: the current one)."""
-        per = self.decoder.slot_bytes
+        Every term grows with `pool`, so a larger pool never costs less."""
+        decoder = self.decoder
         largest = self.cache_sizes[-1] if largest is None else largest
-        threshold = RESERVE_FROM * largest
-        growing = max((c for c in self._all_cache_sizes if c < threshold), default=0)
-        workspace = self.decoder.n_head * largest * self.decoder.head_dim * 4 if pool >= threshold else 0
+        tensor = decoder.n_head * decoder.head_dim * 4  # a slot's bytes in one of the pool's tensors
         scores = SCORE_BUFFERS * self.max_batch_size * (pool + 1) * 4 * self.query_heads
-        return per * (2 * pool + min(pool, growing)) + workspace + scores
+        return decoder.slot_bytes * pool + tensor * pool + tensor * largest + scores
 
     def set_memory_budget(self, budget: int | None) -> None:
-        """Cap the largest pool (and the decode signature's reservation shape) at the largest
-        bucket whose `pool_bytes` fit `budget`: no pool, arena or copy can pass it then. A row
-        admitted within the budget fits the capped pool: `batch_bytes` of a batch whose slots
-        need a larger pool is that pool's bytes, over the budget. With no bucket fitting, the
-        smallest stays (every row is over the budget then: `check_fits` refuses it)."""
+        """Cap the largest pool at the largest bucket whose `pool_bytes` fit `budget`: no pool
+        or copy can pass it then. A row admitted within the budget fits the capped pool:
+        `batch_bytes` of a batch whose slots need a larger pool is that pool's bytes, over the
+        budget. With no bucket fitting, the smallest stays (every row is over the budget then:
+        `check_fits` refuses it)."""
         super().set_memory_budget(budget)
         buckets = self._all_cache_sizes
         if budget is not None:
-            # Capped, the reservation threshold and the workspace move with the largest pool:
-            # each candidate is judged as the largest.
+            # Capped, the workspace moves with the largest pool: each candidate is judged as the largest.
             fitting = [c for c in buckets if self.pool_bytes(c, largest=c) <= budget]
             buckets = tuple(c for c in buckets if c <= (fitting[-1] if fitting else buckets[0]))
         self.cache_sizes = buckets
-        if self.decoder.reserved and self.decoder.largest[1] > buckets[-1]:
-            log.warning("the decode arena was reserved at %d slots before the budget capped it at %d",
-                        self.decoder.largest[1], buckets[-1])
-        self.decoder.largest = (self.max_batch_size, buckets[-1])
 
     def _bucket(self, slots: int) -> int:
         """The smallest uncapped pool bucket holding `slots`, or `slots` itself past them all."""
@@ -603,7 +559,7 @@ class LiteRTGPT2Engine(Engine):
 
     def kv_bytes_reserved(self) -> int:
         """The pool's bytes while it holds a row; 0 when idle. An idle decoder keeps its last
-        shape for the next rows (and TFLite's arena keeps its pages), but what an operator
+        shape for the next rows (and its arrays keep their pages), but what an operator
         watches is what the running rows hold, returning to zero when they are done."""
         if not any(self.decoder.live):
             return 0
@@ -808,21 +764,14 @@ class LiteRTBatch(DecodeBatch):
         self._waste = 0.0
 
 
-def _drop_mapped_pages(path: Path) -> int:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        maps = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:  # not Linux: nothing to release
-        return 0
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    released = 0
-    for line in maps:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == str(path):
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
-                released += end - start
-    return released
+def _move_slots(pool: np.ndarray, kept: np.ndarray) -> None:
+    """Write `kept` [K, n, D] into `pool[:, :n]` ([K, S, D]), which may share its memory with
+    a pool of another S: each head's block moves to its place in the new layout, in the order
+    that never overwrites a block not yet moved (numpy buffers a block that overlaps itself)."""
+    heads = range(pool.shape[0])
+    growing = pool.strides[0] > kept.strides[0]  # moving to higher addresses: the last head first
+    for head in reversed(heads) if growing else heads:
+        pool[head, :kept.shape[1]] = kept[head]
 
 
 def resolve_precision(precision: str, meta: dict) -> str:
