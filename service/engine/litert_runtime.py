@@ -35,7 +35,8 @@ from ai_edge_litert.options import Options
 log = logging.getLogger(__name__)
 
 _MAX_RANK = 8  # LITERT_TENSOR_MAX_RANK
-_ELEMENT_TYPES = {np.dtype(np.float32): 1, np.dtype(np.int32): 2, np.dtype(np.int64): 4}  # LiteRtElementType
+# LiteRtElementType (TfLiteType's values)
+_ELEMENT_TYPES = {np.dtype(np.float32): 1, np.dtype(np.int32): 2, np.dtype(np.int64): 4, np.dtype(np.float16): 10}
 
 
 class _Layout(ctypes.Structure):  # LiteRtLayout (litert/c/litert_layout.h)
@@ -67,6 +68,8 @@ _CAPSULE_NAME = b"LiteRtTensorBuffer"  # what the Python wrapper's run calls unw
 class _Buffer:
     """A LiteRT tensor buffer over `array`'s memory, shaped as the array (which it keeps alive)."""
 
+    _handle = None
+
     def __init__(self, array: np.ndarray):
         if array.ndim > _MAX_RANK or not array.flags.c_contiguous:
             raise ValueError(f"a tensor buffer needs a C-contiguous array of rank <= {_MAX_RANK}")
@@ -81,7 +84,8 @@ class _Buffer:
         self.capsule = _capsule(self._handle, _CAPSULE_NAME, None)
 
     def __del__(self):
-        _LIB.LiteRtDestroyTensorBuffer(self._handle)
+        if self._handle is not None:
+            _LIB.LiteRtDestroyTensorBuffer(self._handle)
 
 
 _MADV_DONTNEED = 4
