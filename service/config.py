@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.memory import parse_bytes
 from service.model_files import (LITERT_FORMAT, ModelDirError, check_model_dir, describe_model, has_litert_files,
-                                 litert_format, model_type, verify_manifest)
+                                 litert_format, model_type, unread_files, verify_manifest)
 
 
 class Settings(BaseSettings):
@@ -198,6 +198,11 @@ class Settings(BaseSettings):
         return self._model_type[0] == "gpt2"
 
     @property
+    def unread_files(self) -> set[str]:
+        """The model directory's files the serving backend never reads (their sums go unchecked)."""
+        return unread_files(self.model_dir, self.serving_backend, self.litert_precision)
+
+    @property
     def serving_backend(self) -> str:
         """The backend that serves: `backend`, with auto resolved against the model directory
         (litert where it is converted, and for every model but GPT-2, which tf alone serves)."""
@@ -213,14 +218,15 @@ class Settings(BaseSettings):
 
 def load_settings() -> Settings:
     """Settings from the environment, or exit with one line saying what is wrong: a setting, or
-    a model directory whose files do not match their manifest (every byte is read)."""
+    a model directory whose files do not match their manifest (every byte of the files the
+    backend reads is read)."""
     try:
         settings = Settings()
     except ValidationError as exc:
         problems = "; ".join(_describe(e) for e in exc.errors())
         raise SystemExit(f"service: invalid settings: {problems}") from None
     try:
-        verify_manifest(settings.model_dir)
+        verify_manifest(settings.model_dir, skip=settings.unread_files)
     except ModelDirError as exc:
         raise SystemExit(f"service: refusing to start: {exc}; fetch the model again "
                          "(scripts/download_model.py --force; docs/operations.md: Faults)") from None

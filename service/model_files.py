@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -141,6 +142,26 @@ def litert_model_file(precision: str) -> str:
     return f"decoder.{precision}.tflite"
 
 
+def resolve_precision(precision: str, meta: dict) -> str:
+    """LITERT_PRECISION with auto resolved by the conversion's int8 quality gate (litert.json)."""
+    if precision == "auto":
+        return "int8" if meta["quality"]["int8_enabled"] else "fp32"
+    return precision
+
+
+def unread_files(model_dir: Path, backend: str, precision: str) -> set[str]:
+    """The files of a model directory a backend never reads: LiteRT reads one precision's
+    .tflite file and none of the source weights, TensorFlow no LiteRT file. Nothing when the
+    conversion's litert.json cannot be read (the check then reads every file)."""
+    if backend == "tf":
+        return set(LITERT_FILES)
+    try:
+        served = resolve_precision(precision, json.loads((model_dir / LITERT_META).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {*weight_files(model_dir), *(litert_model_file(p) for p in ("fp32", "int8") if p != served)}
+
+
 def has_litert_files(model_dir: Path) -> bool:
     """Whether a conversion finished here: every LiteRT file is present and, where there is a
     manifest, listed in it (the converter rewrites the manifest last)."""
@@ -182,12 +203,15 @@ def read_manifest(model_dir: Path) -> dict | None:
     return manifest
 
 
-def verify_manifest(model_dir: Path) -> None:
-    """Check every file's sha256 against the manifest, if there is one (reads every byte)."""
+def verify_manifest(model_dir: Path, skip: Iterable[str] = ()) -> None:
+    """Check every file's sha256 against the manifest, if there is one (reads every byte), but
+    the files in `skip` (those the serving backend never reads: `unread_files`)."""
     manifest = read_manifest(model_dir)
     if manifest is None:
         return
     for name, entry in manifest["files"].items():
+        if name in skip:
+            continue
         if sha256_of(model_dir / name) != entry["sha256"]:
             raise ModelDirError(f"model directory {model_dir}: {name} does not match its sha256 in {MANIFEST}")
 

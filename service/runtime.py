@@ -73,10 +73,11 @@ class Runtime:
 
     async def start(self) -> None:
         started = time.monotonic()
-        # Settings checked the files' sizes; the sums (every byte read) are checked once, here,
-        # unless load_settings did already (it exits with one line when they do not match).
+        # Settings checked the files' sizes; the sums of the files the backend reads (every byte
+        # read) are checked once, here, unless load_settings did already (it exits with one line
+        # when they do not match).
         if not self.settings.manifest_verified:
-            await anyio.to_thread.run_sync(verify_manifest, self.settings.model_dir)
+            await anyio.to_thread.run_sync(verify_manifest, self.settings.model_dir, self.settings.unread_files)
         self.engine = await anyio.to_thread.run_sync(self._engine_factory, self.settings)
         self.chat_template = await anyio.to_thread.run_sync(load_chat_template, self.settings.model_dir)
         log.info("model loaded from %s in %.1f s: backend %s, precision %s, %s", self.settings.model_dir,

@@ -76,11 +76,39 @@ def test_a_weight_file_corrupted_after_download_stops_the_server_with_one_line(t
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
     for args in (("-m", "service"), ("-m", "uvicorn", "service.main:app")):
-        r = run_service({"MODEL_DIR": str(tmp_path), "PORT": str(free_port())}, args)
+        r = run_service({"MODEL_DIR": str(tmp_path), "PORT": str(free_port()), "LITERT_PRECISION": "fp32"}, args)
         assert r.returncode == 1
         assert r.stderr.strip() == (
             f"service: refusing to start: model directory {tmp_path}: decoder.fp32.tflite does not match its sha256 in "
             "manifest.json; fetch the model again (scripts/download_model.py --force; docs/operations.md: Faults)")
+
+
+def flip_a_byte(path):
+    with path.open("r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_the_sums_checked_are_those_of_the_files_the_backend_reads(tmp_path, litert_model_dir):
+    """LiteRT reads one precision's .tflite file and not the source weights; TensorFlow reads no
+    LiteRT file: a start checks the sums of what it reads (DistilGPT2's directory is 856 MB,
+    its int8 server reads about 240 MB of it)."""
+    from service.model_files import LITERT_FILES, ModelDirError, unread_files, verify_manifest
+
+    for f in litert_model_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    flip_a_byte(tmp_path / "tf_model.h5")
+    flip_a_byte(tmp_path / "decoder.int8.tflite")
+    assert unread_files(tmp_path, "litert", "fp32") == {"tf_model.h5", "decoder.int8.tflite"}
+    assert unread_files(tmp_path, "tf", "auto") == set(LITERT_FILES)
+    verify_manifest(tmp_path, skip=unread_files(tmp_path, "litert", "fp32"))
+    for backend, precision in (("litert", "int8"), ("tf", "auto")):
+        with pytest.raises(ModelDirError, match="does not match its sha256"):
+            verify_manifest(tmp_path, skip=unread_files(tmp_path, backend, precision))
+    with pytest.raises(ModelDirError):
+        verify_manifest(tmp_path)  # every file, when nothing is skipped
 
 
 def llama_model_dir(root):

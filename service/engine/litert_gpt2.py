@@ -34,7 +34,7 @@ from service.detokenize import byte_fallback_ids
 from service.engine.base import DecodeBatch, Engine, GenerationRow, RowUpdate, TokenLogprob
 from service.engine.litert_runtime import Program, Signature, drop_mapped_pages
 from service.engine.sampling import next_token, token_logprob
-from service.model_files import LITERT_META, end_of_sequence_ids, litert_model_file
+from service.model_files import LITERT_META, end_of_sequence_ids, litert_model_file, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -772,12 +772,6 @@ def _move_slots(pool: np.ndarray, kept: np.ndarray) -> None:
     growing = pool.strides[0] > kept.strides[0]  # moving to higher addresses: the last head first
     for head in reversed(heads) if growing else heads:
         pool[head, :kept.shape[1]] = kept[head]
-
-
-def resolve_precision(precision: str, meta: dict) -> str:
-    if precision == "auto":
-        return "int8" if meta["quality"]["int8_enabled"] else "fp32"
-    return precision
 
 
 def cache_buckets(step: int, largest: int) -> tuple[int, ...]:
