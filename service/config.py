@@ -24,7 +24,8 @@ class Settings(BaseSettings):
         description="Directory with the model: `config.json`, the weights (`tf_model.h5`, or `model.safetensors`, "
         "or `model.safetensors.index.json` and its shards) and the tokenizer (`tokenizer.json`, or `vocab.json` + "
         "`merges.txt`), plus the LiteRT files `scripts/convert_model.py` adds. If it holds a `manifest.json`, every "
-        "file is checked against its size and sha256 at start, and a mismatch stops the server.")
+        "file is checked against its size, and each file the backend reads against its sha256, at start; a "
+        "mismatch stops the server.")
     backend: Literal["auto", "litert", "tf"] = Field(
         "auto", description="`litert`: TensorFlow Lite's runtime on the converted files; `tf`: TensorFlow with XLA, "
         "GPT-2 models only (`model_type` `gpt2` in `config.json`); `auto`: `litert` when the model directory holds "
@@ -111,8 +112,8 @@ class Settings(BaseSettings):
         "finish while new requests get 503; then (or on a second signal) the rest get 503 and the server exits. Keep "
         "Compose's `stop_grace_period` (`API_STOP_GRACE_PERIOD`) 5 s above it.")
 
-    # Set by load_settings once every file's sha256 matched the manifest, so the server does not
-    # read every byte twice.
+    # Set by load_settings once the sha256 of every file the backend reads matched the manifest,
+    # so the server does not read those bytes twice.
     _manifest_verified: bool = PrivateAttr(False)
 
     _api_keys: tuple[str, ...] = PrivateAttr(())
