@@ -17,7 +17,6 @@ is not delegated to XNNPACK).
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import math
@@ -32,6 +31,7 @@ import numpy as np
 from service import memory
 from service.detokenize import byte_fallback_ids
 from service.engine.base import DecodeBatch, Engine, GenerationRow, RowUpdate, TokenLogprob
+from service.engine.kv_pool import SCORE_BUFFERS, PoolSizes, Slots, slots_wanted
 from service.engine.litert_runtime import Program, Signature, drop_mapped_pages
 from service.engine.sampling import next_token, token_logprob
 from service.model_files import LITERT_META, end_of_sequence_ids, litert_model_file, resolve_precision
@@ -39,9 +39,6 @@ from service.model_files import LITERT_META, end_of_sequence_ids, litert_model_f
 log = logging.getLogger(__name__)
 
 MASKED = -1e4  # transformers' TF GPT-2 mask value
-HEADROOM_CALLS = 4  # a pool is sized for its rows' slots and this many more calls,
-HEADROOM_SHARE = 4  # or a 1/this share more slots, if more: growing a pool costs a copy of it
-SCORE_BUFFERS = 4  # [heads, positions, pool] float buffers a decode call holds at once (scores, softmax)
 # The short lane (LiteRTBatch): a joining row also gets calls of its own when it asks for at most
 # LANE_MAX_TOKENS new tokens, its prompt and answer fit LANE_MAX_SLOTS slots (its keys and values
 # are copied into each of its calls), the running rows hold on average at least LANE_SHORTER
@@ -101,10 +98,7 @@ class Decoder:
         if capacity is not None:  # address space: a page takes memory when a pool first writes it
             self._decode.reserve({name: [self.n_head, capacity, self.head_dim] for name in self.cache_names()})
         self.batch_size = 0
-        self.pool_size = 0
-        self.live: list[bool] = []  # per position: does it hold a row
-        self.slots: list[list[int]] = []  # per position: the row's slots, in order
-        self._free: list[int] = []  # a heap: the lowest free slot first
+        self.table = Slots()  # which slots each position's row owns (service/engine/kv_pool.py)
         self.last_arrange_seconds = 0.0  # what the last `arrange`, `step` and `step_apart` took
         # What an `arrange` costs per filled slot it moves (the copy out and back, and the
         # reallocation when the pool grows): measured by those that moved many, 25 us until then.
@@ -115,17 +109,28 @@ class Decoder:
     # --- the batch's pool -------------------------------------------------------------------
 
     @property
+    def pool_size(self) -> int:
+        return self.table.pool_size
+
+    @property
+    def live(self) -> list[bool]:
+        return self.table.live
+
+    @property
+    def slots(self) -> list[list[int]]:
+        return self.table.slots
+
+    @property
     def lengths(self) -> np.ndarray:
-        """Filled slots per position: a row's next token takes that position in its sequence."""
-        return np.array([len(s) for s in self.slots], np.int64)
+        return self.table.lengths
 
     @property
     def free_slots(self) -> int:
-        return len(self._free)
+        return self.table.free
 
     @property
     def used_slots(self) -> int:
-        return self.pool_size - len(self._free)
+        return self.table.used
 
     def arrange(self, sources: Sequence[int | None], pool_size: int) -> None:
         """Make the batch `sources` long over `pool_size` slots: position j takes the row at
@@ -141,25 +146,11 @@ class Decoder:
         zeros or earlier slots' values: masked slots must hold finite values (the mask is added,
         not selected)."""
         started = time.perf_counter()
-        kept = [self.slots[s] for s in sources if s is not None]
-        used = sum(len(k) for k in kept)
-        if used > pool_size:
-            raise ValueError(f"the rows hold {used} slots, more than a pool of {pool_size}")
-        names = self.cache_names()
-        top = 1 + max((slot for k in kept for slot in k), default=-1)
-        order = None
-        if top == 0:
-            slots = [[] for _ in sources]
-        elif top <= pool_size:
-            slots = [list(self.slots[s]) if s is not None else [] for s in sources]
-        else:
-            order = np.array([slot for k in kept for slot in k], np.int64)
-            counts = np.cumsum([0] + [len(self.slots[s]) if s is not None else 0 for s in sources])
-            slots = [list(range(counts[j], counts[j + 1])) for j in range(len(sources))]
-            top = used
+        plan = self.table.plan(sources, pool_size)
+        top, order = plan.top, plan.order
         old = dict(self._decode.inputs) if top else {}  # nothing to copy, maybe no arrays yet
         self._resize_decode(len(sources), pool_size)
-        for name in names if top else ():
+        for name in self.cache_names() if top else ():
             before = old[name]
             # A gathered copy (one tensor's kept slots), or the slots in place.
             _move_slots(self._decode.inputs[name], before[:, order] if order is not None else before[:, :top])
@@ -168,34 +159,21 @@ class Decoder:
         mask = self._decode.inputs["mask"]
         mask[...] = MASKED
         mask[..., pool_size] = 0  # the new token always sees itself
-        for j, own in enumerate(slots):
+        for j, own in enumerate(plan.slots):
             mask[0, j, own] = 0
-        self.live, self.slots = [s is not None for s in sources], slots
-        taken = {slot for own in slots for slot in own}
-        self._free = [slot for slot in range(pool_size) if slot not in taken]  # sorted: already a heap
+        self.table.take_shape(sources, plan, pool_size)
         self.last_arrange_seconds = time.perf_counter() - started
-        if used >= ARRANGE_SAMPLE_SLOTS:
-            self.arrange_seconds_per_slot = self.last_arrange_seconds / used
+        if plan.used >= ARRANGE_SAMPLE_SLOTS:
+            self.arrange_seconds_per_slot = self.last_arrange_seconds / plan.used
 
     def open_row(self, b: int) -> None:
         """Start a row at empty position b."""
-        if self.live[b]:
-            raise ValueError(f"position {b} holds a row")
-        self.live[b] = True
+        self.table.open(b)
 
     def close_row(self, b: int) -> None:
         """End the row at position b: its slots go back to the free list (they keep finite
         values, and no row's mask shows them)."""
-        mask = self._decode.inputs["mask"]
-        mask[0, b, self.slots[b]] = MASKED
-        for slot in self.slots[b]:
-            heapq.heappush(self._free, slot)
-        self.slots[b], self.live[b] = [], False
-
-    def _take(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise ValueError(f"{n} slots asked, {len(self._free)} free in a pool of {self.pool_size}")
-        return [heapq.heappop(self._free) for _ in range(n)]
+        self._decode.inputs["mask"][0, b, self.table.close(b)] = MASKED
 
     def _resize_decode(self, batch_size: int, pool_size: int) -> None:
         heads, head_dim = self.n_head, self.head_dim
@@ -205,7 +183,7 @@ class Decoder:
         if self.rotary:
             shapes["rope"] = [batch_size, self._positions.shape[1]]
         self._decode.resize(shapes)
-        self.batch_size, self.pool_size = batch_size, pool_size
+        self.batch_size = batch_size
 
     @property
     def slot_bytes(self) -> int:
@@ -225,13 +203,13 @@ class Decoder:
         if not len(ids):
             return
         parts, _ = self.encode_prompt(ids)
-        slots = self._take(len(ids))
+        slots = self.table.take(len(ids))
         for name, (pool, last) in zip(self.cache_names(), parts):
             into = self._decode.inputs[name]
             into[:, slots[:pool.shape[1]]] = pool
             into[:, slots[pool.shape[1]:]] = last
         self._decode.inputs["mask"][0, row, slots] = 0
-        self.slots[row] += slots
+        self.table.give(row, slots)
 
     def encode_prompt(self, ids: Sequence[int], rows: Sequence[int] | None = None
                       ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
@@ -330,14 +308,14 @@ class Decoder:
         started = time.perf_counter()
         rows = np.flatnonzero(self.live)
         at = self.lengths
-        slots = np.array(self._take(len(rows)), np.int64)
+        slots = np.array(self.table.take(len(rows)), np.int64)
         self._put(self._decode, self.embed(ids, at))
         self._decode.run()
         for name in self.cache_names():
             self._decode.inputs[name][:, slots] = self._decode.outputs[name][:, rows]
         self._decode.inputs["mask"][0, rows, slots] = 0
         for b, slot in zip(rows, slots):
-            self.slots[b].append(int(slot))
+            self.table.give(b, [slot])
         logits = self.head(self._decode.outputs["hidden"])
         self.last_step_seconds = time.perf_counter() - started
         return logits
@@ -362,13 +340,13 @@ class Decoder:
             mask[i, width + i] = 0
             at += length
         new, hidden = self.extend(self.embed(ids, np.array(lengths, np.int64)), mask, pools, range(n))
-        slots = self._take(n)
+        slots = self.table.take(n)
         for name, values in zip(self.cache_names(), new):
             self._decode.inputs[name][:, slots] = values
         decode_mask = self._decode.inputs["mask"]
         for b, slot in zip(rows, slots):
             decode_mask[0, b, slot] = 0
-            self.slots[b].append(slot)
+            self.table.give(b, [slot])
         logits = self.head(hidden)
         self.last_apart_seconds = time.perf_counter() - started
         return logits
@@ -418,10 +396,6 @@ class LiteRTGPT2Engine(Engine):
         # The window a row's prompt and answer span: the model's, or less (`max_context`).
         self.context_window = min(int(meta["n_positions"]), max_context or int(meta["n_positions"]))
         self.max_batch_size = max_batch_size
-        # The pool holds every row's slots: at most a full window a row, and a slot per row for
-        # the call that fills the last.
-        self.cache_sizes = cache_buckets(smallest_cache, max_batch_size * (self.context_window + 1))
-        self._all_cache_sizes = self.cache_sizes  # before `set_memory_budget` caps them
         self._tokenizer = load_tokenizer(model_dir)
         self.byte_fallback_ids = byte_fallback_ids(self._tokenizer)
         embeddings = Rows(model_dir / meta["embeddings"])
@@ -430,7 +404,13 @@ class LiteRTGPT2Engine(Engine):
         self._threads = num_threads or len(os.sched_getaffinity(0))
         self._model_path = model_dir / litert_model_file(self.precision)
         self._embeddings, self._positions = embeddings, positions
-        self.decoder = Decoder(self._model_path, embeddings, positions, self._threads, capacity=self.cache_sizes[-1])
+        # The pool holds every row's slots: at most a full window a row, and a slot per row for
+        # the call that fills the last.
+        largest = max_batch_size * (self.context_window + 1)
+        self.decoder = Decoder(self._model_path, embeddings, positions, self._threads, capacity=largest)
+        d = self.decoder
+        self.pool = PoolSizes(smallest_cache, largest, d.slot_bytes, d.n_head * d.head_dim * 4,
+                              SCORE_BUFFERS * max_batch_size * 4 * self.query_heads)
         self.compactions = 0
         self.short_lane = short_lane
         self.lane_call_seconds = math.inf  # what a lane call takes: measured by warm-up, then kept up to date
@@ -504,55 +484,21 @@ class LiteRTGPT2Engine(Engine):
 
     # --- memory (service/memory.py measures the budget; the scheduler admits by it) ----------
 
-    def batch_bytes(self, rows: Sequence[GenerationRow]) -> int:
-        """See `pool_bytes`: the memory of the largest pool a batch holding `rows` reaches.
+    @property
+    def cache_sizes(self) -> tuple[int, ...]:
+        """The pool sizes a batch takes (service/engine/kv_pool.py), capped by the budget."""
+        return self.pool.current
 
-        The rows at full length fill S = sum(prompt + max_tokens + 1) slots (a row feeds its
-        prompt and each new token but the last one, so this counts 2 spare slots a row: the
-        call that fills a row's last slot needs it free). The pool grows by `_slots_wanted`:
-        filled slots plus max(HEADROOM_CALLS a row, 1 / HEADROOM_SHARE more), rounded up to a
-        bucket and held to the largest bucket; it never needs more than the bucket holding S,
-        so that is its floor (past the capped largest: such rows do not fit, and the bytes say
-        so)."""
-        if not rows:
-            return 0
-        filled = sum(len(r.prompt_ids) + r.max_tokens + 1 for r in rows)
-        wanted = filled + max(len(rows) * HEADROOM_CALLS, filled // HEADROOM_SHARE)
-        pool = max(self._bucket(filled), min(self._bucket(wanted), self.cache_sizes[-1]))
-        return self.pool_bytes(pool)
+    def batch_bytes(self, rows: Sequence[GenerationRow]) -> int:
+        return self.pool.batch_bytes(rows)
 
     def pool_bytes(self, pool: int, largest: int | None = None) -> int:
-        """The most memory a batch whose pool reaches `pool` slots takes beyond the baseline:
-
-        - the pool, once: `Decoder.arrange` moves the kept slots within its memory, and packing
-          them into a smaller pool copies one tensor's at a time;
-        - XNNPACK's workspace, about one layer's keys at the largest pool (`largest`, default
-          the largest bucket): the runtime's arena keeps what a pool once took;
-        - the mask and the attention scores, a few floats per (position, slot) and head.
-        Every term grows with `pool`, so a larger pool never costs less."""
-        decoder = self.decoder
-        largest = self.cache_sizes[-1] if largest is None else largest
-        tensor = decoder.n_head * decoder.head_dim * 4  # a slot's bytes in one of the pool's tensors
-        scores = SCORE_BUFFERS * self.max_batch_size * (pool + 1) * 4 * self.query_heads
-        return decoder.slot_bytes * pool + tensor * pool + tensor * largest + scores
+        return self.pool.pool_bytes(pool, largest)
 
     def set_memory_budget(self, budget: int | None) -> None:
-        """Cap the largest pool at the largest bucket whose `pool_bytes` fit `budget`: no pool
-        or copy can pass it then. A row admitted within the budget fits the capped pool:
-        `batch_bytes` of a batch whose slots need a larger pool is that pool's bytes, over the
-        budget. With no bucket fitting, the smallest stays (every row is over the budget then:
-        `check_fits` refuses it)."""
+        """Cap the largest pool at the largest size whose `pool_bytes` fit `budget`."""
         super().set_memory_budget(budget)
-        buckets = self._all_cache_sizes
-        if budget is not None:
-            # Capped, the workspace moves with the largest pool: each candidate is judged as the largest.
-            fitting = [c for c in buckets if self.pool_bytes(c, largest=c) <= budget]
-            buckets = tuple(c for c in buckets if c <= (fitting[-1] if fitting else buckets[0]))
-        self.cache_sizes = buckets
-
-    def _bucket(self, slots: int) -> int:
-        """The smallest uncapped pool bucket holding `slots`, or `slots` itself past them all."""
-        return next((c for c in self._all_cache_sizes if c >= slots), slots)
+        self.pool.cap(budget)
 
     def kv_slots_used(self) -> int:
         return self.decoder.used_slots
@@ -566,8 +512,8 @@ class LiteRTGPT2Engine(Engine):
         return self.decoder.pool_size * self.decoder.slot_bytes
 
     def cache_size_for(self, slots: int) -> int:
-        """The smallest pool bucket holding `slots` (the largest, if none does)."""
-        return next((c for c in self.cache_sizes if c >= slots), self.cache_sizes[-1])
+        """The smallest pool size holding `slots` (the largest, if none does)."""
+        return self.pool.size_for(slots)
 
 
 @dataclass
@@ -734,16 +680,11 @@ class LiteRTBatch(DecodeBatch):
         return [b for b, r in enumerate(self._rows) if r is None]
 
     def _slots_wanted(self, joining: Sequence[GenerationRow] = ()) -> int:
-        """The slots a pool is sized for: the rows' filled slots, with the `joining` rows'
-        prompts counted as filled, and `HEADROOM_CALLS` more calls' worth (so that a pool just
-        grown does not grow again at the next call) or a `1 / HEADROOM_SHARE` share more,
-        whichever is more. Growing copies the filled slots out and back (about 40 ms at 2,000
-        DistilGPT2 slots), so a large pool grows by a share of its size: at 2,000 slots and 5
-        rows, every 100 calls rather than every 25, for an eighth more slots read a call on
-        average. Counting the prompts, 8 prompts of 900 tokens get a pool that holds their 124
-        new tokens each at once: it never grows for them."""
+        """The slots a pool is sized for (`kv_pool.slots_wanted`), with the `joining` rows'
+        prompts counted as filled: 8 prompts of 900 tokens get a pool that holds their 124 new
+        tokens each at once, so it never grows for them."""
         used = self._decoder.used_slots + sum(len(row.prompt_ids) - 1 for row in joining)
-        return used + max((len(self.keys) + len(joining)) * HEADROOM_CALLS, used // HEADROOM_SHARE)
+        return slots_wanted(used, len(self.keys) + len(joining))
 
     def _spare_slots(self) -> int:
         """Slots a rearrangement now would drop: the pool less the bucket it would be."""
@@ -772,13 +713,6 @@ def _move_slots(pool: np.ndarray, kept: np.ndarray) -> None:
     growing = pool.strides[0] > kept.strides[0]  # moving to higher addresses: the last head first
     for head in reversed(heads) if growing else heads:
         pool[head, :kept.shape[1]] = kept[head]
-
-
-def cache_buckets(step: int, largest: int) -> tuple[int, ...]:
-    """Pool sizes in multiples of `step` up to `largest`: attention costs what the allocated
-    pool costs, so a batch takes the smallest that holds its rows' slots. Nothing is compiled
-    per size, so the steps can be fine."""
-    return (*range(step, largest, step), largest)
 
 
 class Rows:
