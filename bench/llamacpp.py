@@ -200,8 +200,7 @@ def ensure_gguf(model_dir: Path, weights: Path, outtype: str, cache: Path, torch
     path = folder / f"model-{outtype}.gguf"
     seconds = None
     if not path.is_file():
-        if not layout.src.is_dir():
-            raise PeerError(f"llama.cpp's converter is missing ({layout.src}); --build-peers fetches it")
+        fetch_source(layout, log)  # the converter is the source's (a minute's download, no build)
         staged = stage_model(model_dir, weights, folder / "hf")
         tmp = path.with_suffix(".tmp")
         conv_log = folder / f"convert-{outtype}.log"
