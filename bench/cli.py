@@ -540,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     if peer_phases:
         log(f"peer: {binary} ({llamacpp.server_version(binary)}), phases {', '.join(p.name for p in peer_phases)}")
     elif "llamacpp" not in peers:
-        log(f"peer llamacpp: not run ({'--peers none' if args.peers is not None else 'not built; --build-peers builds it'})")
+        why = "--peers none" if args.peers is not None else "not built; --build-peers builds it"
+        log(f"peer llamacpp: not run ({why})")
 
     torch_info = None
     # A Llama-family model is made in the PyTorch venv, baseline or not; llama.cpp's converter runs there too.

@@ -223,11 +223,10 @@ def test_only_a_gpt2_style_byte_level_tokenizer_is_named_gpt2(tmp_path):
 
 def _peer_result() -> dict:
     def scenario(name, role, tok_per_s, hwm, tokens=64.0, other=0.0):
-        return {"name": name, "role": role, "clients": 1, "requests": 2, "ok": 2, "temperature": 0.0,
-                "max_tokens": 64, "new_tokens": 128, "tok_per_s": tok_per_s, "req_per_s": 1.0, "errors": 0,
-                "latency_p50_s": 0.5, "latency_p95_s": 0.6,
-                "responses_503": 0, "vmhwm_mib": hwm, "tokens_per_request": tokens,
-                "cpu": {"own_cores": 1.9, "other_cores": other}}
+        return {"name": name, "role": role, "clients": 8 if role == "batch" else 1, "requests": 2, "ok": 2,
+                "temperature": 0.0, "max_tokens": 64, "new_tokens": 128, "tok_per_s": tok_per_s, "req_per_s": 1.0,
+                "errors": 0, "responses_503": 0, "latency_p50_s": 0.5, "latency_p95_s": 0.6, "vmhwm_mib": hwm,
+                "tokens_per_request": tokens, "cpu": {"own_cores": 1.9, "other_cores": other}}
 
     ours = {"greedy_c1": scenario("greedy_c1", "single", 150.0, 400.0),
             "greedy_c8": scenario("greedy_c8", "batch", 500.0, 420.0)}
@@ -264,7 +263,17 @@ def test_peer_comparison_gives_each_scenarios_ratios_beside_pytorchs():
     result["peer_comparison"] = rows
     md = "\n".join(report._peer_section(result))
     assert "`-t 2 --parallel 8 -c 8192` (1024 tokens a slot)" in md
-    assert "| litert-int8 vs llamacpp-q8_0 | greedy_c1 | 150.0 | 100.0 | **1.50×** | 3.50× | 400 | 200 | 2.00× | 64.0 / 64.0 |" in md
+    assert ("| litert-int8 vs llamacpp-q8_0 | greedy_c1 | 150.0 | 100.0 | **1.50×** | 3.50× | 400 | 200 | 2.00× "
+            "| 64.0 / 64.0 |") in md
     assert "**1.25×** (shared: unreliable)" in md and "64.0 / 63.5 **differ**" in md
     assert "prompt tokens counted alike for 1 of 2 prompts" in md
     assert "peak RSS since start 250 MiB (the service's: litert-int8 450 MiB)" in md
+
+
+def test_throughput_plot_draws_each_peer_phase_dotted_in_its_backends_colour():
+    from bench import plots
+
+    result = _peer_result()
+    series = {label: (color, style, points) for label, color, style, points in plots.throughput_series(result)}
+    assert series["peer, llamacpp-q8_0"] == (plots.BACKEND_COLORS["litert-int8"], ":", [(1, 100.0), (8, 400.0)])
+    assert series["service, litert-int8"][1] == "-"
