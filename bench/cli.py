@@ -1,4 +1,4 @@
-"""`python -m bench`: baselines, then the service under load, then the report.
+"""`python -m bench`: baselines, then the service under load, then its peers, then the report.
 
 Order of work, one heavy thing at a time so no measurement shares the cores with another:
 1. the PyTorch venv (bench/.venv-torch, made if absent; a Llama-family model is made in it);
@@ -433,7 +433,8 @@ def run_profiles(preset: config.Preset, model_dir: Path, work: Path, args) -> li
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the text-generation service "
-                                "against transformers' generate on TensorFlow (naive) and PyTorch.")
+                                "against transformers' generate on TensorFlow (naive) and PyTorch, and beside "
+                                "llama.cpp's llama-server.")
     p.add_argument("--preset", choices=config.PRESETS,
                    help="full: DistilGPT2 shape, 64 tokens, 1/8/32 clients (the default for GPT-2 shapes); tiny: a "
                    "quick end-to-end check; llama: small scope for the Llama-family shapes, 1 and 8 clients, "

@@ -11,7 +11,8 @@ client and the mixed prompts at 8, 64 new tokens, against PyTorch at batch 1 and
 Each preset is run against up to three service backends (`BACKENDS`), each started cold: LiteRT
 with int8 weights (every scenario; the issue's bars), LiteRT fp32 (the single-client bar and
 exact text) and the TensorFlow/XLA backend (the earlier bars; GPT-2 only: it serves TensorFlow
-weights).
+weights). Peers (PEERS: llama.cpp's llama-server) run after them on the same weights, each
+weight type in its own cold phase, through the scenarios of the backends they are compared with.
 """
 
 from __future__ import annotations
