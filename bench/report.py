@@ -556,12 +556,14 @@ def _peer_section(result: dict) -> list[str]:
     for peer in (result.get("peers") or {}).values():
         for name, p in peer.get("phases", {}).items():
             for backend, c in (p.get("checks") or {}).items():
-                pt, gt = c["prompt_tokens"], c["greedy_texts"]
+                pt, gt, det = c["prompt_tokens"], c["greedy_texts"], c.get("peer_greedy_deterministic") or {}
                 lines.append(f"{backend} vs {name}: prompt tokens counted alike for {pt['equal']} of {pt['prompts']} prompts"
                              + (f" (**differ**: {pt['differ']})" if pt["differ"] else "")
-                             + f"; greedy texts identical for {gt['identical']} of {gt['prompts']} prompts "
-                             "(informational: other kernels" + (", q8_0 is not int8" if p.get("weights") == "q8_0" else "")
-                             + ").")
+                             + f"; greedy texts identical for {gt['identical']} of {gt['prompts']} prompts that got one "
+                             "text on both sides (informational: other kernels"
+                             + (", q8_0 is not int8" if p.get("weights") == "q8_0" else "") + "); llama.cpp gave "
+                             f"{det.get('same_text_every_request')} of {det.get('prompts')} prompts one greedy text in "
+                             "every request.")
         for name, p in peer.get("phases", {}).items():
             lines += ["", f"{p['title']} ({name}):", ""] + _scenario_table(p)
     return lines

@@ -267,6 +267,7 @@ def test_peer_comparison_gives_each_scenarios_ratios_beside_pytorchs():
             "| 64.0 / 64.0 |") in md
     assert "**1.25×** (shared: unreliable)" in md and "64.0 / 63.5 **differ**" in md
     assert "prompt tokens counted alike for 1 of 2 prompts" in md
+    assert "llama.cpp gave 2 of 2 prompts one greedy text in every request" in md
     assert "peak RSS since start 250 MiB (the service's: litert-int8 450 MiB)" in md
 
 
