@@ -41,8 +41,7 @@ LLAMA_CPP_COMMIT = "0c1e570"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
 SERVER = "llama-server"
 
-# GGUF weight types, by the service's precision: what each of its backends is compared with.
-OUTTYPE_BY_PRECISION = {"int8": "q8_0", "fp32": "f32"}
+# The GGUF weight types the peer serves (config.LLAMACPP_WEIGHTS: which beside which backend).
 OUTTYPES = ("q8_0", "f32")
 
 # The model files the converter reads besides config.json and the weights (those a model has).
