@@ -1,4 +1,4 @@
-"""`python -m bench`: baselines, then the service under load, then the report.
+"""`python -m bench`: baselines, then the service under load, then its peers, then the report.
 
 Order of work, one heavy thing at a time so no measurement shares the cores with another:
 1. the PyTorch venv (bench/.venv-torch, made if absent; a Llama-family model is made in it);
@@ -12,8 +12,13 @@ Order of work, one heavy thing at a time so no measurement shares the cores with
 5. the service, once per backend (--backends), each started cold: warm-up timed, each of that
    backend's scenarios driven over HTTP, then its streaming scenarios (bench/stream.py), peak
    memory from process start recorded;
-6. the per-op profile of one int8 batch-8 decode step (bench/profile_step.py), in its own process;
-7. JSON, Markdown and the plots (bench/plots.py) into bench/results/ (timestamped, and copied to
+6. the peers (--peers; by default each one built in the cache): llama.cpp's llama-server
+   (bench/llamacpp.py), built before step 1 with --build-peers, its GGUF weights converted before
+   step 5, started cold once per weight type (q8_0 beside litert-int8, f32 beside litert-fp32
+   and tf) and driven through the same scenarios as the backends it is compared with, measured
+   the same way;
+7. the per-op profile of one int8 batch-8 decode step (bench/profile_step.py), in its own process;
+8. JSON, Markdown and the plots (bench/plots.py) into bench/results/ (timestamped, and copied to
    latest.json / latest.md, the plots under their own names).
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,11 +36,12 @@ import sys
 import time
 from pathlib import Path
 
-from bench import config, plots, report, stream
+from bench import config, llamacpp, plots, report, stream
 from bench.baseline import REFERENCE_DIR
 from bench.cpu import SHARED_CORES, CpuWindow, own_cpu_seconds
+from bench.client import stream_request
 from bench.load import run_load
-from bench.server import REPO, Service, histogram_window, parse_labels, parse_metrics
+from bench.server import REPO, ServerProcess, Service, histogram_window, parse_labels, parse_metrics
 from bench.torch_env import DEFAULT_VENV, ensure_venv
 from service.model_files import SAFETENSORS, WEIGHTS, weight_files
 
@@ -193,8 +200,6 @@ def request_bodies(scenario: config.Scenario) -> list[dict]:
 def run_service(preset: config.Preset, backend: config.Backend, model_dir: Path, work: Path,
                 env: dict[str, str], health_timeout: float, phase_load: dict, retries: int) -> dict:
     """Start the service cold with `backend`, drive its scenarios; return the phase's raw results."""
-    scenarios: dict[str, dict] = {}
-    service_texts: dict[str, set] = {}
     env = {**env, **backend.env}
     log(f"[{backend.name}] starting the service")
     phase_load[f"{backend.name} service"] = round(os.getloadavg()[0], 2)
@@ -211,58 +216,102 @@ def run_service(preset: config.Preset, backend: config.Backend, model_dir: Path,
                    "llm_warmup_seconds": metrics.get("llm_warmup_seconds"), "env": env,
                    "memory_after_warmup": svc.memory(),
                    "compiles_after_warmup_at_ready": metrics.get("llm_compiles_after_warmup_total")}
-        # One untimed request first, as each baseline gets one untimed generate: the first
-        # answer after /health may still pay for thread pools and lazy allocations.
-        prime = run_load(svc.base_url, 1, [{"prompts": [config.SHORT_PROMPT], "max_tokens": preset.max_tokens,
-                                            "temperature": 0.0}])
-        if prime.outcomes[0].error:
-            raise SystemExit(f"the priming request failed: {prime.outcomes[0].error}\n{svc.log_tail()}")
-        peak_so_far = 0.0
-        for scenario in preset.scenarios_for(backend):
-            phase_load[f"{backend.name} {scenario.name}"] = round(os.getloadavg()[0], 2)
-            bodies = request_bodies(scenario)
-
-            def attempt() -> dict:
-                nonlocal peak_so_far
-                log(f"[{backend.name}] {scenario.name}: {scenario.clients} clients, {scenario.requests} requests")
-                before = svc.metrics()
-                peak_so_far = max(peak_so_far, svc.memory()["vmhwm_mib"])
-                peak_reset = svc.reset_peak()
-                # Ours: the server and this process, which is the load generator.
-                window = CpuWindow(lambda: svc.cpu_seconds() + own_cpu_seconds()).start()
-                load = run_load(svc.base_url, scenario.clients, bodies)
-                cpu = window.stop()
-                after = svc.metrics()
-                memory = svc.memory()
-                peak_so_far = max(peak_so_far, memory["vmhwm_mib"])
-                s = report.scenario_result(scenario, load, before, after, memory)
-                # With the reset, VmHWM is this scenario's own peak; without, the peak since start.
-                s["vmhwm_is_scenario_peak"] = peak_reset
-                s["cpu"] = cpu
-                log(f"[{backend.name}] {scenario.name}: {report.fmt(s['tok_per_s'])} tok/s, "
-                    f"p95 {report.fmt(s['latency_p95_s'], '.2f')} s, TTFT p95 {report.fmt(s['ttft_p95_s'], '.3f')} s, "
-                    f"TPOT p95 {report.fmt(s['tpot_p95_s'] and s['tpot_p95_s'] * 1000, '.1f')} ms, {s['errors']} errors, {s['responses_503']} 503s, "
-                    f"VmHWM {s['vmhwm_mib']:.0f} MiB (since start {peak_so_far:.0f}), "
-                    f"cores ours/others {cpu['own_cores']}/{cpu['other_cores']}")
-                if scenario.checks_texts:
-                    for o in load.outcomes:
-                        if o.latency is not None:  # a complete stream: its pieces joined are the text
-                            service_texts.setdefault(o.prompt, set()).add(o.text)
-                return s
-
-            best = least_shared(attempt, retries, f"[{backend.name}] {scenario.name}")
-            best["vmhwm_since_start_mib"] = peak_so_far
-            scenarios[scenario.name] = best
+        driven = drive_scenarios(svc, preset.scenarios_for(backend), backend.name, preset.max_tokens, phase_load,
+                                 retries)
         streams = run_stream_scenarios(svc, preset.stream_scenarios_for(backend), backend.name, phase_load, retries)
         final = svc.metrics()
         service["compiles_after_warmup"] = final.get("llm_compiles_after_warmup_total")
         service["generated_tokens_total"] = final.get("llm_generated_tokens_total")
         service["memory_at_end"] = svc.memory()
-        service["vmhwm_since_start_mib"] = max(peak_so_far, service["memory_at_end"]["vmhwm_mib"])
+        service["vmhwm_since_start_mib"] = max(driven["peak"], service["memory_at_end"]["vmhwm_mib"])
     log(f"[{backend.name}] service stopped")
     return {"title": backend.title, "exact_text": backend.exact_text, "health": health,
-            "backend_info": backend_info, "service": service, "scenarios": scenarios,
-            "stream_scenarios": streams, "texts": service_texts}
+            "backend_info": backend_info, "service": service, "scenarios": driven["scenarios"],
+            "stream_scenarios": streams, "texts": driven["texts"], "prompt_tokens": driven["prompt_tokens"]}
+
+
+def drive_scenarios(svc: ServerProcess, scenarios: tuple[config.Scenario, ...], label: str, max_tokens: int,
+                    phase_load: dict, retries: int, request=stream_request) -> dict:
+    """One untimed request, then each scenario against the running server `svc` (the service,
+    or a peer with its own `request`), each measured again while shared (least_shared).
+
+    Returns the results by scenario name; every greedy text and prompt token count each prompt
+    got, by prompt (sets: one member when every request agreed); and the server's peak RSS
+    since start as read before and after each scenario.
+    """
+    results: dict[str, dict] = {}
+    texts: dict[str, set] = {}
+    prompt_tokens: dict[str, set] = {}
+    # One untimed request first, as each baseline gets one untimed generate: the first
+    # answer after /health may still pay for thread pools and lazy allocations.
+    prime = run_load(svc.base_url, 1, [{"prompts": [config.SHORT_PROMPT], "max_tokens": max_tokens,
+                                        "temperature": 0.0}], request=request)
+    if prime.outcomes[0].error:
+        raise SystemExit(f"[{label}] the priming request failed: {prime.outcomes[0].error}\n{svc.log_tail()}")
+    peak_so_far = 0.0
+    for scenario in scenarios:
+        phase_load[f"{label} {scenario.name}"] = round(os.getloadavg()[0], 2)
+        bodies = request_bodies(scenario)
+
+        def attempt() -> dict:
+            nonlocal peak_so_far
+            log(f"[{label}] {scenario.name}: {scenario.clients} clients, {scenario.requests} requests")
+            before = svc.metrics()
+            peak_so_far = max(peak_so_far, svc.memory()["vmhwm_mib"])
+            peak_reset = svc.reset_peak()
+            # Ours: the server and this process, which is the load generator.
+            window = CpuWindow(lambda: svc.cpu_seconds() + own_cpu_seconds()).start()
+            load = run_load(svc.base_url, scenario.clients, bodies, request=request)
+            cpu = window.stop()
+            after = svc.metrics()
+            memory = svc.memory()
+            peak_so_far = max(peak_so_far, memory["vmhwm_mib"])
+            s = report.scenario_result(scenario, load, before, after, memory)
+            # With the reset, VmHWM is this scenario's own peak; without, the peak since start.
+            s["vmhwm_is_scenario_peak"] = peak_reset
+            s["cpu"] = cpu
+            log(f"[{label}] {scenario.name}: {report.fmt(s['tok_per_s'])} tok/s, "
+                f"p95 {report.fmt(s['latency_p95_s'], '.2f')} s, TTFT p95 {report.fmt(s['ttft_p95_s'], '.3f')} s, "
+                f"TPOT p95 {report.fmt(s['tpot_p95_s'] and s['tpot_p95_s'] * 1000, '.1f')} ms, {s['errors']} errors, {s['responses_503']} 503s, "
+                f"VmHWM {s['vmhwm_mib']:.0f} MiB (since start {peak_so_far:.0f}), "
+                f"cores ours/others {cpu['own_cores']}/{cpu['other_cores']}")
+            for o in load.outcomes:
+                if o.latency is None:
+                    continue
+                if o.prompt_tokens is not None:
+                    prompt_tokens.setdefault(o.prompt, set()).add(o.prompt_tokens)
+                if scenario.checks_texts:  # a complete stream: its pieces joined are the text
+                    texts.setdefault(o.prompt, set()).add(o.text)
+            return s
+
+        best = least_shared(attempt, retries, f"[{label}] {scenario.name}")
+        best["vmhwm_since_start_mib"] = peak_so_far
+        results[scenario.name] = best
+    return {"scenarios": results, "texts": texts, "prompt_tokens": prompt_tokens, "peak": peak_so_far}
+
+
+def run_peer(phase: config.PeerPhase, binary: Path, gguf: dict, settings: llamacpp.ServerSettings, work: Path,
+             max_tokens: int, health_timeout: float, phase_load: dict, retries: int) -> dict:
+    """Start llama-server cold on `gguf`, drive the phase's scenarios as the service's are driven
+    (same bodies, same load generator, same memory and CPU readings); the phase's raw results."""
+    label = phase.name
+    log(f"[{label}] starting {llamacpp.SERVER} on {Path(gguf['path']).name}")
+    phase_load[f"{label} server"] = round(os.getloadavg()[0], 2)
+    server = llamacpp.LlamaServer(binary, Path(gguf["path"]), settings, work / f"{label}.log",
+                                  health_timeout=health_timeout)
+    with server as svc:
+        log(f"[{label}] healthy after {svc.warmup_seconds:.1f} s on {svc.base_url}")
+        service = {"warmup_seconds": svc.warmup_seconds, "warmup_cpu": svc.warmup_cpu,
+                   "memory_after_warmup": svc.memory(), "command": svc.command()}
+        driven = drive_scenarios(svc, phase.scenarios, label, max_tokens, phase_load, retries,
+                                 request=llamacpp.stream_completion)
+        service["generated_tokens_total"] = svc.metrics().get("llm_generated_tokens_total")
+        service["memory_at_end"] = svc.memory()
+        service["vmhwm_since_start_mib"] = max(driven["peak"], service["memory_at_end"]["vmhwm_mib"])
+    log(f"[{label}] {llamacpp.SERVER} stopped")
+    return {"title": f"llama.cpp {llamacpp.SERVER}, {phase.weights} GGUF", "weights": phase.weights,
+            "compared_with": list(phase.backends), "gguf": gguf, "service": service,
+            "scenarios": driven["scenarios"], "texts": driven["texts"], "prompt_tokens": driven["prompt_tokens"]}
 
 
 def least_shared(measure, retries: int, label: str) -> dict:
@@ -384,7 +433,8 @@ def run_profiles(preset: config.Preset, model_dir: Path, work: Path, args) -> li
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the text-generation service "
-                                "against transformers' generate on TensorFlow (naive) and PyTorch.")
+                                "against transformers' generate on TensorFlow (naive) and PyTorch, and beside "
+                                "llama.cpp's llama-server.")
     p.add_argument("--preset", choices=config.PRESETS,
                    help="full: DistilGPT2 shape, 64 tokens, 1/8/32 clients (the default for GPT-2 shapes); tiny: a "
                    "quick end-to-end check; llama: small scope for the Llama-family shapes, 1 and 8 clients, "
@@ -396,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="service backends to benchmark, each in its own cold phase, in this order (default: the "
                    f"preset's, {','.join(config.DEFAULT_BACKENDS)} for GPT-2, without tf for the Llama family); "
                    "e.g. --backends litert-int8 to bound run time")
+    p.add_argument("--peers", type=config.parse_peers,
+                   help="other servers run on the same weights through the same scenarios, each in its own cold "
+                   "phase after the service's, and reported beside it: llamacpp (llama.cpp's llama-server, q8_0 GGUF "
+                   "beside litert-int8, f32 beside litert-fp32 and tf), or none (default: every peer built in the "
+                   "cache)")
+    p.add_argument("--build-peers", action="store_true",
+                   help="fetch and build the peers not built yet, then run them (llama-server: llama-cpp-python's "
+                   "sdist from PyPI, then cmake and ninja; about 9 minutes on 2 cores, cached)")
     p.add_argument("--no-profile", action="store_true", help="skip the per-op profile of the int8 decode step")
     p.add_argument("--profile-batch", type=int, default=8, help="rows in the profiled decode step (default 8)")
     p.add_argument("--profile-cache", help="cache slots in the profiled decode step, one profile per "
@@ -429,10 +487,40 @@ def resolve(args: argparse.Namespace) -> tuple[config.Preset, tuple[config.Backe
     return preset, backends
 
 
+def resolve_peers(args: argparse.Namespace) -> tuple[str, ...]:
+    """The peers a command line asks for: --peers as given, else every peer built in the cache
+    (every peer with --build-peers). An asked peer that is not built, without --build-peers,
+    ends the run at once with one line saying how to build it."""
+    built = llamacpp.built(args.cache_dir) is not None
+    if args.peers is None:
+        return config.PEERS if args.build_peers or built else ()
+    if args.peers and not built and not args.build_peers:
+        raise SystemExit(f"{llamacpp.SERVER} is not built ({llamacpp.Layout.of(args.cache_dir).binary} is missing): "
+                         "add --build-peers to fetch llama.cpp and build it (about 9 minutes on 2 cores, once), "
+                         "or run with --peers none")
+    return args.peers
+
+
+def peer_settings(service_env: dict[str, str], model_cfg: dict, threads: int) -> llamacpp.ServerSettings:
+    """llama-server sized as the service runs: as many slots as the service batches rows
+    (MAX_BATCH_SIZE), each with the context the service serves a row (CONTEXT_TOKENS, capped at
+    the model's window), on the same `threads`. The defaults are the service's own."""
+    from service.config import Settings
+
+    defaults = Settings.model_fields
+    window = model_cfg.get("n_positions") or model_cfg.get("max_position_embeddings")
+    context = int(service_env.get("CONTEXT_TOKENS", defaults["context_tokens"].default))
+    return llamacpp.ServerSettings(threads=threads,
+                                   parallel=int(service_env.get("MAX_BATCH_SIZE", defaults["max_batch_size"].default)),
+                                   slot_context=min(context, window) if window else context)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     preset, backends = resolve(args)
     names = [b.name for b in backends]
+    peers = resolve_peers(args)
+    peer_phases = config.llamacpp_phases(preset, backends) if "llamacpp" in peers else ()
     started_at = time.strftime("%Y-%m-%d %H:%M:%S")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.results_dir.mkdir(parents=True, exist_ok=True)
@@ -443,14 +531,27 @@ def main(argv: list[str] | None = None) -> int:
     revision = service_revision()  # before the run: the tree may change while it runs
     command = "./bench/run.sh" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
 
+    binary = llamacpp.built(args.cache_dir)
+    if peer_phases and binary is None:
+        # Before anything is measured: the build takes both cores for minutes.
+        try:
+            binary = llamacpp.build_server(args.cache_dir, log)
+        except (llamacpp.PeerError, subprocess.CalledProcessError) as exc:
+            raise SystemExit(f"building {llamacpp.SERVER} failed: {exc}") from exc
+    if peer_phases:
+        log(f"peer: {binary} ({llamacpp.server_version(binary)}), phases {', '.join(p.name for p in peer_phases)}")
+    elif "llamacpp" not in peers:
+        why = "--peers none" if args.peers is not None else "not built; --build-peers builds it"
+        log(f"peer llamacpp: not run ({why})")
+
     torch_info = None
-    # A Llama-family model is made in the PyTorch venv, baseline or not.
-    if not args.no_torch or (args.model_dir is None and preset.family == "llama"):
+    # A Llama-family model is made in the PyTorch venv, baseline or not; llama.cpp's converter runs there too.
+    if not args.no_torch or (args.model_dir is None and preset.family == "llama") or peer_phases:
         torch_info = ensure_venv(args.torch_venv, log=log)
         log(f"PyTorch venv ready: torch {torch_info['torch']}, {torch_info['threads']} threads"
             + (f" (created in {torch_info['install_seconds']:.0f} s)" if torch_info["created"] else ""))
-    model_dir = ensure_model(args.model_dir, preset.model_shape, args.cache_dir,
-                             torch_info and torch_info["python_path"]).resolve()
+    torch_python = torch_info and torch_info["python_path"]
+    model_dir = ensure_model(args.model_dir, preset.model_shape, args.cache_dir, torch_python).resolve()
     if args.no_torch:
         torch_info = None
     family = model_family(model_dir)
@@ -468,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     tf_runs = preset.tf_runs if "tf" in names else ()
     tf_job = {"framework": "tf", "model_dir": str(model_dir), "runs": [r.job() for r in tf_runs],
               "retries_when_shared": retries}
-    if torch_info and pt_dir is not None and not (pt_dir / SAFETENSORS).is_file():
+    # The GGUF files of a GPT-2 are converted from the same safetensors.
+    if (torch_info or peer_phases) and pt_dir is not None and not (pt_dir / SAFETENSORS).is_file():
         tf_job["convert_to"] = str(pt_dir)
     # The 1-minute load average as each phase starts: this machine may be shared, and a busy
     # neighbour shows here before it shows as a slow figure.
@@ -497,10 +599,31 @@ def main(argv: list[str] | None = None) -> int:
 
     service_env = {**preset.service_env, **parse_env(args.service_env)}
     health_timeout = args.health_timeout or preset.health_timeout
-    phases = {}
+    ggufs, settings = {}, None
+    if peer_phases:
+        weights = (pt_dir if pt_dir is not None else model_dir) / SAFETENSORS
+        for phase in peer_phases:
+            try:
+                ggufs[phase.weights] = llamacpp.ensure_gguf(model_dir, weights, phase.weights, args.cache_dir,
+                                                            torch_python, log)
+            except llamacpp.PeerError as exc:
+                raise SystemExit(str(exc)) from exc
+        settings = peer_settings(service_env, json.loads((model_dir / "config.json").read_text()),
+                                 len(os.sched_getaffinity(0)))
+
+    phases, seen = {}, {}
     for backend in backends:
         raw = run_service(preset, backend, model_dir, work, service_env, health_timeout, phase_load, retries)
+        seen[backend.name] = {"texts": raw["texts"], "prompt_tokens": raw.pop("prompt_tokens")}
         phases[backend.name] = phase_result(preset, backend, raw, baselines)
+
+    peer_results = {}
+    for phase in peer_phases:
+        raw = run_peer(phase, binary, ggufs[phase.weights], settings, work, preset.max_tokens, health_timeout,
+                       phase_load, retries)
+        raw["checks"] = {b: report.peer_checks(seen[b], raw) for b in phase.backends}
+        raw.pop("texts"), raw.pop("prompt_tokens")
+        peer_results[phase.name] = raw
 
     profiles = []
     if "litert-int8" in names and not args.no_profile:
@@ -530,7 +653,13 @@ def main(argv: list[str] | None = None) -> int:
         # The first is the batch-8 decode step at the default cache (256 slots) the issue asks for.
         "profile": profiles[0] if profiles else None,
         "profiles": profiles,
+        "peers": {"llamacpp": {
+            "binary": str(binary), "version": llamacpp.server_version(binary),
+            "llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON, "llama_cpp_commit": llamacpp.LLAMA_CPP_COMMIT,
+            "settings": {**dataclasses.asdict(settings), "context": settings.context},
+            "phases": peer_results}} if peer_results else {},
     }
+    result["peer_comparison"] = report.peer_comparison(result)
     result["plots"] = plots.draw(result, work, log)
     md = report.markdown(result)
     report.save(result, md, work, args.results_dir, "latest")

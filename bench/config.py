@@ -11,7 +11,8 @@ client and the mixed prompts at 8, 64 new tokens, against PyTorch at batch 1 and
 Each preset is run against up to three service backends (`BACKENDS`), each started cold: LiteRT
 with int8 weights (every scenario; the issue's bars), LiteRT fp32 (the single-client bar and
 exact text) and the TensorFlow/XLA backend (the earlier bars; GPT-2 only: it serves TensorFlow
-weights).
+weights). Peers (PEERS: llama.cpp's llama-server) run after them on the same weights, each
+weight type in its own cold phase, through the scenarios of the backends they are compared with.
 """
 
 from __future__ import annotations
@@ -287,6 +288,51 @@ BACKENDS = {
                   ("single", "single_sampled", "batch", "batch_sampled", "overload"), True),
 }
 DEFAULT_BACKENDS = ("litert-int8", "litert-fp32", "tf")
+
+
+# Peers: other servers run on the same weights through the same scenarios, each in its own cold
+# phase after the service's (issue 21). llama.cpp's llama-server (bench/llamacpp.py) serves GGUF
+# weights: q8_0 (int8 blocks of 32 weights with an fp16 scale each) beside the service's int8,
+# f32 beside its fp32 (the tf backend computes in fp32 too).
+PEERS = ("llamacpp",)
+LLAMACPP_WEIGHTS = {"int8": "q8_0", "fp32": "f32"}
+
+
+def parse_peers(text: str) -> tuple[str, ...]:
+    """--peers: a comma-separated list of PEERS, or none."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["none"]:
+        return ()
+    unknown = [n for n in names if n not in PEERS]
+    if unknown or not names:
+        raise ValueError(f"--peers takes a comma-separated list of {', '.join(PEERS)}, or none; got {text!r}")
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class PeerPhase:
+    """One peer configuration, started cold: llama-server on `weights` GGUF, compared with the
+    service `backends` (names) whose precision those weights match, through the scenarios of
+    any of them (in the preset's order)."""
+
+    name: str
+    weights: str
+    backends: tuple[str, ...]
+    scenarios: tuple[Scenario, ...]
+
+
+def llamacpp_phases(preset: "Preset", backends: tuple[Backend, ...]) -> tuple[PeerPhase, ...]:
+    """The llama-server phases a run with these service backends needs: one per GGUF weight type
+    that one of them is compared with, q8_0 first."""
+    phases = []
+    for weights in dict.fromkeys(LLAMACPP_WEIGHTS.values()):
+        matched = [b for b in backends if LLAMACPP_WEIGHTS[b.precision or "fp32"] == weights]
+        if not matched:
+            continue
+        roles = {s.role for b in matched for s in preset.scenarios_for(b)}
+        phases.append(PeerPhase(f"llamacpp-{weights}", weights, tuple(b.name for b in matched),
+                                tuple(s for s in preset.scenarios if s.role in roles)))
+    return tuple(phases)
 
 
 # The model shapes the benchmark makes in its cache, by family: GPT-2's with TensorFlow weights

@@ -25,7 +25,8 @@ class LoadResult:
     outcomes: list[StreamOutcome] = field(default_factory=list)
 
 
-async def _drive(base_url: str, clients: int, bodies: list[dict], timeout: float, transport=None) -> LoadResult:
+async def _drive(base_url: str, clients: int, bodies: list[dict], timeout: float, transport=None,
+                 request=stream_request) -> LoadResult:
     outcomes: list[StreamOutcome | None] = [None] * len(bodies)
     next_index = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -37,7 +38,7 @@ async def _drive(base_url: str, clients: int, bodies: list[dict], timeout: float
             while next_index < len(bodies):
                 i = next_index
                 next_index += 1
-                outcomes[i] = await stream_request(client, bodies[i])
+                outcomes[i] = await request(client, bodies[i])
 
         start = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
@@ -46,10 +47,12 @@ async def _drive(base_url: str, clients: int, bodies: list[dict], timeout: float
 
 
 def run_load(base_url: str, clients: int, bodies: list[dict], timeout: float = 900.0,
-             transport: httpx.AsyncBaseTransport | None = None) -> LoadResult:
+             transport: httpx.AsyncBaseTransport | None = None, request=stream_request) -> LoadResult:
     """`clients` clients share `bodies` (one prompt each); outcomes in the order of `bodies`.
-    `transport` stands in for the network in tests."""
-    return asyncio.run(_drive(base_url, clients, bodies, timeout, transport))
+    `transport` stands in for the network in tests. `request(client, body)` sends one body and
+    returns its StreamOutcome: our /generate by default, bench/llamacpp.py's for the peer, which
+    takes the same bodies."""
+    return asyncio.run(_drive(base_url, clients, bodies, timeout, transport, request))
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -1,8 +1,9 @@
 """The benchmark's figures, drawn from a result dict (result.json's shape) with matplotlib.
 
 - `throughput.svg`: total new tokens/s against concurrent clients, one line per backend (its
-  greedy_c1 / greedy_c8 / greedy_c32 scenarios) and per baseline (PyTorch at batch 1 and 8, the
-  naive TF baseline at batch 1: a baseline's batch stands where the clients would);
+  greedy_c1 / greedy_c8 / greedy_c32 scenarios), per peer phase (llama.cpp, dotted) and per
+  baseline (PyTorch at batch 1 and 8, the naive TF baseline at batch 1: a baseline's batch
+  stands where the clients would);
 - `latency.svg`: time to first token and time per output token, median and p95, per scenario
   and backend;
 - `soak-rss.svg`: the soak run's resident memory against time, its counted window marked.
@@ -92,6 +93,18 @@ def throughput_series(result: dict) -> list[tuple[str, str, str, list[tuple[int,
                         if r in by_role and by_role[r].get("tok_per_s") is not None)
         if points:
             series.append((f"service, {name}", backend_color(name, i), "-", points))
+    # Peers (llama.cpp's llama-server, ...): dotted, in the colour of the service backend each is
+    # compared with first (q8_0 beside litert-int8, f32 beside litert-fp32).
+    names = list(result.get("phases", {}))
+    for peer in (result.get("peers") or {}).values():
+        for name, phase in peer.get("phases", {}).items():
+            by_role = {s.get("role"): s for s in phase.get("scenarios", {}).values()}
+            points = sorted((by_role[r]["clients"], by_role[r]["tok_per_s"]) for r in THROUGHPUT_ROLES
+                            if r in by_role and by_role[r].get("tok_per_s") is not None)
+            first = (phase.get("compared_with") or [name])[0]
+            if points:
+                series.append((f"peer, {name}", backend_color(first, names.index(first) if first in names else 0),
+                               ":", points))
     baselines = result.get("baselines") or {}
     for label, color, style, keys in BASELINE_SERIES:
         points = sorted((baselines[k]["batch_size"], baselines[k]["tok_per_s"]) for k in keys

@@ -455,6 +455,120 @@ def consistency_checks(scenarios: dict, baselines: dict, service_texts: dict) ->
     return {"token_counts": tokens, "greedy_texts": texts}
 
 
+# The PyTorch ratio of each scenario role (compute_ratios' names), shown beside the peers' ratios.
+TORCH_RATIO_BY_ROLE = {"single": "single_vs_torch_b1", "batch": "batch_vs_torch_b8", "same": "same_vs_torch_b8",
+                       "long_single": "long_single_vs_torch_b1", "long_batch": "long_batch_vs_torch_b8"}
+
+
+def _single(seen: dict) -> dict:
+    """{prompt: value} for the prompts whose requests all got one value."""
+    return {p: next(iter(v)) for p, v in seen.items() if len(v) == 1}
+
+
+def peer_checks(ours: dict, peer: dict) -> dict:
+    """Did a peer phase do the service phase's work? Each side's count of every prompt's tokens
+    (from its final events); the greedy texts are informational (other kernels, other rounding,
+    and q8_0 is not the service's int8). `ours` and `peer` hold "texts" and "prompt_tokens", each
+    {prompt: set of what its requests got}."""
+    ours_n, peer_n = _single(ours["prompt_tokens"]), _single(peer["prompt_tokens"])
+    both = [p for p in ours_n if p in peer_n]
+    differ = [{"prompt": p[:40], "service": ours_n[p], "peer": peer_n[p]} for p in both if ours_n[p] != peer_n[p]]
+    ours_t, peer_t = _single(ours["texts"]), _single(peer["texts"])
+    texts = [p for p in ours_t if p in peer_t]
+    return {"prompt_tokens": {"prompts": len(both), "equal": len(both) - len(differ), "differ": differ[:5]},
+            "greedy_texts": {"prompts": len(texts), "identical": sum(ours_t[p] == peer_t[p] for p in texts)},
+            "peer_greedy_deterministic": {"prompts": len(peer["texts"]),
+                                          "same_text_every_request": sum(len(t) == 1 for t in peer["texts"].values())}}
+
+
+def _shared_cpu(*measurements: dict) -> bool:
+    return any(((m.get("cpu") or {}).get("other_cores") or 0) > SHARED_CORES for m in measurements)
+
+
+def peer_comparison(result: dict) -> list[dict]:
+    """Per service backend, peer phase and scenario both ran: the two throughputs and peak RSS
+    (each server's VmHWM over that scenario, read alike) with their ratios, the service's ÷ the
+    peer's, beside the service's ratio to PyTorch on the same work where the run has one."""
+    rows = []
+    for peer in (result.get("peers") or {}).values():
+        for pname, pphase in peer.get("phases", {}).items():
+            for backend in pphase.get("compared_with", []):
+                phase = (result.get("phases") or {}).get(backend)
+                if phase is None:
+                    continue
+                for sname, ours in phase["scenarios"].items():
+                    theirs = pphase["scenarios"].get(sname)
+                    if theirs is None:
+                        continue
+                    tpr, peer_tpr = ours.get("tokens_per_request"), theirs.get("tokens_per_request")
+                    rows.append({
+                        "backend": backend, "peer": pname, "scenario": sname, "role": ours["role"],
+                        "tok_per_s": ours.get("tok_per_s"), "peer_tok_per_s": theirs.get("tok_per_s"),
+                        "tok_per_s_ratio": _ratio(ours.get("tok_per_s"), theirs.get("tok_per_s")),
+                        "vs_torch": (phase.get("ratios") or {}).get(TORCH_RATIO_BY_ROLE.get(ours["role"], "")),
+                        "vmhwm_mib": ours.get("vmhwm_mib"), "peer_vmhwm_mib": theirs.get("vmhwm_mib"),
+                        "rss_ratio": _ratio(ours.get("vmhwm_mib"), theirs.get("vmhwm_mib")),
+                        "tokens_per_request": tpr, "peer_tokens_per_request": peer_tpr,
+                        "same_tokens": None if tpr is None or peer_tpr is None else abs(tpr - peer_tpr) < 1e-9,
+                        "errors": ours.get("errors", 0) + theirs.get("errors", 0),
+                        "shared": _shared_cpu(ours, theirs),
+                    })
+    return rows
+
+
+def _peer_section(result: dict) -> list[str]:
+    """The peers beside the service: how each was run, one table of ratios per scenario, the
+    checks that they did the same work, and each peer phase's own scenario table."""
+    lines = []
+    rows = result.get("peer_comparison") or []
+    for peer in (result.get("peers") or {}).values():
+        st = peer.get("settings") or {}
+        lines += ["", f"Peer: llama.cpp's llama-server ({peer.get('version')}; llama.cpp {peer.get('llama_cpp_commit')} "
+                  f"as llama-cpp-python {peer.get('llama_cpp_python')} vendors it), built in the cache for this CPU "
+                  f"(GGML_NATIVE), run as `-t {st.get('threads')} --parallel {st.get('parallel')} -c {st.get('context')}` "
+                  f"({st.get('slot_context')} tokens a slot) `--cache-ram 0`. Each scenario's requests went to "
+                  "/completion, streamed, with the service's prompts, max_tokens, temperature, top_k, top_p and seeds, "
+                  "min_p 0, ignore_eos and cache_prompt false, from the same load generator. Ratios are the service's "
+                  "÷ llama.cpp's: tok/s above 1× means the service is faster; peak RSS (each server's VmHWM over the "
+                  "scenario, read alike from /proc) below 1× means the service held less. The streaming scenarios "
+                  "(issue 8) are the service's alone."]
+        for name, p in peer.get("phases", {}).items():
+            g, sv = p.get("gguf") or {}, p.get("service") or {}
+            ours = [f"{b} {fmt((result['phases'].get(b) or {}).get('service', {}).get('vmhwm_since_start_mib'), '.0f')} MiB"
+                    for b in p.get("compared_with", []) if b in result["phases"]]
+            lines.append(f"**{name}** beside {', '.join(p.get('compared_with', []))}: {fmt(g.get('mib'))} MiB "
+                         f"GGUF" + (f" (converted this run in {g['convert_seconds']:.0f} s)" if g.get("convert_seconds")
+                                    else "") + f"; warm-up {fmt(sv.get('warmup_seconds'))} s; peak RSS since start "
+                         f"{fmt(sv.get('vmhwm_since_start_mib'), '.0f')} MiB (the service's: {', '.join(ours)}).")
+    if rows:
+        lines += ["", "| service backend vs peer | scenario | service tok/s | llama.cpp tok/s | ratio | service vs PyTorch "
+                  "| service peak RSS MiB | llama.cpp peak RSS MiB | RSS ratio | new tokens per request (service / llama.cpp) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            same = "" if r["same_tokens"] in (None, True) else " **differ**"
+            notes = (" (shared: unreliable)" if r["shared"] else "") + (f" ({r['errors']} errors)" if r["errors"] else "")
+            lines.append(f"| {r['backend']} vs {r['peer']} | {r['scenario']} | {fmt(r['tok_per_s'])} | "
+                         f"{fmt(r['peer_tok_per_s'])} | **{fmt(r['tok_per_s_ratio'], '.2f')}×**{notes} | "
+                         f"{fmt(r['vs_torch'], '.2f') + '×' if r['vs_torch'] is not None else '–'} | "
+                         f"{fmt(r['vmhwm_mib'], '.0f')} | {fmt(r['peer_vmhwm_mib'], '.0f')} | "
+                         f"{fmt(r['rss_ratio'], '.2f')}× | {fmt(r['tokens_per_request'], '.1f')} / "
+                         f"{fmt(r['peer_tokens_per_request'], '.1f')}{same} |")
+    for peer in (result.get("peers") or {}).values():
+        for name, p in peer.get("phases", {}).items():
+            for backend, c in (p.get("checks") or {}).items():
+                pt, gt, det = c["prompt_tokens"], c["greedy_texts"], c.get("peer_greedy_deterministic") or {}
+                lines.append(f"{backend} vs {name}: prompt tokens counted alike for {pt['equal']} of {pt['prompts']} prompts"
+                             + (f" (**differ**: {pt['differ']})" if pt["differ"] else "")
+                             + f"; greedy texts identical for {gt['identical']} of {gt['prompts']} prompts that got one "
+                             "text on both sides (informational: other kernels"
+                             + (", q8_0 is not int8" if p.get("weights") == "q8_0" else "") + "); llama.cpp gave "
+                             f"{det.get('same_text_every_request')} of {det.get('prompts')} prompts one greedy text in "
+                             "every request.")
+        for name, p in peer.get("phases", {}).items():
+            lines += ["", f"{p['title']} ({name}):", ""] + _scenario_table(p)
+    return lines
+
+
 def fmt(x, spec=".1f"):
     return "–" if x is None else f"{x:{spec}}"
 
@@ -607,6 +721,7 @@ def markdown(result: dict) -> str:
         lines += ["", f"{phase['title']}:", ""] + _scenario_table(phase)
         if phase.get("stream_scenarios"):
             lines += ["", f"{phase['title']}, streaming scenarios (issue 8):", ""] + _stream_table(phase)
+    lines += _peer_section(result)
     every_reset = all(s.get("vmhwm_is_scenario_peak") for p in phases.values() for s in p["scenarios"].values())
     lines += ["", "Peak RSS per scenario is the server's VmHWM " + (
         "over that scenario alone (reset through /proc/PID/clear_refs before it); the peak since start "
@@ -629,6 +744,8 @@ def markdown(result: dict) -> str:
              if s.get("attempts", 1) > 1]
     again += [f"{name} {part} ({s['attempts']})" for name, p in phases.items()
               for part, s in stream_measurements(p.get("stream_scenarios") or {}) if s.get("attempts", 1) > 1]
+    again += [f"{name} {s['name']} ({s['attempts']})" for name, p in _peer_phases(result).items()
+              for s in p["scenarios"].values() if s.get("attempts", 1) > 1]
     again += [f"baseline {key} ({b['attempts']})" for key, b in result["baselines"].items() if b.get("attempts", 1) > 1]
     if again:
         lines += ["", "Measured more than once because other processes used the CPU (attempts; the least shared one "
@@ -737,9 +854,17 @@ def shared_phases(result: dict) -> list[tuple[str, float]]:
         phases += [(f"{name} {sname}", s.get("cpu") or {}) for sname, s in p["scenarios"].items()]
         phases += [(f"{name} {part}", s.get("cpu") or {})
                    for part, s in stream_measurements(p.get("stream_scenarios") or {})]
+    for name, p in _peer_phases(result).items():
+        phases.append((f"{name} warm-up", p["service"].get("warmup_cpu") or {}))
+        phases += [(f"{name} {sname}", s.get("cpu") or {}) for sname, s in p["scenarios"].items()]
     phases += [(f"baseline {key}", b.get("cpu") or {}) for key, b in result["baselines"].items()]
     return [(name, c["other_cores"]) for name, c in phases
             if c.get("other_cores") is not None and c["other_cores"] > SHARED_CORES]
+
+
+def _peer_phases(result: dict) -> dict:
+    """Every peer's phases by name (llamacpp-q8_0, ...)."""
+    return {name: p for peer in (result.get("peers") or {}).values() for name, p in peer.get("phases", {}).items()}
 
 
 def bars_as_dicts(bars: list[Bar]) -> list[dict]:
@@ -753,6 +878,7 @@ def rerender(result: dict) -> dict:
                                     phase.get("stream_scenarios"), result["preset"], result["model"].get("shape"))
         phase["bars"], phase["ratios"] = bars_as_dicts(bars), ratios
     result["bars"] = [bar for p in result["phases"].values() for bar in p["bars"]]
+    result["peer_comparison"] = peer_comparison(result)
     return result
 
 

@@ -130,30 +130,35 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-class Service:
-    """`python -m service` on a free loopback port, stopped on exit from the `with` block."""
+class ServerProcess:
+    """A server under test as a child process on a free loopback port, in its own session:
+    started by `with`, ready once GET /health answers 200 with {"status": "ok"}, stopped (its
+    whole process group) on exit from the block. Its memory and CPU are read from /proc, the
+    same way whatever the server: bench/llamacpp.py's peer is one too."""
 
-    def __init__(self, model_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None,
-                 python: str = sys.executable, health_timeout: float = 600.0):
-        self.model_dir = model_dir
+    name = "server"  # what its errors call it
+
+    def __init__(self, log_path: Path, health_timeout: float = 600.0, cwd: Path = REPO):
         self.log_path = log_path
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "MODEL_DIR": str(model_dir), "HOST": "127.0.0.1", "PORT": str(self.port)}
-        self.env.update(extra_env or {})
-        self.python = python
         self.health_timeout = health_timeout
+        self.cwd = cwd
+        self.env: dict[str, str] = dict(os.environ)
         self.proc: subprocess.Popen | None = None
         self.warmup_seconds: float | None = None
         self.health: dict | None = None  # the body of the first /health that said ok
 
-    def __enter__(self) -> "Service":
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def __enter__(self):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
         started = time.monotonic()
         self._warmup_cpu = CpuWindow(lambda: self.cpu_seconds() + own_cpu_seconds()).start()
         self.proc = subprocess.Popen(
-            [self.python, "-m", "service"], cwd=REPO, env=self.env,
+            self.command(), cwd=self.cwd, env=self.env,
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
@@ -172,7 +177,7 @@ class Service:
         with httpx.Client(base_url=self.base_url, timeout=5.0) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise ServiceError(f"service exited with {self.proc.returncode} during warm-up:\n{self.log_tail()}")
+                    raise ServiceError(f"{self.name} exited with {self.proc.returncode} during warm-up:\n{self.log_tail()}")
                 try:
                     r = client.get("/health")
                     statuses.add(r.status_code)
@@ -185,7 +190,7 @@ class Service:
                 except httpx.TransportError:
                     pass  # not listening yet
                 time.sleep(0.1)
-        raise ServiceError(f"service not healthy after {self.health_timeout:.0f} s:\n{self.log_tail()}")
+        raise ServiceError(f"{self.name} not healthy after {self.health_timeout:.0f} s:\n{self.log_tail()}")
 
     def metrics_text(self) -> str:
         r = httpx.get(self.base_url + "/metrics", timeout=30.0)
@@ -230,7 +235,7 @@ class Service:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            # The service leads its own session: signal the group, so any workers go too.
+            # The server leads its own session: signal the group, so any workers go too.
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
@@ -239,3 +244,20 @@ class Service:
                 self.proc.wait()
         if not self._log.closed:
             self._log.close()
+
+
+class Service(ServerProcess):
+    """`python -m service` on a free loopback port, stopped on exit from the `with` block."""
+
+    name = "service"
+
+    def __init__(self, model_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None,
+                 python: str = sys.executable, health_timeout: float = 600.0):
+        super().__init__(log_path, health_timeout)
+        self.model_dir = model_dir
+        self.env.update({"MODEL_DIR": str(model_dir), "HOST": "127.0.0.1", "PORT": str(self.port)})
+        self.env.update(extra_env or {})
+        self.python = python
+
+    def command(self) -> list[str]:
+        return [self.python, "-m", "service"]
