@@ -14,6 +14,7 @@ true` answers 200 with `text/event-stream`, one `data: <json>` event per text pi
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -152,16 +153,27 @@ async def stream_request(client: httpx.AsyncClient, body: dict, on_first_piece=N
     """
     body = {**body, "stream": True}
     outcome = StreamOutcome(prompt=body["prompts"][0], max_tokens=body["max_tokens"])
+    read = functools.partial(_read_stream, on_first_piece=on_first_piece)
+    return await stream_events(client, "/generate", body, outcome, read)
+
+
+async def stream_events(client: httpx.AsyncClient, path: str, payload: dict, outcome: StreamOutcome, read,
+                        headers: dict | None = None) -> StreamOutcome:
+    """POST `payload` to `path` and, once it answers 200 with an event stream, read it into
+    `outcome` with `await read(response, outcome, start)`; a 503 is waited out (Retry-After) and
+    sent again, up to MAX_ATTEMPTS. Any other status, or a body that is not a stream, is the
+    outcome's error."""
     start = time.perf_counter()
     for _ in range(MAX_ATTEMPTS):
         try:
-            async with client.stream("POST", "/generate", json=body) as r:
+            async with client.stream("POST", path, json=payload, headers=headers) as r:
                 if r.status_code == 503:
                     await r.aread()
                     outcome.rejected_503 += 1
                     wait = retry_after(r)
                 else:
-                    await _read_stream(r, outcome, start, on_first_piece)
+                    if await _is_stream(r, outcome):
+                        await read(r, outcome, start)
                     return outcome
         except httpx.HTTPError as exc:
             outcome.error = f"{type(exc).__name__}: {exc}"
@@ -171,14 +183,19 @@ async def stream_request(client: httpx.AsyncClient, body: dict, on_first_piece=N
     return outcome
 
 
-async def _read_stream(r: httpx.Response, outcome: StreamOutcome, start: float, on_first_piece) -> None:
+async def _is_stream(r: httpx.Response, outcome: StreamOutcome) -> bool:
+    """Whether `r` is a 200 event stream; else says why in the outcome's error."""
     if r.status_code != 200:
         outcome.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
-        return
+        return False
     kind = r.headers.get("content-type", "")
     if not kind.startswith("text/event-stream"):
         outcome.error = f"not a stream: content-type {kind!r}, body {(await r.aread())[:100]!r}"
-        return
+        return False
+    return True
+
+
+async def _read_stream(r: httpx.Response, outcome: StreamOutcome, start: float, on_first_piece) -> None:
     try:
         async for line in r.aiter_lines():
             if not line.startswith("data:"):

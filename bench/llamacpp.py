@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.client import MAX_ATTEMPTS, StreamOutcome, retry_after
+from bench.client import StreamOutcome, stream_events
 from bench.server import ServerProcess, parse_metrics
 
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -321,34 +321,11 @@ async def stream_completion(client: httpx.AsyncClient, body: dict, on_first_piec
     when the final event has come and the server has closed it. A 503 (no slot can take it) is
     waited out and sent again, as the service's."""
     outcome = StreamOutcome(prompt=body["prompts"][0], max_tokens=body["max_tokens"])
-    payload = completion_body(body)
-    start = time.perf_counter()
-    for _ in range(MAX_ATTEMPTS):
-        try:
-            async with client.stream("POST", "/completion", json=payload, headers=CLOSE) as r:
-                if r.status_code == 503:
-                    await r.aread()
-                    outcome.rejected_503 += 1
-                    wait = retry_after(r)
-                else:
-                    await _read_completion(r, outcome, start, on_first_piece)
-                    return outcome
-        except httpx.HTTPError as exc:
-            outcome.error = f"{type(exc).__name__}: {exc}"
-            return outcome
-        await asyncio.sleep(wait)
-    outcome.error = f"still 503 after {MAX_ATTEMPTS} attempts"
-    return outcome
+    read = functools.partial(_read_completion, on_first_piece=on_first_piece)
+    return await stream_events(client, "/completion", completion_body(body), outcome, read, headers=CLOSE)
 
 
 async def _read_completion(r: httpx.Response, outcome: StreamOutcome, start: float, on_first_piece) -> None:
-    if r.status_code != 200:
-        outcome.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
-        return
-    kind = r.headers.get("content-type", "")
-    if not kind.startswith("text/event-stream"):
-        outcome.error = f"not a stream: content-type {kind!r}, body {(await r.aread())[:100]!r}"
-        return
     final = False
     try:
         async for line in r.aiter_lines():
