@@ -8,6 +8,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+import chat_models
 from chat_models import CHATML, with_template
 from conftest import served_engine
 from fakes import FakeEngine
@@ -44,12 +45,7 @@ WITH_BOS = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>
 TEMPLATES = {"chatml": CHATML, "system_default": SYSTEM_DEFAULT, "with_bos": WITH_BOS}
 
 CONVERSATIONS = {
-    "one user turn": [{"role": "user", "content": "Hello!"}],
-    "system and user": [{"role": "system", "content": "You answer in haiku."},
-                        {"role": "user", "content": "def add(a, b):"}],
-    "several turns": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello. "}, {"role": "user", "content": "  import os\n"}],
-    "assistant last": [{"role": "user", "content": "Say yes"}, {"role": "assistant", "content": "Yes"}],
+    **chat_models.CONVERSATIONS,
     "content parts": [{"role": "user", "content": [{"type": "text", "text": "first"},
                                                    {"type": "text", "text": "second"}]}],
     "unicode and html": [{"role": "user", "content": "日本語 🎉 é <b>&amp;</b> \"q\"", "name": "ünï"}],

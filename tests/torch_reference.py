@@ -33,6 +33,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen2ForCausalLM)
 
+import chat_models
 from chat_models import CHATML
 
 MAX_NEW_TOKENS = 24
@@ -90,15 +91,10 @@ ZEPHYR = ("{{ bos_token }}{% for message in messages %}\n{% if message['role'] =
           "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
 
 CONVERSATIONS = {
-    "one user turn": [{"role": "user", "content": "Hello!"}],
-    "system and user": [{"role": "system", "content": "You answer in haiku."},
-                        {"role": "user", "content": "def add(a, b):"}],
-    "several turns": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello. "}, {"role": "user", "content": "  import os\n"}],
+    **chat_models.CONVERSATIONS,
     "turns without system": [{"role": "user", "content": "Who are you?"},
                              {"role": "assistant", "content": "A tiny model."},
                              {"role": "user", "content": "Tell me more."}],
-    "assistant last": [{"role": "user", "content": "Say yes"}, {"role": "assistant", "content": "Yes"}],
     "unicode": [{"role": "user", "content": "日本語 🎉 café <b>&amp;</b> \"q\""}],
 }
 
