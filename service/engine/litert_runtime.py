@@ -32,6 +32,8 @@ from ai_edge_litert.cpu_options import CpuOptions
 from ai_edge_litert.hardware_accelerator import HardwareAccelerator
 from ai_edge_litert.options import Options
 
+from service import memory
+
 log = logging.getLogger(__name__)
 
 _MAX_RANK = 8  # LITERT_TENSOR_MAX_RANK
@@ -93,10 +95,12 @@ _MADV_DONTNEED = 4
 
 def _dont_need(start: int, length: int) -> bool:
     """madvise(2) MADV_DONTNEED: the pages of an anonymous mapping read as zeros after, a file
-    mapping's are read from the file again; their memory goes back to the kernel now."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(start, length, _MADV_DONTNEED) == 0
+    mapping's are read from the file again; their memory goes back to the kernel now. False
+    where there is no glibc."""
+    libc = memory.glibc()
+    if libc is None:
+        return False
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED) == 0
 
 
 def drop_mapped_pages(path: Path) -> int:
@@ -120,8 +124,8 @@ def host_array(shape, dtype=np.float32) -> np.ndarray:
     given back to the kernel whole when the array goes (a heap block could stay resident)."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
-    memory = mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return np.frombuffer(memory, dtype, count).reshape(shape)
+    mapping = mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(mapping, dtype, count).reshape(shape)
 
 
 _RUNTIME_LINE = re.compile(r"^(INFO|WARNING|ERROR|VERBOSE): |^\u2514 ")  # LiteRT's C++ log, and its continuations
@@ -171,6 +175,7 @@ class Signature:
         self._index = model.get_signature_index(name)
         listed = model.get_signature_list()[name]
         self._input_index = {n: i for i, n in enumerate(listed["inputs"])}
+        self._declared = model.get_input_tensor_details(name)  # as the file declares them
         self.inputs: dict[str, np.ndarray] = {}
         self.outputs: dict[str, np.ndarray] = {}
         self.shapes: dict[str, list[int]] | None = None
@@ -184,7 +189,7 @@ class Signature:
 
     def declared(self, name: str) -> list[int]:
         """An input's shape as the model file declares it (1 where a dimension is open)."""
-        return list(self._model.get_input_tensor_details(self.name)[name]["shape"])
+        return list(self._declared[name]["shape"])
 
     def resize(self, shapes: dict[str, list[int]]) -> None:
         """Give the named inputs these shapes (every input must have been given one by the first
@@ -194,9 +199,8 @@ class Signature:
         for name, shape in shapes.items():
             if self.shapes is None or self.shapes.get(name) != shape:
                 self._model.resize_input_tensor(self._input_index[name], shape, self._index)
-        details = self._model.get_input_tensor_details(self.name)
         for name, shape in shapes.items():
-            self._place("inputs", name, shape, details[name]["dtype"])
+            self._place("inputs", name, shape, self._declared[name]["dtype"])
         for name, detail in self._model.get_output_tensor_details(self.name).items():
             self._place("outputs", name, list(detail["shape"]), detail["dtype"])
         self.shapes = dict(shapes)
@@ -207,16 +211,20 @@ class Signature:
         whose memory grows is new: call this before writing the inputs."""
         if not self._reuse:
             raise ValueError("only a signature that reuses its memory reserves it")
-        details = self._model.get_input_tensor_details(self.name)
         for name, shape in shapes.items():
-            key, dtype = f"inputs/{name}", np.dtype(details[name]["dtype"])
-            count = int(np.prod(shape, dtype=np.int64))
-            memory = self._memory.get(key)
-            if memory is None or memory.size < count or memory.dtype != dtype:
-                self._memory[key] = host_array([max(count, 1)], dtype)
+            before = self._memory.get(f"inputs/{name}")
+            if self._memory_for("inputs", name, shape, self._declared[name]["dtype"]) is not before:
                 self.inputs.pop(name, None)
                 self._buffers["inputs"].pop(name, None)
                 self.shapes = None
+
+    def _memory_for(self, side: str, name: str, shape: list[int], dtype: str) -> np.ndarray:
+        """A tensor's flat memory, holding at least `shape`: the kept one, or new and larger."""
+        key, count = f"{side}/{name}", int(np.prod(shape, dtype=np.int64))
+        kept = self._memory.get(key)
+        if kept is None or kept.size < count or kept.dtype != np.dtype(dtype):
+            kept = self._memory[key] = host_array([max(count, 1)], dtype)
+        return kept
 
     def _place(self, side: str, name: str, shape: list[int], dtype: str) -> None:
         arrays = self.inputs if side == "inputs" else self.outputs
@@ -224,12 +232,8 @@ class Signature:
         if current is not None and list(current.shape) == shape:
             return
         if self._reuse:
-            key = f"{side}/{name}"
             count = int(np.prod(shape, dtype=np.int64))
-            memory = self._memory.get(key)
-            if memory is None or memory.size < count or memory.dtype != np.dtype(dtype):
-                memory = self._memory[key] = host_array([max(count, 1)], dtype)
-            array = memory[:count].reshape(shape)
+            array = self._memory_for(side, name, shape, dtype)[:count].reshape(shape)
         else:
             array = host_array(shape, dtype)
         arrays[name] = array
@@ -239,12 +243,12 @@ class Signature:
         """With `reuse`: give the kernel back the pages of each tensor's memory past what its
         array now spans (they read as zeros if used again); returns the bytes."""
         released = 0
-        for key, memory in self._memory.items():
+        for key, flat in self._memory.items():
             side, name = key.split("/", 1)
             array = (self.inputs if side == "inputs" else self.outputs).get(name)
-            start = memory.ctypes.data + (array.nbytes if array is not None else 0)
+            start = flat.ctypes.data + (array.nbytes if array is not None else 0)
             start += -start % mmap.PAGESIZE
-            end = memory.ctypes.data + memory.nbytes
+            end = flat.ctypes.data + flat.nbytes
             end -= end % mmap.PAGESIZE
             if end > start and _dont_need(start, end - start):
                 released += end - start
