@@ -56,14 +56,22 @@ def xla_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def litert_model_dir(model_dir, tmp_path_factory) -> Path:
     """The tiny model converted to LiteRT by scripts/convert_model.py (a copy: `model_dir` stays
-    TensorFlow-only, so BACKEND=auto resolves to tf there)."""
+    TensorFlow-only, so BACKEND=auto resolves to tf there). Its LM head is cut in 12 slices
+    (a real model's size of slice would leave it whole), so that every exactness test reads
+    logits joined from slices, in their order past the tenth."""
     import shutil
 
     import convert_model
+    from service.engine import litert_convert
 
     out = tmp_path_factory.mktemp("tiny-litert") / "model"
     shutil.copytree(model_dir, out)
-    convert_model.convert_model_dir(out)
+    whole = litert_convert.HEAD_SLICE_WEIGHTS
+    litert_convert.HEAD_SLICE_WEIGHTS = 2_900  # the head is 512 x 64
+    try:
+        convert_model.convert_model_dir(out)
+    finally:
+        litert_convert.HEAD_SLICE_WEIGHTS = whole
     return out
 
 

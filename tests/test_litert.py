@@ -46,6 +46,29 @@ def test_conversion_writes_every_file_and_records_it_in_the_manifest(litert_mode
     assert not (litert_model_dir / ".litert-tmp").exists()
 
 
+@pytest.mark.parametrize("vocab, width, bound, slices", [
+    (512, 64, 2_900, 12), (512, 64, 1 << 22, 1), (50_257, 768, 1 << 22, 10), (151_936, 896, 1 << 22, 33), (7, 3, 9, 3)])
+def test_the_lm_head_is_cut_in_the_fewest_slices_within_the_bound(monkeypatch, vocab, width, bound, slices):
+    from service.engine import litert_convert
+
+    monkeypatch.setattr(litert_convert, "HEAD_SLICE_WEIGHTS", bound)
+    ranges = litert_convert.head_slices(vocab, width)
+    assert len(ranges) == slices
+    assert [start for start, _ in ranges] == [0] + [end for _, end in ranges[:-1]] and ranges[-1][1] == vocab
+    assert all((end - start) * width <= bound for start, end in ranges)
+
+
+def test_the_head_signature_gives_the_logits_in_slices_the_engine_joins_in_order(litert_model_dir):
+    engine = LiteRTGPT2Engine(litert_model_dir, precision="fp32")
+    names = engine.decoder._head.output_names
+    assert sorted(names) == sorted(f"logits_{i}" for i in range(12))
+    hidden = np.random.default_rng(0).standard_normal([3, 64]).astype(np.float32)
+    logits = engine.decoder.head(hidden)
+    outputs = engine.decoder._head.outputs
+    assert logits.shape == (3, 512)
+    np.testing.assert_array_equal(logits, np.concatenate([outputs[f"logits_{i}"] for i in range(12)], axis=1))
+
+
 def test_a_second_conversion_of_the_same_weights_does_nothing(litert_model_dir, capsys):
     before = {name: (litert_model_dir / name).stat().st_mtime_ns for name in LITERT_FILES + ("manifest.json",)}
     assert convert_model.main(["--model-dir", str(litert_model_dir)]) == 0

@@ -19,8 +19,10 @@ One `.tflite` file per precision, each with three signatures over the same weigh
   prompt's tokens (causal among themselves: a prefill), or one token each of a few rows apart
   from the batch (the scheduler's short lane, whose small pool the host copies in per call).
 - `head`: hidden states [M, E] -> logits [M, V] (the final norm and the LM head), for either of
-  the others. Being its own signature, the LM head (a third of DistilGPT2's int8 weights) is
-  packed by XNNPACK once, not per signature.
+  the others, as outputs `logits_0`, `logits_1`, ...: the vocabulary in slices of at most
+  `HEAD_SLICE_WEIGHTS` weights each, which the host joins. Being its own signature, the LM head
+  (a third of DistilGPT2's int8 weights) is packed by XNNPACK once, not per signature; being
+  sliced, it leaves no second copy behind (see `HEAD_SLICE_WEIGHTS`).
 
 The graph is written here from the weights (not by calling transformers' layers), in shapes
 XNNPACK delegates whole: 2-D matmuls for every weight (a 3-D one stays fp32 under dynamic-range
@@ -43,6 +45,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+
+# XNNPACK's weight-cache builder packs each weight in a scratch buffer, which it keeps for the
+# model's life at the size of the largest weight it packed (ai-edge-litert 2.3.0, TFLite's
+# `WeightCacheBuilder::Reserve`). An LM head packed whole left a second head in anonymous memory,
+# unused: 37 MiB for DistilGPT2 int8, 147 MiB fp32, 130 MiB for Qwen2.5-0.5B int8. In slices of
+# this many weights (4 MiB int8) the buffer is a slice's; 10 slices for DistilGPT2.
+HEAD_SLICE_WEIGHTS = 1 << 22
+
+
+def head_slices(vocab_size: int, width: int) -> list[tuple[int, int]]:
+    """The LM head's row ranges [start, end), in order: as few slices as hold at most
+    `HEAD_SLICE_WEIGHTS` weights each, of nearly equal rows."""
+    count = max(1, math.ceil(vocab_size * width / HEAD_SLICE_WEIGHTS))
+    rows = math.ceil(vocab_size / count)
+    return [(start, min(vocab_size, start + rows)) for start in range(0, vocab_size, rows)]
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,11 @@ class _Decoder(tf.Module):
     def __init__(self, weights: dict[str, np.ndarray], shape: ModelShape):
         super().__init__()
         self.shape = shape
+        head = weights.pop("lm_head")
+        self.head_slices = len(head_slices(*head.shape))
+        for i, (start, end) in enumerate(head_slices(*head.shape)):
+            weights[f"lm_head.{i}"] = head[start:end]
+        del head
         # Each array is let go of once its variable holds a copy (see `convert`).
         self.w = {name: tf.Variable(weights.pop(name), trainable=False, name=name.replace(".", "_"))
                   for name in list(weights)}
@@ -160,8 +183,10 @@ class _Decoder(tf.Module):
 
     def _head(self, hidden):
         """hidden [M, E] -> logits [M, V]: the final norm, and the LM head ([V, E]: tied to the
-        embeddings or its own) as one 2-D matmul."""
-        return {"logits": tf.matmul(self._norm(hidden, "ln_f"), self.w["lm_head"], transpose_b=True)}
+        embeddings or its own) as a 2-D matmul per slice of the vocabulary (`head_slices`)."""
+        x = self._norm(hidden, "ln_f")
+        return {f"logits_{i}": tf.matmul(x, self.w[f"lm_head.{i}"], transpose_b=True)
+                for i in range(self.head_slices)}
 
     # --- shared pieces --------------------------------------------------------------------------
 

@@ -89,6 +89,8 @@ class Decoder:
         self._extend = self._program.signature("extend")
         self._decode = self._program.signature("decode")
         self._head = self._program.signature("head")
+        # The logits come in slices of the vocabulary (litert_convert.HEAD_SLICE_WEIGHTS), in order.
+        self._logits = sorted(self._head.output_names, key=lambda name: int(name.rsplit("_", 1)[1]))
         # Rotary models (the Llama family) take each token's cos and sin as the `rope` input;
         # GPT-2's learned position embeddings are added to the token's on the host instead.
         self.rotary = "rope" in self._decode.input_names
@@ -296,11 +298,11 @@ class Decoder:
         self._extend.run()
 
     def head(self, hidden: np.ndarray) -> np.ndarray:
-        """Hidden states [M, E] -> logits [M, V] (a copy)."""
+        """Hidden states [M, E] -> logits [M, V] (a copy: the slices joined)."""
         self._head.resize({"hidden": list(hidden.shape)})
         self._head.inputs["hidden"][...] = hidden
         self._head.run()
-        return self._head.outputs["logits"].copy()
+        return np.concatenate([self._head.outputs[name] for name in self._logits], axis=1)
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         """One token per position (in batch order; an empty position's is ignored) -> logits

@@ -175,6 +175,7 @@ class Signature:
         self._index = model.get_signature_index(name)
         listed = model.get_signature_list()[name]
         self._input_index = {n: i for i, n in enumerate(listed["inputs"])}
+        self.output_names: list[str] = list(listed["outputs"])
         self._declared = model.get_input_tensor_details(name)  # as the file declares them
         self.inputs: dict[str, np.ndarray] = {}
         self.outputs: dict[str, np.ndarray] = {}
