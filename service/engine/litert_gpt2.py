@@ -268,6 +268,20 @@ class Decoder:
         parts = [(signature.inputs[name][:, :held], signature.outputs[name]) for name in names]
         return parts, np.concatenate(hidden) if hidden else np.zeros([0, self._embeddings.shape[1]], np.float32)
 
+    def reserve_prompt(self, n: int) -> None:
+        """Give the extend signature's arrays and the runtime's arena the size the calls of an
+        n-token prompt take in `encode_prompt` with every position wanted, by one call over zeros
+        at a shape no such call exceeds: a whole chunk, all of its rows wanted, over the pool of
+        the last chunk's start. A prompt of at most n tokens then touches no new memory."""
+        names, signature = self.cache_names(), self._extend
+        size, m = max((n - 1) // PREFILL_CHUNK * PREFILL_CHUNK, 1), min(n, PREFILL_CHUNK)
+        signature.reserve({name: [self.n_head, size, self.head_dim] for name in names})
+        tokens = self.embed(np.full(m, 0, np.int64), np.zeros(m, np.int64))  # what they hold is not read
+        self._resize_extend(tokens, size, m)
+        for name in names:
+            signature.inputs[name][...] = 0
+        self._call_extend(tokens, np.zeros([m, size + m], np.float32), range(m))
+
     def extend(self, tokens: dict[str, np.ndarray], mask: np.ndarray, pools: Sequence[np.ndarray],
                rows: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
         """The `extend` call: N new tokens' inputs (`embed`'s: embeddings [N, E], and [N, 2D]
@@ -427,23 +441,22 @@ class LiteRTGPT2Engine(Engine):
 
     def warmup(self) -> None:
         """Run a short batch through every signature (the runtime sets up each on first use),
-        let go of the model file's pages, which the packed copy has replaced, then encode a
-        full-window prompt as scoring one does.
+        let go of the model file's pages, which the packed copy has replaced, then size the
+        extend signature for a full-window prompt scored at every position.
 
         The extend signature's arrays and the runtime's arena grow with the prompt's length and
         never shrink (a chunk's pool is the prompt's keys and values so far), and
-        `prompt_logprobs` wants every position's hidden state: encoding a full window so here
-        puts the most either can take into the resident memory the runtime measures as its
-        baseline, so the memory budget need not hold it. Its head calls, a batch's rows at a
-        time, are the batch's above: scoring every position through them too took 0.65 of the
-        warm-up's 0.8 s (DistilGPT2 int8) and left nothing resident. Encoded after the release:
-        the file's pages and the arena together took the warm-up's peak from 860 to 1,021 MiB
-        (fp32 DistilGPT2)."""
+        `prompt_logprobs` wants every position's hidden state: sizing them for a full window
+        here (`Decoder.reserve_prompt`) puts the most either can take into the resident memory
+        the runtime measures as its baseline, so the memory budget need not hold it. One call
+        does it: scoring a whole window took 0.65 s of a 0.8 s warm-up, and encoding one 0.3 s
+        (DistilGPT2 int8), for the same memory. Sized after the release: the file's pages and
+        the arena together took the warm-up's peak from 860 to 1,021 MiB (fp32 DistilGPT2)."""
         started = time.monotonic()
         rows = [GenerationRow((self.eos_id, self.eos_id), 2)] * self.max_batch_size
         self.generate(rows)
         released = self.decoder.release_file_pages()
-        self.decoder.encode_prompt([self.eos_id] * self.context_window, range(self.context_window - 1))
+        self.decoder.reserve_prompt(self.context_window)
         self.lane_call_seconds = self._time_lane_call()
         released += self.decoder.release_file_pages()  # any page the new shapes read again
         # The prompt's keys, a layer at a time, were heap blocks: without this, 47 MiB of the
