@@ -95,6 +95,25 @@ class StreamOutcome:
     rejected_503: int = 0
     error: str | None = None
 
+    def add_piece(self, text: str, elapsed: float) -> None:
+        """An event's text, `elapsed` seconds in (an empty text is no piece)."""
+        if text:
+            self.pieces += 1
+            self.text += text
+            if self.first_piece is None:
+                self.first_piece = elapsed
+
+    def finish(self, reason: str, prompt_tokens, generated_tokens, elapsed: float, event: str, count: str) -> None:
+        """The final event, `elapsed` seconds in: it counts as the first piece if none came
+        before. Without the server's count of new tokens (its field `count`) it is refused,
+        named by `event`, its text."""
+        if not isinstance(generated_tokens, int):
+            raise ValueError(f"final event without {count}: {event[:100]!r}")
+        self.finish_reason, self.prompt_tokens, self.generated_tokens = reason, prompt_tokens, generated_tokens
+        self.final_event = elapsed
+        if self.first_piece is None:
+            self.first_piece = elapsed
+
     @property
     def ttft(self) -> float | None:
         """Time to first token: to the first piece of a complete stream."""
@@ -129,20 +148,10 @@ def parse_event(line: str, outcome: StreamOutcome, elapsed: float) -> bool:
         raise ValueError(f"unexpected event {payload[:100]!r}")
     if outcome.finish_reason is not None:
         raise ValueError(f"event after the final one: {payload[:100]!r}")
-    if event["text"]:
-        outcome.pieces += 1
-        outcome.text += event["text"]
-        if outcome.first_piece is None:
-            outcome.first_piece = elapsed
+    outcome.add_piece(event["text"], elapsed)
     if "finish_reason" in event:
-        outcome.finish_reason = event["finish_reason"]
-        outcome.prompt_tokens = event.get("prompt_tokens")
-        outcome.generated_tokens = event.get("generated_tokens")
-        if not isinstance(outcome.generated_tokens, int):
-            raise ValueError(f"final event without generated_tokens: {payload[:100]!r}")
-        outcome.final_event = elapsed
-        if outcome.first_piece is None:
-            outcome.first_piece = elapsed
+        outcome.finish(event["finish_reason"], event.get("prompt_tokens"), event.get("generated_tokens"), elapsed,
+                       payload, "generated_tokens")
     return False
 
 

@@ -296,22 +296,12 @@ def parse_completion_event(line: str, outcome: StreamOutcome, elapsed: float) ->
         raise ValueError(f"unexpected event {line[:100]!r}")
     if outcome.finish_reason is not None:
         raise ValueError(f"event after the final one: {line[:100]!r}")
-    if event["content"]:
-        outcome.pieces += 1
-        outcome.text += event["content"]
-        if outcome.first_piece is None:
-            outcome.first_piece = elapsed
+    outcome.add_piece(event["content"], elapsed)
     if not event["stop"]:
         return False
     stop_type = event.get("stop_type")
-    outcome.finish_reason = FINISH_REASONS.get(stop_type, stop_type or "unknown")
-    outcome.prompt_tokens = event.get("tokens_evaluated")
-    outcome.generated_tokens = event.get("tokens_predicted")
-    if not isinstance(outcome.generated_tokens, int):
-        raise ValueError(f"final event without tokens_predicted: {line[:100]!r}")
-    outcome.final_event = elapsed
-    if outcome.first_piece is None:
-        outcome.first_piece = elapsed
+    outcome.finish(FINISH_REASONS.get(stop_type, stop_type or "unknown"), event.get("tokens_evaluated"),
+                   event.get("tokens_predicted"), elapsed, line, "tokens_predicted")
     return True
 
 
