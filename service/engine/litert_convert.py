@@ -102,8 +102,9 @@ class _Decoder(tf.Module):
         super().__init__()
         self.shape = shape
         head = weights.pop("lm_head")
-        self.head_slices = len(head_slices(*head.shape))
-        for i, (start, end) in enumerate(head_slices(*head.shape)):
+        slices = head_slices(*head.shape)
+        self.head_slices = len(slices)
+        for i, (start, end) in enumerate(slices):
             weights[f"lm_head.{i}"] = head[start:end]
         del head
         # Each array is let go of once its variable holds a copy (see `convert`).

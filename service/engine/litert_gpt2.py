@@ -235,8 +235,7 @@ class Decoder:
             raise ValueError(f"a prompt of {n} tokens does not fit the context window")
         ids, wanted = np.asarray(ids), [n - 1] if rows is None else list(rows)
         names, signature = self.cache_names(), self._extend
-        last = (n - 1) // PREFILL_CHUNK * PREFILL_CHUNK  # the last chunk's start: its pool's slots
-        signature.reserve({name: [self.n_head, max(last, 1), self.head_dim] for name in names})
+        self._reserve_prompt_pool(n)
         hidden, held = [], 0  # held: the pool input's slots of the prompt (0: the dummy slot)
         for start in range(0, n, PREFILL_CHUNK):
             end = min(n, start + PREFILL_CHUNK)
@@ -274,13 +273,19 @@ class Decoder:
         at a shape no such call exceeds: a whole chunk, all of its rows wanted, over the pool of
         the last chunk's start. A prompt of at most n tokens then touches no new memory."""
         names, signature = self.cache_names(), self._extend
-        size, m = max((n - 1) // PREFILL_CHUNK * PREFILL_CHUNK, 1), min(n, PREFILL_CHUNK)
-        signature.reserve({name: [self.n_head, size, self.head_dim] for name in names})
-        tokens = self.embed(np.full(m, 0, np.int64), np.zeros(m, np.int64))  # what they hold is not read
+        size, m = max(self._reserve_prompt_pool(n), 1), min(n, PREFILL_CHUNK)
+        tokens = self.embed(np.zeros(m, np.int64), np.zeros(m, np.int64))  # what they hold is not read
         self._resize_extend(tokens, size, m)
         for name in names:
             signature.inputs[name][...] = 0
         self._call_extend(tokens, np.zeros([m, size + m], np.float32), range(m))
+
+    def _reserve_prompt_pool(self, n: int) -> int:
+        """Reserve the extend signature's pool inputs for an n-token prompt's chunks: the slots
+        before its last chunk (at least the first chunk's dummy one). Returns the last chunk's start."""
+        last = (n - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+        self._extend.reserve({name: [self.n_head, max(last, 1), self.head_dim] for name in self.cache_names()})
+        return last
 
     def extend(self, tokens: dict[str, np.ndarray], mask: np.ndarray, pools: Sequence[np.ndarray],
                rows: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
