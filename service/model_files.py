@@ -25,7 +25,7 @@ TOKENIZER_CHOICES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 LITERT_META = "litert.json"
 # The LiteRT files' layout and signatures, recorded in litert.json as `converter_version`; the
 # service reads only this one (scripts/convert_model.py converts again when it differs).
-LITERT_FORMAT = 6
+LITERT_FORMAT = 7
 LITERT_FILES = ("decoder.fp32.tflite", "decoder.int8.tflite", "embeddings.npy", "positions.npy", LITERT_META)
 # The files downloads fetch when the repository has them (`missing_files` says which are required);
 # the converter adds LITERT_FILES.

@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,6 +45,38 @@ def test_conversion_writes_every_file_and_records_it_in_the_manifest(litert_mode
     assert meta["models"] == {"fp32": "decoder.fp32.tflite", "int8": "decoder.int8.tflite"}
     assert (meta["n_layer"], meta["n_head"], meta["n_embd"], meta["vocab_size"]) == (2, 4, 64, 512)
     assert not (litert_model_dir / ".litert-tmp").exists()
+
+
+def _decode_program(path: Path) -> tuple[list[str], dict[str, int]]:
+    """The decode signature's operators (builtin names, or a custom op's code) and its inputs'
+    tensor types (TFLite's TensorType numbers), read from the flatbuffer."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.Model.GetRootAsModel(path.read_bytes(), 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    signature = next(model.SignatureDefs(i) for i in range(model.SignatureDefsLength())
+                     if model.SignatureDefs(i).SignatureKey() == b"decode")
+    graph = model.Subgraphs(signature.SubgraphIndex())
+    ops = []
+    for i in range(graph.OperatorsLength()):
+        code = model.OperatorCodes(graph.Operators(i).OpcodeIndex())
+        ops.append(code.CustomCode().decode() if code.CustomCode() else names[max(code.BuiltinCode(), code.DeprecatedBuiltinCode())])
+    types = {signature.Inputs(i).Name().decode(): graph.Tensors(signature.Inputs(i).TensorIndex()).Type()
+             for i in range(signature.InputsLength())}
+    return ops, types
+
+
+@pytest.mark.parametrize("precision, cache", [("fp32", "FLOAT32"), ("int8", "FLOAT16")])
+def test_decode_attends_with_the_custom_op_over_the_files_cache_precision(litert_model_dir, precision, cache):
+    """Each layer's attention in the decode program is one KVAttention op (no batched matmul
+    reads the pool), and the pool's inputs are the file's cache precision: float16 with int8."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    ops, types = _decode_program(litert_model_dir / f"decoder.{precision}.tflite")
+    assert ops.count("KVAttention") == 2 and "BATCH_MATMUL" not in ops and "SOFTMAX" not in ops
+    pools = {name: kind for name, kind in types.items() if name.startswith(("key_", "value_"))}
+    assert pools == {name: getattr(schema.TensorType, cache) for name in ("key_0", "value_0", "key_1", "value_1")}
+    assert types["mask"] == types["embeds"] == schema.TensorType.FLOAT32
 
 
 @pytest.mark.parametrize("vocab, width, bound, slices", [

@@ -10,10 +10,9 @@ One `.tflite` file per precision, each with three signatures over the same weigh
   the final norm) and each layer's key and value for that token only ([K, B, D], K key/value
   heads). The host keeps the pool in this signature's own input tensors and writes the new
   slots itself, so it is never copied through a call. The additive mask [1, B, S + 1] says
-  which slots are each row's own (the last column is the new token itself). Scores are one
-  matmul of every row's query against the whole pool per key/value head: the pool is read once
-  a call, whatever the rows' lengths. The scores of other rows' slots are masked to exactly
-  zero weight (exp underflows), so a row's numbers do not depend on its neighbours.
+  which slots are each row's own (the last column is the new token itself). Each layer's
+  attention is one custom op, `KVAttention` (see `kv_attention`), over the pool at the file's
+  cache precision (`CACHE_DTYPES`): float16 in the int8 file.
 - `extend`: N new tokens over a pool of S slots given with the call, and over each other, as the
   mask [1, N, S + N] allows; returns their keys and values ([K, N, D]) and hidden states. One
   prompt's tokens (causal among themselves: a prefill), or one token each of a few rows apart
@@ -111,23 +110,25 @@ class _Decoder(tf.Module):
         self.w = {name: tf.Variable(weights.pop(name), trainable=False, name=name.replace(".", "_"))
                   for name in list(weights)}
         E, K, D = shape.n_embd, shape.kv_heads, shape.dim
-        kv = [tf.TensorSpec([K, None, D], tf.float32, name=f"{kind}_{i}")
-              for i in range(shape.n_layer) for kind in ("key", "value")]
+        def pools(dtype):
+            return [tf.TensorSpec([K, None, D], dtype, name=f"{kind}_{i}")
+                    for i in range(shape.n_layer) for kind in ("key", "value")]
         # Rotary models take each new token's cos and sin ([N, 2D]: cos, then sin), looked up on
         # the host like the embeddings.
         rope = [tf.TensorSpec([None, 2 * D], tf.float32, name="rope")] if shape.rotary else []
-        self.decode = tf.function(self._decode, input_signature=[
+        # One decode program per cache precision (CACHE_DTYPES): the pool inputs' type differs.
+        self.decode = {cache: tf.function(self._decode, input_signature=[
             tf.TensorSpec([None, 1, E], tf.float32, name="embeds"),
             tf.TensorSpec([1, None, None], tf.float32, name="mask"),
             *rope,
-            *kv,
-        ])
+            *pools(dtype),
+        ]) for cache, dtype in {"float32": tf.float32, "float16": tf.float16}.items()}
         self.extend = tf.function(self._extend, input_signature=[
             tf.TensorSpec([1, None, E], tf.float32, name="embeds"),
             tf.TensorSpec([1, None, None], tf.float32, name="mask"),
             tf.TensorSpec([None], tf.int32, name="rows"),
             *rope,
-            *kv,
+            *pools(tf.float32),
         ])
         self.head = tf.function(self._head, input_signature=[tf.TensorSpec([None, E], tf.float32, name="hidden")])
 
@@ -162,21 +163,13 @@ class _Decoder(tf.Module):
     def _decode(self, embeds, mask, *inputs):
         """embeds [B, 1, E]; mask [1, B, S + 1] additive (0 on a row's own slots and, last, on the
         new token itself; -1e4 elsewhere); rope [B, 2D] for rotary models; pools: key_0,
-        value_0, key_1, ... each [K, S, D]."""
+        value_0, key_1, ... each [K, S, D], of the file's cache precision."""
         rope, pools = self._split_inputs(inputs)
         E = self.shape.n_embd
         x, outputs = embeds, {}
-        scale = math.sqrt(self.shape.dim)
-        mask = self._group(mask)  # [1, G * B, S + 1]
         for i in range(self.shape.n_layer):
-            k_pool, v_pool = pools[2 * i], pools[2 * i + 1]
             q, k, v = self._qkv(i, x, rope)  # [K, G * B, D], [K, B, D], [K, B, D]
-            # Scores over the pool and over the new token, then one softmax over both: the pool
-            # is read in place, never concatenated with the new slot.
-            w_pool = tf.matmul(q, k_pool, transpose_b=True) / scale  # [K, G * B, S]
-            w_new = tf.reduce_sum(q * self._group(k), axis=-1, keepdims=True) / scale  # [K, G * B, 1]
-            p = tf.nn.softmax(tf.concat([w_pool, w_new], axis=-1) + mask, axis=-1)
-            a = tf.matmul(p[..., :-1], v_pool) + p[..., -1:] * self._group(v)  # [K, G * B, D]
+            a = kv_attention(q, k, v, pools[2 * i], pools[2 * i + 1], mask)  # [K, G * B, D]
             x = self._finish_merged(i, x, self._merge_heads(a))
             outputs[f"key_{i}"], outputs[f"value_{i}"] = k, v  # [K, B, D]
         outputs["hidden"] = tf.reshape(x, [-1, E])
@@ -266,6 +259,37 @@ class _Decoder(tf.Module):
         return y if bias is None else y + bias
 
 
+# The decode program's attention is one CUSTOM op, `KVAttention` (service/engine/native/kvattn.c):
+# the converter turns a function marked `tfl_fusable_op` into a custom op of its name, its
+# inputs and outputs as the function's. Its body is the op's contract in TensorFlow (what the
+# kernel computes; it never runs in LiteRT). The kernel reads the pool where it lies, in float16
+# or float32, each row's own slots only (a masked slot is never read, where BATCH_MATMUL read
+# every slot for every row, in float32, after XNNPACK had packed the pool again), and is the
+# only consumer of the pool inputs, so that they may be float16 (XNNPACK has no float16 batched
+# matmul on x86).
+KV_ATTENTION = 'name: "KVAttention" attr {key: "tfl_fusable_op" value { b: true } }'
+MASK_SKIPPED = -1e3  # the kernel leaves out a slot whose mask is below this (the service's is -1e4)
+
+
+@tf.function(experimental_implements=KV_ATTENTION)
+def kv_attention(q, k_new, v_new, key, value, mask):
+    """One layer's attention for one new token per row over the shared pool.
+
+    q [K, G * B, D] (row g * B + b: query head k * G + g of row b); k_new, v_new [K, B, D]: each
+    row's new key and value; key, value [K, S, D]: the pool; mask [1, B, S + 1] additive (the
+    last column is the new token's). Returns [K, G * B, D]: softmax(q . k / sqrt(D) + mask)
+    over the pool's slots and the row's new token, times their values; the weight of a slot
+    masked by -1e4 is exactly zero, so it is left out."""
+    groups = tf.shape(q)[1] // tf.shape(k_new)[1]
+    scale = math.sqrt(q.shape[-1])
+    key, value = tf.cast(key, tf.float32), tf.cast(value, tf.float32)
+    k_new, v_new = tf.tile(k_new, [1, groups, 1]), tf.tile(v_new, [1, groups, 1])
+    w_pool = tf.matmul(q, key, transpose_b=True) / scale  # [K, G * B, S]
+    w_new = tf.reduce_sum(q * k_new, axis=-1, keepdims=True) / scale  # [K, G * B, 1]
+    p = tf.nn.softmax(tf.concat([w_pool, w_new], axis=-1) + tf.tile(mask, [1, groups, 1]), axis=-1)
+    return tf.matmul(p[..., :-1], value) + p[..., -1:] * v_new
+
+
 def _rotate(t, cos, sin):
     """Rotary position embedding of t [heads, N, D] by each token's cos and sin [N, D], as
     transformers' `apply_rotary_pos_emb`: t * cos + rotate_half(t) * sin."""
@@ -278,6 +302,9 @@ def _gelu_new(x):
 
 
 HOST_ONLY = ("wte", "wpe", "rope")  # looked up on the host, never in the graph
+# Each file's key/value cache precision: int8 weights with a float16 cache (the int8 quality gate
+# judges the two together, through the decode path), fp32 with a float32 one.
+CACHE_DTYPES = {"fp32": "float32", "int8": "float16"}
 
 
 def load_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], ModelShape]:
@@ -334,18 +361,22 @@ def convert(weights: dict[str, np.ndarray], shape: ModelShape) -> dict[str, byte
     the weights while it runs (a 135M-parameter model: about 5 GB at its peak), so nothing else
     of them should be held then."""
     module = _Decoder({k: weights.pop(k) for k in list(weights) if k not in HOST_ONLY}, shape)
+    out = {}
     with tempfile.TemporaryDirectory() as tmp:
         # The converter takes several signatures from a SavedModel; their weights are shared.
-        tf.saved_model.save(module, tmp, signatures={
-            "extend": module.extend.get_concrete_function(),
-            "decode": module.decode.get_concrete_function(),
-            "head": module.head.get_concrete_function(),
-        })
+        # One SavedModel per precision: its decode program takes the pool at its cache precision.
+        for precision, cache in CACHE_DTYPES.items():
+            tf.saved_model.save(module, f"{tmp}/{precision}", signatures={
+                "extend": module.extend.get_concrete_function(),
+                "decode": module.decode[cache].get_concrete_function(),
+                "head": module.head.get_concrete_function(),
+            })
         del module
-        out = {}
-        for precision in ("fp32", "int8"):
-            converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["extend", "decode", "head"])
+        for precision in CACHE_DTYPES:
+            converter = tf.lite.TFLiteConverter.from_saved_model(f"{tmp}/{precision}",
+                                                                 signature_keys=["extend", "decode", "head"])
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no TF ops at run time
+            converter.allow_custom_ops = True  # KVAttention, and only it (`kv_attention`)
             if precision == "int8":
                 converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no dataset: weights only
             out[precision] = converter.convert()

@@ -32,7 +32,8 @@ from service import memory
 from service.detokenize import byte_fallback_ids
 from service.engine.base import DecodeBatch, Engine, GenerationRow, RowUpdate, TokenLogprob
 from service.engine.kv_pool import SCORE_BUFFERS, PoolSizes, Slots, slots_wanted
-from service.engine.litert_runtime import Program, Signature, drop_mapped_pages
+from service.engine.litert_runtime import CustomOp, Program, Signature, drop_mapped_pages
+from service.engine.native import kvattn
 from service.engine.sampling import next_token, token_logprob
 from service.model_files import LITERT_META, end_of_sequence_ids, litert_model_file, resolve_precision
 
@@ -82,7 +83,10 @@ class Decoder:
     def __init__(self, model_path: Path, embeddings: Rows, positions: np.ndarray, num_threads: int,
                  capacity: int | None = None):
         self._model_path = model_path.resolve()
-        self._program = Program(self._model_path, num_threads)
+        # The decode signature's attention is the KVAttention custom op (litert_convert.kv_attention).
+        self._kernel = kvattn.load(num_threads)
+        self._program = Program(self._model_path, num_threads,
+                                custom_ops=[CustomOp(self._kernel.name, self._kernel.kernel, self._kernel.user_data)])
         self._embeddings = embeddings
         self._positions = positions
         # Each signature keeps its arrays' memory for the next call (see `arrange` for the pool's).
@@ -96,6 +100,7 @@ class Decoder:
         self.rotary = "rope" in self._decode.input_names
         key = self._decode.declared("key_0")
         self.n_head, self.head_dim = int(key[0]), int(key[2])
+        self.cache_dtype = self._decode.dtype("key_0")  # float16 in the int8 file (litert_convert.CACHE_DTYPES)
         self.n_layer = sum(1 for name in self._decode.input_names if name.startswith("key_"))
         if capacity is not None:  # address space: a page takes memory when a pool first writes it
             self._decode.reserve({name: [self.n_head, capacity, self.head_dim] for name in self.cache_names()})
@@ -188,9 +193,15 @@ class Decoder:
         self.batch_size = batch_size
 
     @property
+    def tensor_bytes(self) -> int:
+        """Bytes of one slot in one of the pool's tensors (a layer's keys or values), at the cache
+        precision."""
+        return self.n_head * self.head_dim * self.cache_dtype.itemsize
+
+    @property
     def slot_bytes(self) -> int:
-        """Bytes of one pool slot: a key and a value per layer, float32 at every precision."""
-        return self.n_layer * 2 * self.n_head * self.head_dim * 4
+        """Bytes of one pool slot: a key and a value per layer."""
+        return self.n_layer * 2 * self.tensor_bytes
 
     def cache_names(self) -> list[str]:
         """The pool's tensors: key_0, value_0, key_1, ..."""
@@ -331,7 +342,10 @@ class Decoder:
         at = self.lengths
         slots = np.array(self.table.take(len(rows)), np.int64)
         self._put(self._decode, self.embed(ids, at))
+        errors = self._kernel.errors()
         self._decode.run()
+        if self._kernel.errors() != errors:  # LiteRT does not pass on a custom op's failure
+            raise RuntimeError("the KVAttention kernel refused the decode call's tensors")
         for name in self.cache_names():
             self._decode.inputs[name][:, slots] = self._decode.outputs[name][:, rows]
         self._decode.inputs["mask"][0, rows, slots] = 0
