@@ -56,6 +56,23 @@ EXPOSE 8000
 CMD ["python", "-m", "service"]
 
 
+# ---- kernel: the KVAttention op's C kernel (service/engine/native/), for both images -----------
+FROM base AS kernel
+
+# slim has no C compiler: zig's clang, pinned from PyPI, in this stage only. `cc` runs it for the
+# generic CPU of the machine's architecture (not -march=native: the image runs elsewhere; the
+# kernel picks its AVX2 path at run time).
+RUN pip install --no-cache-dir --disable-pip-version-check ziglang==0.13.0.post1 \
+    && printf '#!/bin/sh\nexec python -m ziglang cc -target "$(uname -m)-linux-gnu" "$@"\n' >/usr/local/bin/cc \
+    && chmod 755 /usr/local/bin/cc
+
+# The kernel's source and its build script alone.
+COPY service/engine/native/ ./native/
+
+# Builds /app/native/libkvattn.so.
+RUN python native/build.py
+
+
 # ---- tf: TensorFlow on top, for model-init (download, convert) and BACKEND=tf -------------------
 FROM base AS tf
 
@@ -68,6 +85,9 @@ RUN pip install --no-cache-dir --disable-pip-version-check -r requirements.txt \
 
 # The service itself (its TensorFlow backend and the converter's graph live in it).
 COPY service/ ./service/
+
+# The converter's quality gate decodes through the LiteRT backend, whose attention is this kernel.
+COPY --from=kernel /app/native/libkvattn.so ./service/engine/native/
 
 # What model-init runs from this image: fetch the weights, then convert them to LiteRT.
 COPY scripts/download_model.py scripts/convert_model.py ./scripts/
@@ -92,6 +112,9 @@ FROM base AS litert
 
 # The service alone: its TensorFlow backend is never imported here, and no script is needed.
 COPY service/ ./service/
+
+# The decode program's attention kernel (the KVAttention custom op), built above.
+COPY --from=kernel /app/native/libkvattn.so ./service/engine/native/
 
 # Serve the LiteRT files model-init wrote: `auto` would fall back to TensorFlow, absent here.
 ENV BACKEND=litert

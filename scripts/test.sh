@@ -40,6 +40,9 @@ if [ -z "${SKIP_KUBERNETES:-}" ]; then
   bash scripts/install_kubectl.sh
 fi
 
+# The KVAttention kernel (LiteRT's decode attention), built with the system's C compiler.
+"$VENV/bin/python" -m service.engine.native.build >/dev/null
+
 "$VENV/bin/python" -m pytest "$@"
 
 if [ $# -eq 0 ] && [ -z "${SKIP_DOCKER:-}" ] && [ -f scripts/check_docker.sh ]; then
