@@ -12,7 +12,7 @@ One `.tflite` file per precision, each with three signatures over the same weigh
   slots itself, so it is never copied through a call. The additive mask [1, B, S + 1] says
   which slots are each row's own (the last column is the new token itself). Each layer's
   attention is one custom op, `KVAttention` (see `kv_attention`), over the pool at the file's
-  cache precision (`CACHE_DTYPES`): float16 in the int8 file.
+  cache precision (`FILES`): float16 in the int8 file.
 - `extend`: N new tokens over a pool of S slots given with the call, and over each other, as the
   mask [1, N, S + N] allows; returns their keys and values ([K, N, D]) and hidden states. One
   prompt's tokens (causal among themselves: a prefill), or one token each of a few rows apart
@@ -116,7 +116,7 @@ class _Decoder(tf.Module):
         # Rotary models take each new token's cos and sin ([N, 2D]: cos, then sin), looked up on
         # the host like the embeddings.
         rope = [tf.TensorSpec([None, 2 * D], tf.float32, name="rope")] if shape.rotary else []
-        # One decode program per cache precision (CACHE_DTYPES): the pool inputs' type differs.
+        # One decode program per cache precision (FILES): the pool inputs' type differs.
         self.decode = {cache: tf.function(self._decode, input_signature=[
             tf.TensorSpec([None, 1, E], tf.float32, name="embeds"),
             tf.TensorSpec([1, None, None], tf.float32, name="mask"),
@@ -302,9 +302,10 @@ def _gelu_new(x):
 
 
 HOST_ONLY = ("wte", "wpe", "rope")  # looked up on the host, never in the graph
-# Each file's key/value cache precision: int8 weights with a float16 cache (the int8 quality gate
-# judges the two together, through the decode path), fp32 with a float32 one.
-CACHE_DTYPES = {"fp32": "float32", "int8": "float16"}
+# The files: each one's weights and key/value cache precision. int8 weights go with a float16
+# cache (the int8 quality gate judges the two together, through the decode path), fp32 with a
+# float32 one.
+FILES = {"fp32": ("fp32", "float32"), "int8": ("int8", "float16")}
 
 
 def load_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], ModelShape]:
@@ -353,8 +354,10 @@ def host_positions(weights: dict[str, np.ndarray]) -> np.ndarray:
     return weights["wpe"] if "wpe" in weights else weights["rope"]
 
 
-def convert(weights: dict[str, np.ndarray], shape: ModelShape) -> dict[str, bytes]:
-    """The decoder as LiteRT flatbuffers: {"fp32": ..., "int8": ...} (int8: dynamic-range weights).
+def convert(weights: dict[str, np.ndarray], shape: ModelShape,
+            files: dict[str, tuple[str, str]] = FILES) -> dict[str, bytes]:
+    """The decoder as LiteRT flatbuffers, one per entry of `files` (name: weights "fp32" or
+    "int8" (dynamic-range), cache "float32" or "float16"): {"fp32": ..., "int8": ...}.
 
     Consumes `weights`: the graph's arrays leave the dict as they become variables, and the
     variables go once the SavedModel is written. TensorFlow's converter holds several copies of
@@ -364,20 +367,20 @@ def convert(weights: dict[str, np.ndarray], shape: ModelShape) -> dict[str, byte
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         # The converter takes several signatures from a SavedModel; their weights are shared.
-        # One SavedModel per precision: its decode program takes the pool at its cache precision.
-        for precision, cache in CACHE_DTYPES.items():
-            tf.saved_model.save(module, f"{tmp}/{precision}", signatures={
+        # One SavedModel per cache precision: its decode program takes the pool at that precision.
+        for cache in {cache for _, cache in files.values()}:
+            tf.saved_model.save(module, f"{tmp}/{cache}", signatures={
                 "extend": module.extend.get_concrete_function(),
                 "decode": module.decode[cache].get_concrete_function(),
                 "head": module.head.get_concrete_function(),
             })
         del module
-        for precision in CACHE_DTYPES:
-            converter = tf.lite.TFLiteConverter.from_saved_model(f"{tmp}/{precision}",
+        for name, (precision, cache) in files.items():
+            converter = tf.lite.TFLiteConverter.from_saved_model(f"{tmp}/{cache}",
                                                                  signature_keys=["extend", "decode", "head"])
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no TF ops at run time
             converter.allow_custom_ops = True  # KVAttention, and only it (`kv_attention`)
             if precision == "int8":
                 converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no dataset: weights only
-            out[precision] = converter.convert()
+            out[name] = converter.convert()
     return out

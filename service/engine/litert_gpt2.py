@@ -100,7 +100,7 @@ class Decoder:
         self.rotary = "rope" in self._decode.input_names
         key = self._decode.declared("key_0")
         self.n_head, self.head_dim = int(key[0]), int(key[2])
-        self.cache_dtype = self._decode.dtype("key_0")  # float16 in the int8 file (litert_convert.CACHE_DTYPES)
+        self.cache_dtype = self._decode.dtype("key_0")  # float16 in the int8 file (litert_convert.FILES)
         self.n_layer = sum(1 for name in self._decode.input_names if name.startswith("key_"))
         if capacity is not None:  # address space: a page takes memory when a pool first writes it
             self._decode.reserve({name: [self.n_head, capacity, self.head_dim] for name in self.cache_names()})
