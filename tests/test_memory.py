@@ -112,10 +112,12 @@ def test_litert_batch_bytes_by_the_pool_rule(litert_engine):
     assert engine.decoder.slot_bytes == 1024 and engine.cache_sizes[-1] == 4100
     rows = [row(16, 200, first=i) for i in range(4)]
     assert engine.batch_bytes(rows) == engine.pool_bytes(1152)
-    # The pool once, one of its 4 tensors (a packing copy), XNNPACK's workspace at the largest
-    # pool (4 heads x 4,100 x 16 floats) and the scores (4 buffers x 4 positions x 1,153 x 4 heads).
-    assert engine.pool_bytes(1152) == 1024 * 1152 + 256 * 1152 + 4 * 4100 * 16 * 4 + 4 * 4 * 1153 * 4 * 4
-    assert engine.pool_bytes(512, largest=512) == 1024 * 512 + 256 * 512 + 4 * 512 * 16 * 4 + 4 * 4 * 513 * 4 * 4
+    # The pool once, one of its 4 tensors (a packing copy), and per slot what a call holds: the
+    # mask and the kernel's slot lists (4 positions, 4 bytes each) and its scores (1 query head a
+    # key/value head, per kernel thread).
+    per_slot = 4 * (2 * 4 + engine.decoder.kernel_threads)
+    assert engine.pool_bytes(1152) == 1024 * 1152 + 256 * 1152 + per_slot * 1153
+    assert engine.pool_bytes(512) == 1024 * 512 + 256 * 512 + per_slot * 513
     assert engine.batch_bytes([]) == 0
 
 
@@ -194,11 +196,11 @@ def test_a_budget_caps_the_pool_and_admitted_rows_keep_their_tokens(small_engine
     engine = small_engine
     rows = [row(16, 700, first=i) for i in range(4)]
     reference = [engine.generate([r])[0] for r in rows]  # each row alone, before the cap
-    budget = engine.pool_bytes(1536, largest=1536)
+    budget = engine.pool_bytes(1536)
     engine.set_memory_budget(budget)
     try:
         assert engine.cache_sizes[-1] == 1536
-        assert engine.pool_bytes(1536) <= budget < engine.pool_bytes(1664, largest=1664)
+        assert engine.pool_bytes(1536) <= budget < engine.pool_bytes(1664)
         outputs, largest, most = run(engine, rows)
         assert outputs == reference
         assert largest == 1536 and most == 2  # two rows of 717 slots fit 1,536; a third waits

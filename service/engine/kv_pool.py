@@ -20,7 +20,13 @@ from service.engine.base import GenerationRow
 
 HEADROOM_CALLS = 4  # a pool is sized for its rows' slots and this many more calls,
 HEADROOM_SHARE = 4  # or a 1/this share more slots, if more: growing a pool moves every slot
-SCORE_BUFFERS = 4  # [heads, positions, pool] float buffers a decode call holds at once (scores, softmax)
+
+
+def call_bytes(positions: int, groups: int, threads: int) -> int:
+    """What a decode call holds per pool slot beside the pool: the mask (a float per position),
+    the KVAttention kernel's list of each row's slots (an int32 per position) and its scores (a
+    float per query head of a key/value head, per thread)."""
+    return 4 * (2 * positions + groups * threads)
 
 
 def cache_buckets(step: int, largest: int) -> tuple[int, ...]:
@@ -126,8 +132,8 @@ class PoolSizes:
     budget) and what a pool of a size costs in memory.
 
     `slot_bytes`: a slot's keys and values over every layer; `tensor_bytes`: a slot's in one of
-    the pool's tensors (one layer's keys or values); `score_bytes`: the attention scores' bytes
-    per pool slot a call holds."""
+    the pool's tensors (one layer's keys or values); `score_bytes`: what a decode call holds per
+    pool slot beside the pool (`call_bytes`)."""
 
     def __init__(self, step: int, largest: int, slot_bytes: int, tensor_bytes: int, score_bytes: int):
         self.all = cache_buckets(step, largest)
@@ -138,18 +144,16 @@ class PoolSizes:
     def largest(self) -> int:
         return self.current[-1]
 
-    def pool_bytes(self, pool: int, largest: int | None = None) -> int:
+    def pool_bytes(self, pool: int) -> int:
         """The most memory a batch whose pool reaches `pool` slots takes beyond the baseline:
 
         - the pool, once: the decoder moves the kept slots within its memory, and packing
           them into a smaller pool copies one tensor's at a time;
-        - XNNPACK's workspace, about one layer's keys at the largest pool (`largest`, default
-          the largest size): the runtime's arena keeps what a pool once took;
-        - the mask and the attention scores, a few floats per (position, slot) and head.
-        Every term grows with `pool`, so a larger pool never costs less."""
-        largest = self.largest if largest is None else largest
-        return (self.slot_bytes * pool + self.tensor_bytes * pool + self.tensor_bytes * largest
-                + self.score_bytes * (pool + 1))
+        - the mask and the attention kernel's scratch (`score_bytes` a slot).
+        Nothing in the runtime's arena grows with the pool: the attention reads it in place (the
+        batched matmul it replaced had XNNPACK pack a layer's keys at the largest pool, which the
+        arena kept). Every term grows with `pool`, so a larger pool never costs less."""
+        return self.slot_bytes * pool + self.tensor_bytes * pool + self.score_bytes * (pool + 1)
 
     def batch_bytes(self, rows: Sequence[GenerationRow]) -> int:
         """The memory of the largest pool a batch holding `rows` reaches (`pool_bytes`).
@@ -173,8 +177,7 @@ class PoolSizes:
         With no size fitting, the smallest stays (every row is over the budget then)."""
         sizes = self.all
         if budget is not None:
-            # Capped, the workspace moves with the largest pool: each candidate is judged as the largest.
-            fitting = [c for c in sizes if self.pool_bytes(c, largest=c) <= budget]
+            fitting = [c for c in sizes if self.pool_bytes(c) <= budget]
             sizes = tuple(c for c in sizes if c <= (fitting[-1] if fitting else sizes[0]))
         self.current = sizes
 

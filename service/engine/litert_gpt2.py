@@ -31,7 +31,7 @@ import numpy as np
 from service import memory
 from service.detokenize import byte_fallback_ids
 from service.engine.base import DecodeBatch, Engine, GenerationRow, RowUpdate, TokenLogprob
-from service.engine.kv_pool import SCORE_BUFFERS, PoolSizes, Slots, slots_wanted
+from service.engine.kv_pool import PoolSizes, Slots, call_bytes, slots_wanted
 from service.engine.litert_runtime import CustomOp, Program, Signature, drop_mapped_pages
 from service.engine.native import kvattn
 from service.engine.sampling import next_token, token_logprob
@@ -100,6 +100,7 @@ class Decoder:
         self.rotary = "rope" in self._decode.input_names
         key = self._decode.declared("key_0")
         self.n_head, self.head_dim = int(key[0]), int(key[2])
+        self.kernel_threads = self._kernel.num_threads
         self.cache_dtype = self._decode.dtype("key_0")  # float16 in the int8 file (litert_convert.FILES)
         self.n_layer = sum(1 for name in self._decode.input_names if name.startswith("key_"))
         if capacity is not None:  # address space: a page takes memory when a pool first writes it
@@ -444,8 +445,8 @@ class LiteRTGPT2Engine(Engine):
         largest = max_batch_size * (self.context_window + 1)
         self.decoder = Decoder(self._model_path, embeddings, positions, self._threads, capacity=largest)
         d = self.decoder
-        self.pool = PoolSizes(smallest_cache, largest, d.slot_bytes, d.n_head * d.head_dim * 4,
-                              SCORE_BUFFERS * max_batch_size * 4 * self.query_heads)
+        self.pool = PoolSizes(smallest_cache, largest, d.slot_bytes, d.tensor_bytes,
+                              call_bytes(max_batch_size, self.query_heads // d.n_head, d.kernel_threads))
         self.compactions = 0
         self.short_lane = short_lane
         self.lane_call_seconds = math.inf  # what a lane call takes: measured by warm-up, then kept up to date
@@ -529,8 +530,8 @@ class LiteRTGPT2Engine(Engine):
     def batch_bytes(self, rows: Sequence[GenerationRow]) -> int:
         return self.pool.batch_bytes(rows)
 
-    def pool_bytes(self, pool: int, largest: int | None = None) -> int:
-        return self.pool.pool_bytes(pool, largest)
+    def pool_bytes(self, pool: int) -> int:
+        return self.pool.pool_bytes(pool)
 
     def set_memory_budget(self, budget: int | None) -> None:
         """Cap the largest pool at the largest size whose `pool_bytes` fit `budget`."""
