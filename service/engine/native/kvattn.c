@@ -276,6 +276,7 @@ static void pool_run(KvPool* p, KvTask fn, void* arg, int items) {
 
 typedef struct {
   int num_threads;
+  long serial_work;      // calls with less work than this run on the calling thread alone
   pthread_mutex_t call;  // calls through one context are serialized (they share its scratch)
   KvPool* pool;          // started at the first call that shares work
   int32_t* index;        // [B, S] each row's included slots
@@ -299,6 +300,7 @@ KvContext* kvattn_context_new(int num_threads) {
   if (!c) return NULL;
   if (num_threads < 1) num_threads = 2;
   c->num_threads = num_threads > KV_MAX_THREADS ? KV_MAX_THREADS : num_threads;
+  c->serial_work = KV_SERIAL_WORK;
   pthread_mutex_init(&c->call, NULL);
   return c;
 }
@@ -318,6 +320,16 @@ void kvattn_context_free(KvContext* c) {
 long kvattn_errors(const KvContext* c) { return c ? atomic_load(&c->errors) : atomic_load(&g_errors); }
 
 int kvattn_context_threads(const KvContext* c) { return c->num_threads; }
+
+// Sets the work below which a call runs on the calling thread alone (0: always share; tests and
+// measurements); returns the previous value.
+long kvattn_context_set_serial_work(KvContext* c, long work) {
+  pthread_mutex_lock(&c->call);
+  const long old = c->serial_work;
+  c->serial_work = work < 0 ? 0 : work;
+  pthread_mutex_unlock(&c->call);
+  return old;
+}
 
 static int grow(void** p, size_t* cap, size_t bytes) {
   if (*cap >= bytes) return 1;
@@ -632,7 +644,7 @@ static int compute_locked(KvContext* ctx, KvCall* c) {
   const size_t rows_per_pass = fast ? (G < KV_MAX_G ? G : KV_MAX_G) : 1;
   c->scores_stride = (rows_per_pass * (size_t)(nmax > 0 ? nmax : 1) + 15) & ~(size_t)15;
   const size_t work = total * (size_t)K * (size_t)G;
-  int threads = work < KV_SERIAL_WORK || K * B < 2 ? 1 : ctx->num_threads;
+  int threads = work < (size_t)ctx->serial_work || K * B < 2 ? 1 : ctx->num_threads;
   if (!grow((void**)&ctx->scores, &ctx->scores_cap, sizeof(float) * c->scores_stride * (size_t)threads))
     return kAllocFailure;
   c->index = ctx->index;

@@ -55,6 +55,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         ("kvattn_context_new", [_int], _vp),
         ("kvattn_context_free", [_vp], None),
         ("kvattn_context_threads", [_vp], _int),
+        ("kvattn_context_set_serial_work", [_vp, ctypes.c_long], ctypes.c_long),
         ("kvattn_errors", [_vp], ctypes.c_long),
         ("kvattn_kernel", [], _vp),
         ("kvattn_fast_path", [], _int),
@@ -99,6 +100,12 @@ class Kernel:
         """Makes every call of this library (every Kernel) take the portable C path; returns the
         previous setting. For tests."""
         return bool(self._lib.kvattn_force_portable(int(on)))
+
+    def set_serial_work(self, work: int) -> int:
+        """Sets the work (K x (included slots + new tokens) x G) below which a call runs on the
+        calling thread alone (0: every call with two items or more is shared); returns the
+        previous value. For tests and measurements."""
+        return self._lib.kvattn_context_set_serial_work(self._context(), work)
 
     def attention(self, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, key: np.ndarray, value: np.ndarray,
                   mask: np.ndarray) -> np.ndarray:
