@@ -93,8 +93,12 @@ void kvattn_set_api(LiteRtStatus (*get_host_memory)(LiteRtTensorBuffer, void**),
 #ifndef KV_SERIAL_WORK
 #define KV_SERIAL_WORK 4096
 #endif
+#ifndef KV_WORKER_SPIN_NS
 #define KV_WORKER_SPIN_NS 5000  // how long an idle worker spins before it blocks
+#endif
+#ifndef KV_CALLER_SPIN_NS
 #define KV_CALLER_SPIN_NS 50000  // how long the caller spins for the workers' last items
+#endif
 
 // --- CPU dispatch ----------------------------------------------------------------------------
 
@@ -118,25 +122,32 @@ int kvattn_force_portable(int on) { return atomic_exchange(&g_force_portable, on
 // --- a small persistent thread pool ------------------------------------------------------------
 //
 // The calling thread takes items too; N-1 workers take the rest from one atomic counter. An idle
-// worker spins for a few microseconds, then blocks on a condition variable. The seq_cst
-// store-then-load pairs (gen/sleepers, busy/caller_waiting) make a missed wake-up impossible: of
-// the two sides, at least one sees the other's write, and the side that sleeps re-checks under
-// the mutex the other side takes before it signals.
+// worker spins for a few microseconds, then blocks on a condition variable.
+//
+// A worker joins a job (state: job number, closed flag, workers in it) only while the job is
+// open; the caller closes it when it runs out of items and then waits only for the workers that
+// joined, never for one still waking up (that one finds the job closed and goes back to wait).
+// The seq_cst store-then-load pairs (state/sleepers, state/caller_waiting) make a missed
+// wake-up impossible: of the two sides, at least one sees the other's write, and the side that
+// sleeps re-checks under the mutex the other side takes before it signals.
 
 typedef void (*KvTask)(void* arg, int item, int thread);
+
+#define KV_JOB(state) ((unsigned)((state) >> 32))
+#define KV_CLOSED ((uint64_t)1 << 31)
+#define KV_JOINED(state) ((unsigned)((state)&0x7fffffffu))
 
 typedef struct {
   int workers;  // threads besides the caller
   pthread_t threads[KV_MAX_THREADS];
   pthread_mutex_t mu;
   pthread_cond_t wake, done;
-  atomic_uint gen;  // one more per job
-  atomic_int next;  // next item of the job
-  atomic_int busy;  // workers not yet finished with the job
+  _Atomic uint64_t state;  // job number << 32 | KV_CLOSED | workers joined
+  atomic_int next;         // next item of the job
   atomic_int sleepers;
   atomic_int caller_waiting;
   atomic_int stop;
-  KvTask fn;
+  KvTask fn;  // the job; written only while no worker is in a job
   void* arg;
   int items;
   unsigned fork_gen;
@@ -167,7 +178,7 @@ static inline uint64_t now_ns(void) {
 }
 
 static int worker_should_wake(KvPool* p, unsigned seen) {
-  return atomic_load(&p->gen) != seen || atomic_load(&p->stop);
+  return KV_JOB(atomic_load(&p->state)) != seen || atomic_load(&p->stop);
 }
 
 static void* worker_main(void* a) {
@@ -175,7 +186,7 @@ static void* worker_main(void* a) {
   KvPool* p = wa->pool;
   const int id = wa->id;
   free(wa);
-  unsigned seen = 0;  // the pool's gen at creation (reading it here could miss a first job)
+  unsigned seen = 0;  // the job number at the pool's creation (reading it here could miss job 1)
   for (;;) {
     int ready = 0;
     const uint64_t t0 = now_ns();
@@ -192,9 +203,14 @@ static void* worker_main(void* a) {
       pthread_mutex_unlock(&p->mu);
     }
     if (atomic_load(&p->stop)) break;
-    seen = atomic_load(&p->gen);
+    uint64_t st = atomic_load(&p->state);
+    seen = KV_JOB(st);
+    while (!(st & KV_CLOSED) && KV_JOB(st) == seen && !atomic_compare_exchange_weak(&p->state, &st, st + 1)) {
+    }
+    if ((st & KV_CLOSED) || KV_JOB(st) != seen) continue;  // too late for that job
     for (int i; (i = atomic_fetch_add(&p->next, 1)) < p->items;) p->fn(p->arg, i, id);
-    if (atomic_fetch_sub(&p->busy, 1) == 1 && atomic_load(&p->caller_waiting)) {
+    st = atomic_fetch_sub(&p->state, 1) - 1;
+    if (KV_JOINED(st) == 0 && atomic_load(&p->caller_waiting)) {
       pthread_mutex_lock(&p->mu);
       pthread_cond_signal(&p->done);
       pthread_mutex_unlock(&p->mu);
@@ -250,20 +266,21 @@ static void pool_run(KvPool* p, KvTask fn, void* arg, int items) {
   p->arg = arg;
   p->items = items;
   atomic_store(&p->next, 0);
-  atomic_store(&p->busy, p->workers);
-  atomic_fetch_add(&p->gen, 1);
+  atomic_store(&p->state, (uint64_t)(KV_JOB(atomic_load(&p->state)) + 1) << 32);
   if (atomic_load(&p->sleepers) > 0) {
     pthread_mutex_lock(&p->mu);
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mu);
   }
   for (int i; (i = atomic_fetch_add(&p->next, 1)) < items;) fn(arg, i, 0);
+  // no item left: close the job and wait for the workers in it to finish theirs
+  if (KV_JOINED(atomic_fetch_or(&p->state, KV_CLOSED)) == 0) return;
   const uint64_t t0 = now_ns();
-  for (int i = 0; atomic_load(&p->busy) > 0; i++) {
+  for (int i = 0; KV_JOINED(atomic_load(&p->state)) > 0; i++) {
     if ((i & 63) == 63 && now_ns() - t0 > KV_CALLER_SPIN_NS) {
       pthread_mutex_lock(&p->mu);
       atomic_store(&p->caller_waiting, 1);
-      while (atomic_load(&p->busy) > 0) pthread_cond_wait(&p->done, &p->mu);
+      while (KV_JOINED(atomic_load(&p->state)) > 0) pthread_cond_wait(&p->done, &p->mu);
       atomic_store(&p->caller_waiting, 0);
       pthread_mutex_unlock(&p->mu);
       break;
