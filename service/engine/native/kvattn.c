@@ -88,10 +88,13 @@ void kvattn_set_api(LiteRtStatus (*get_host_memory)(LiteRtTensorBuffer, void**),
 #define KV_MAX_D 256      // fast path: D a multiple of 8 up to this
 #define KV_MAX_G 8        // fast path: query rows per pass over a row's slots
 #define KV_MAX_THREADS 64
-// A call whose work (K * (included slots + new tokens)) is below this runs on the calling thread
-// alone: waking a worker costs more than it saves (measured: see the report of commit adding it).
+// A call whose work (K * G * (included slots + new tokens)) is below this runs on the calling
+// thread alone. Waking a blocked worker costs the caller ~12 us and the worker starts ~36 us
+// later (a KVM guest on 2 vCPUs: the wake-up is an IPI to a halted vCPU), so a call shares only
+// when its serial time is well above ~50 us (~8 ns per unit of work at D = 64, one thread):
+// measured (bench.py --threshold --gap-us 300), sharing lost up to ~16k and won at ~48k.
 #ifndef KV_SERIAL_WORK
-#define KV_SERIAL_WORK 4096
+#define KV_SERIAL_WORK 16384
 #endif
 #ifndef KV_WORKER_SPIN_NS
 #define KV_WORKER_SPIN_NS 5000  // how long an idle worker spins before it blocks
@@ -618,6 +621,32 @@ static KV_FAST void item_fast(const KvCall* c, int k, int b, float* sc) {
 }
 #endif
 
+// The included slots of one row (mask row m) into ix; returns how many.
+static int row_index(const float* m, int S, int32_t* ix) {
+  int n = 0;
+  for (int s = 0; s < S; s++) {
+    ix[n] = s;
+    n += m[s] >= KV_EXCLUDE;
+  }
+  return n;
+}
+
+#if KV_X86
+static KV_FAST int row_index_fast(const float* m, int S, int32_t* ix) {
+  const __m256 threshold = _mm256_set1_ps(KV_EXCLUDE);
+  int n = 0, s = 0;
+  for (; s + 8 <= S; s += 8) {
+    unsigned bits = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(m + s), threshold, _CMP_GE_OQ));
+    for (; bits; bits &= bits - 1) ix[n++] = s + __builtin_ctz(bits);
+  }
+  for (; s < S; s++) {
+    ix[n] = s;
+    n += m[s] >= KV_EXCLUDE;
+  }
+  return n;
+}
+#endif
+
 static void task_portable(void* arg, int item, int thread) {
   const KvCall* c = (const KvCall*)arg;
   item_portable(c, item / c->B, item % c->B, c->scores + (size_t)thread * c->scores_stride);
@@ -642,22 +671,22 @@ static int compute_locked(KvContext* ctx, KvCall* c) {
   // each row's included slots, and how much work the call is
   size_t total = 0;
   int nmax = 0;
-  for (int b = 0; b < B; b++) {
-    const float* m = c->mask + (size_t)b * (S + 1);
-    int32_t* ix = ctx->index + (size_t)b * S;
-    int n = 0;
-    for (int s = 0; s < S; s++) {
-      ix[n] = s;
-      n += m[s] >= KV_EXCLUDE;
-    }
-    ctx->count[b] = n;
-    total += (size_t)n + 1;
-    nmax = n > nmax ? n : nmax;
-  }
   int fast = 0;
 #if KV_X86
   fast = kvattn_fast_path() && D % 8 == 0 && D <= KV_MAX_D;
 #endif
+  for (int b = 0; b < B; b++) {
+    const float* m = c->mask + (size_t)b * (S + 1);
+    int32_t* ix = ctx->index + (size_t)b * S;
+#if KV_X86
+    const int n = kvattn_fast_path() ? row_index_fast(m, S, ix) : row_index(m, S, ix);
+#else
+    const int n = row_index(m, S, ix);
+#endif
+    ctx->count[b] = n;
+    total += (size_t)n + 1;
+    nmax = n > nmax ? n : nmax;
+  }
   const size_t rows_per_pass = fast ? (G < KV_MAX_G ? G : KV_MAX_G) : 1;
   c->scores_stride = (rows_per_pass * (size_t)(nmax > 0 ? nmax : 1) + 15) & ~(size_t)15;
   const size_t work = total * (size_t)K * (size_t)G;
