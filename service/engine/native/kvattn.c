@@ -89,12 +89,13 @@ void kvattn_set_api(LiteRtStatus (*get_host_memory)(LiteRtTensorBuffer, void**),
 #define KV_MAX_G 8        // fast path: query rows per pass over a row's slots
 #define KV_MAX_THREADS 64
 // A call whose work (K * G * (included slots + new tokens)) is below this runs on the calling
-// thread alone. Waking a blocked worker costs the caller ~12 us and the worker starts ~36 us
-// later (a KVM guest on 2 vCPUs: the wake-up is an IPI to a halted vCPU), so a call shares only
-// when its serial time is well above ~50 us (~8 ns per unit of work at D = 64, one thread):
-// measured (bench.py --threshold --gap-us 300), sharing lost up to ~16k and won at ~48k.
+// thread alone. Measured on 2 KVM vCPUs (bench.py --threshold), one thread against two: calls
+// back to back, sharing ties at ~3.5k and wins from ~7k (52 -> 47 us; 22k: 211 -> 117 us); after
+// 300 us idle (the other vCPU halted: waking a worker then costs the caller ~12 us and the worker
+// starts ~36 us later) it loses ~16 us up to ~35k. In a model the other vCPU is busy with
+// XNNPACK's threads between these calls, which is the first case.
 #ifndef KV_SERIAL_WORK
-#define KV_SERIAL_WORK 16384
+#define KV_SERIAL_WORK 4096
 #endif
 #ifndef KV_WORKER_SPIN_NS
 #define KV_WORKER_SPIN_NS 5000  // how long an idle worker spins before it blocks
