@@ -47,7 +47,7 @@ def ours(kernel: kvattn.Kernel, a: dict, K: int = K, G: int = G):
     args = [kernel.user_data] + [a[n].ctypes.data for n in ("q", "k_new", "v_new", "key", "value")] + \
         [1, a["mask"].ctypes.data, out.ctypes.data, K, G, B, S, D]
     fn = kernel._lib.kvattn_compute
-    return lambda: fn(*args) + 0 * out.size  # keeps out alive
+    return lambda: fn(*args) + 0 * out.size * len(a)  # keeps out and the inputs alive
 
 
 def proto(lib: ctypes.CDLL, ctx: int, a: dict):
@@ -58,7 +58,7 @@ def proto(lib: ctypes.CDLL, ctx: int, a: dict):
     args = [ctx] + [a[n].ctypes.data for n in ("q", "key", "value")] + [mask.ctypes.data, out.ctypes.data,
                                                                          K, G * B, B, S, D]
     fn = lib.kv_attention
-    return lambda: fn(*args) + 0 * out.size  # keeps out alive
+    return lambda: fn(*args) + 0 * out.size * len(a)  # keeps out and the inputs alive
 
 
 def time_calls(variants: dict, rounds: int, gap: float = 0.0) -> dict:

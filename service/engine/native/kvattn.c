@@ -614,7 +614,11 @@ static KV_FAST void item_fast(const KvCall* c, int k, int b, float* sc) {
   }
   for (int g0 = 0; g0 < G; g0 += KV_MAX_G) {
     const int gc = G - g0 < KV_MAX_G ? G - g0 : KV_MAX_G;
-    if (c->fp16)
+    if (D == 64 && c->fp16)
+      attend_fast(c, k, b, g0, gc, 64, 1, sc);
+    else if (D == 64)
+      attend_fast(c, k, b, g0, gc, 64, 0, sc);
+    else if (c->fp16)
       attend_fast(c, k, b, g0, gc, D, 1, sc);
     else
       attend_fast(c, k, b, g0, gc, D, 0, sc);
@@ -672,15 +676,13 @@ static int compute_locked(KvContext* ctx, KvCall* c) {
   // each row's included slots, and how much work the call is
   size_t total = 0;
   int nmax = 0;
-  int fast = 0;
-#if KV_X86
-  fast = kvattn_fast_path() && D % 8 == 0 && D <= KV_MAX_D;
-#endif
+  const int cpu_fast = kvattn_fast_path();
+  const int fast = cpu_fast && D % 8 == 0 && D <= KV_MAX_D;
   for (int b = 0; b < B; b++) {
     const float* m = c->mask + (size_t)b * (S + 1);
     int32_t* ix = ctx->index + (size_t)b * S;
 #if KV_X86
-    const int n = kvattn_fast_path() ? row_index_fast(m, S, ix) : row_index(m, S, ix);
+    const int n = cpu_fast ? row_index_fast(m, S, ix) : row_index(m, S, ix);
 #else
     const int n = row_index(m, S, ix);
 #endif
@@ -793,7 +795,7 @@ static LiteRtStatus op_run(void* user_data, size_t num_inputs, const LiteRtTenso
            tk->element_type == kFloat32 && tv->element_type == kFloat32 && tm->element_type == kFloat32 &&
            to->element_type == kFloat32 && (pool_type == kFloat16 || pool_type == kFloat32) &&
            tval->element_type == pool_type && tk->layout.rank == 3 && B >= 0 && dims_are(tk, K, B, D) &&
-           dims_are(tv, K, B, D) && tkey->layout.rank == 3 && S >= 0 && dims_are(tkey, K, S, D) &&
+           dims_are(tv, K, B, D) && tkey->layout.rank == 3 && S >= 0 && S < INT32_MAX && dims_are(tkey, K, S, D) &&
            dims_are(tval, K, S, D) && dims_are(tm, 1, B, S + 1) && dims_are(to, K, GB, D) &&
            (B > 0 ? GB % B == 0 : GB == 0);
   if (!ok) {
