@@ -255,6 +255,7 @@ static KvPool* pool_new(int threads) {
       free(wa);
       break;
     }
+    pthread_setname_np(p->threads[i], "kvattn");  // tells them apart in top -H, and in tests
     p->workers++;
   }
   if (p->workers == 0) {
