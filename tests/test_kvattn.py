@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -362,6 +363,44 @@ def test_load_use_drop_many_times():
         if i == 20:
             rss = _rss_kib()
     assert _rss_kib() - rss < 8 * 1024
+
+
+def test_rapid_shared_calls():
+    # Tiny calls shared between the caller and the worker, back to back: every race between a
+    # job closing and a worker joining it happens many times over.
+    with kvattn.load(2) as kernel:
+        kernel.set_serial_work(0)
+        cases = [make_inputs(2, 1 + i % 3, 2 + i % 2, 10 + 7 * i, 16, seed=i) for i in range(4)]
+        refs = [reference(**a) for a in cases]
+        for i in range(4000):
+            got = kernel.attention(**cases[i % 4])
+            if i % 97 == 0:
+                assert rel_err(got, refs[i % 4]) <= TOL
+        assert kernel.errors() == 0
+
+
+def test_concurrent_callers_share_one_kernel():
+    # LiteRT may run two compiled models (or signatures) at once with the same registration:
+    # calls are serialized on the context, and each gets its own answer.
+    kernel = kvattn.load(2)
+    kernel.set_serial_work(0)
+    cases = [make_inputs(3, 2, 4, 100 * (i + 1), 64, fp16=bool(i % 2), seed=i) for i in range(4)]
+    refs = [reference(**a) for a in cases]
+    failures = []
+
+    def caller(i):
+        for _ in range(100):
+            if rel_err(kernel.attention(**cases[i]), refs[i]) > TOL:
+                failures.append(i)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a call hung"
+    assert not failures
+    kernel.close()
 
 
 def test_closed_kernel_refuses_calls():
