@@ -312,7 +312,7 @@ class Signature:
         run). Arrays of changed shapes are new (or, with `reuse`, new views): contents unspecified."""
         if self.shapes == shapes:
             return
-        compiled = self._program.compiled
+        compiled = self._compiled()
         for name, shape in shapes.items():
             if self.shapes is None or self.shapes.get(name) != shape:
                 _check(_LIB.LiteRtCompiledModelResizeInputTensor(
@@ -321,9 +321,8 @@ class Signature:
         for name, shape in shapes.items():
             self._place("inputs", name, list(shape), self.dtype(name))
         # update_allocation: the new input shapes are propagated to the outputs (a dynamic model's case)
-        _check(_LIB.LiteRtGetCompiledModelOutputTensorLayouts(
-            compiled, self._index, len(self._layouts), self._layouts, True),
-            f"LiteRtGetCompiledModelOutputTensorLayouts ({self.name})")
+        self._call(_LIB.LiteRtGetCompiledModelOutputTensorLayouts, f"LiteRtGetCompiledModelOutputTensorLayouts "
+                   f"({self.name})", compiled, self._index, len(self._layouts), self._layouts, True)
         for name, layout in zip(self.output_names, self._layouts):
             self._place("outputs", name, layout.shape, self._info.output_dtypes[name])
         self.shapes = dict(shapes)
@@ -397,16 +396,25 @@ class Signature:
         if self._handles is None:
             self._handles = self._run_handles()
         inputs, outputs = self._handles
-        if self._ran:
-            status = _LIB.LiteRtRunCompiledModel(self._program.compiled, self._index, len(inputs), inputs,
-                                                 len(outputs), outputs)
-            _check(status, f"LiteRtRunCompiledModel ({self.name})")
-            return
-        with runtime_messages_logged() as said:  # the first run prepares the signature's delegate
-            status = _LIB.LiteRtRunCompiledModel(self._program.compiled, self._index, len(inputs), inputs,
-                                                 len(outputs), outputs)
-        _check(status, f"LiteRtRunCompiledModel ({self.name})", said)
+        self._call(_LIB.LiteRtRunCompiledModel, f"LiteRtRunCompiledModel ({self.name})", self._compiled(),
+                   self._index, len(inputs), inputs, len(outputs), outputs)
         self._ran = True
+
+    def _compiled(self) -> int:
+        if self._program.compiled is None:
+            raise RuntimeError(f"{self.name}: its program is closed")
+        return self._program.compiled
+
+    def _call(self, function, call: str, *arguments) -> None:
+        """Call `function` and check its status. Until the signature has run, what LiteRT says
+        meanwhile is logged (its ops are prepared then: the first run sets up the delegate, and a
+        missing custom op kernel is found when the outputs are first allocated, not at compile)."""
+        if self._ran:
+            _check(function(*arguments), call)
+            return
+        with runtime_messages_logged() as said:
+            status = function(*arguments)
+        _check(status, call, said)
 
 
 @dataclasses.dataclass(frozen=True)
