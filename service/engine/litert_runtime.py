@@ -107,7 +107,8 @@ def _c_api() -> ctypes.CDLL:
 
 
 _LIB = _c_api()
-_LIBC = ctypes.CDLL(None)  # the process's C library: LiteRT frees the CPU options' payload with its free()
+# The process's C library: its strdup makes the CPU options' payload, which LiteRT frees with its free.
+_LIBC = ctypes.CDLL(None)
 _LIBC.strdup.argtypes, _LIBC.strdup.restype = [ctypes.c_char_p], ctypes.c_void_p
 _LIBC.free.argtypes, _LIBC.free.restype = [ctypes.c_void_p], None
 
