@@ -19,6 +19,7 @@ from conftest import reference_tokens
 from service.config import Settings
 from service.engine import GenerationRow, quality
 from service.engine.litert_gpt2 import LiteRTGPT2Engine
+from service.engine.litert_runtime import CustomOp, Program
 from service.engine.sampling import next_token
 from service.model_files import LITERT_FILES, LITERT_META, has_litert_files, read_manifest, sha256_of, verify_manifest
 
@@ -439,6 +440,40 @@ def test_a_prompt_prefilled_in_chunks_is_the_prompt_prefilled_in_one_call(litert
     assert [k.shape for k in chunked] == [k.shape for k in whole]
     assert max(float(np.abs(a - b).max()) for a, b in zip(chunked, whole)) < 1e-5
     assert np.abs(chunked_hidden - whole_hidden).max() < 1e-4
+
+
+# --- the runtime (service/engine/litert_runtime.py) -----------------------------------------
+
+def test_the_runtime_reads_each_signature_s_inputs_as_the_file_declares_them(litert_model_dir):
+    program = Program(litert_model_dir / "decoder.fp32.tflite", 1)
+    assert set(program.signatures) == {"extend", "decode", "head"}
+    decode = program.signature("decode")
+    heads, open_, head_dim = decode.declared("key_0")
+    assert open_ == 1  # the pool's open dimension
+    assert {name: decode.dtype(name) for name in decode.input_names} == dict.fromkeys(decode.input_names, np.float32)
+    assert program.signature("extend").dtype("rows") == np.int32
+    width = decode.declared("embeds")[2]
+    shapes = {name: [heads, 5, head_dim] for name in decode.input_names if name.startswith(("key_", "value_"))}
+    decode.resize({**shapes, "mask": [1, 2, 6], "embeds": [2, 1, width]})
+    decode.run()
+    assert decode.outputs["hidden"].shape == (2, width)
+    assert decode.outputs["key_0"].shape == (heads, 2, head_dim)
+    assert decode.outputs["key_0"].dtype == np.float32
+
+
+def test_a_failing_litert_call_is_named_with_its_status(litert_model_dir):
+    with pytest.raises(RuntimeError, match=r"LiteRtCreateModelFromFile .* failed: LiteRtStatus \d+"):
+        Program(litert_model_dir / "config.json", 1)
+    with pytest.raises(RuntimeError, match=r"LiteRtAddCustomOpKernelOption \(Missing\) failed: LiteRtStatus 1 "):
+        Program(litert_model_dir / "decoder.fp32.tflite", 1, custom_ops=[CustomOp("Missing", kernel=0)])
+    program = Program(litert_model_dir / "decoder.fp32.tflite", 1)
+    head = program.signature("head")
+    with pytest.raises(RuntimeError, match=r"LiteRtCompiledModelResizeInputTensor \(head's hidden to \[2, 5\]\)"):
+        head.resize({"hidden": [2, 5]})  # its width is fixed
+    head.resize({"hidden": [2, head.declared("hidden")[1]]})
+    program.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        head.run()
 
 
 # --- the short lane ----------------------------------------------------------------------------
