@@ -20,6 +20,7 @@ from service.config import Settings
 from service.engine import GenerationRow, quality
 from service.engine.litert_gpt2 import LiteRTGPT2Engine
 from service.engine.litert_runtime import CustomOp, Program
+from service.engine.native import kvattn
 from service.engine.sampling import next_token
 from service.model_files import LITERT_FILES, LITERT_META, has_litert_files, read_manifest, sha256_of, verify_manifest
 
@@ -444,21 +445,33 @@ def test_a_prompt_prefilled_in_chunks_is_the_prompt_prefilled_in_one_call(litert
 
 # --- the runtime (service/engine/litert_runtime.py) -----------------------------------------
 
-def test_the_runtime_reads_each_signature_s_inputs_as_the_file_declares_them(litert_model_dir):
-    program = Program(litert_model_dir / "decoder.fp32.tflite", 1)
+@pytest.mark.parametrize("precision, cache", [("fp32", np.float32), ("int8", np.float16)])
+def test_the_runtime_reads_each_signature_s_inputs_as_the_file_declares_them(litert_model_dir, precision, cache):
+    kernel = kvattn.load(1)
+    program = Program(litert_model_dir / f"decoder.{precision}.tflite", 1,
+                      custom_ops=[CustomOp(kernel.name, kernel.kernel, kernel.user_data)])
     assert set(program.signatures) == {"extend", "decode", "head"}
     decode = program.signature("decode")
     heads, open_, head_dim = decode.declared("key_0")
     assert open_ == 1  # the pool's open dimension
-    assert {name: decode.dtype(name) for name in decode.input_names} == dict.fromkeys(decode.input_names, np.float32)
+    pools = [name for name in decode.input_names if name.startswith(("key_", "value_"))]
+    assert {name: decode.dtype(name) for name in decode.input_names} == {
+        **dict.fromkeys(decode.input_names, np.float32), **dict.fromkeys(pools, cache)}
     assert program.signature("extend").dtype("rows") == np.int32
     width = decode.declared("embeds")[2]
-    shapes = {name: [heads, 5, head_dim] for name in decode.input_names if name.startswith(("key_", "value_"))}
-    decode.resize({**shapes, "mask": [1, 2, 6], "embeds": [2, 1, width]})
+    decode.resize({**{name: [heads, 5, head_dim] for name in pools}, "mask": [1, 2, 6], "embeds": [2, 1, width]})
+    assert decode.inputs["key_0"].dtype == cache
     decode.run()
+    assert kernel.errors() == 0
     assert decode.outputs["hidden"].shape == (2, width)
     assert decode.outputs["key_0"].shape == (heads, 2, head_dim)
     assert decode.outputs["key_0"].dtype == np.float32
+
+
+def test_a_model_whose_custom_op_has_no_kernel_is_refused_by_name(litert_model_dir):
+    program = Program(litert_model_dir / "decoder.fp32.tflite", 1)
+    with pytest.raises(RuntimeError, match="unresolved custom op: KVAttention"):
+        program.signature("decode").resize({"key_0": [4, 5, 16]})
 
 
 def test_a_failing_litert_call_is_named_with_its_status(litert_model_dir):
