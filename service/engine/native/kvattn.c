@@ -31,6 +31,9 @@
 #define _GNU_SOURCE
 #include <math.h>
 #include <pthread.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -108,13 +111,30 @@ void kvattn_set_api(LiteRtStatus (*get_host_memory)(LiteRtTensorBuffer, void**),
 
 static atomic_int g_force_portable;
 
-static int cpu_has_fast_path(void) {
+// AVX2, FMA and F16C, and an OS that saves the YMM registers, read with CPUID and XGETBV itself:
+// __builtin_cpu_supports needs libgcc's __cpu_model, which zig's clang (the image's compiler)
+// cannot link into a shared library.
+static int cpu_probe(void) {
 #if KV_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+  const int fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, f16c = (c >> 29) & 1;
+  if (!(fma && osxsave && avx && f16c)) return 0;
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & 6) != 6) return 0;  // XMM and YMM state enabled
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+  return (b >> 5) & 1;  // AVX2
 #else
   return 0;
 #endif
+}
+
+static int cpu_has_fast_path(void) {
+  static atomic_int known = -1;  // probed once (a race probes twice, to the same answer)
+  int v = atomic_load(&known);
+  if (v < 0) atomic_store(&known, v = cpu_probe());
+  return v;
 }
 
 // Whether calls take the AVX2 path (where the shape allows it).
