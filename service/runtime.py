@@ -115,7 +115,7 @@ class Runtime:
         engine, MiB = self.engine, 2**20
         limit, source = memory.effective_limit(self.settings.memory_limit)
         try:
-            baseline = memory.resident_bytes()
+            baseline = memory.resident_bytes() + engine.prompt_reserve_bytes
         except (OSError, ValueError) as exc:  # no /proc (not Linux): nothing to measure against
             log.warning("memory: cannot read the resident memory (%s): no key/value budget", exc)
             limit = None

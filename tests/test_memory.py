@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from fakes import FakeEngine
 from service import memory
 from service.engine.base import GenerationRow, OverMemoryBudget
+from service.engine.litert_gpt2 import PREFILL_CHUNK
 from test_api import fake_app
 
 MiB = 2**20
@@ -375,3 +376,36 @@ def test_rows_wait_for_room_in_the_budget_and_one_that_never_fits_is_refused(mod
     assert refused_v1.status_code == 400
     assert refused_v1.json()["error"]["code"] == "over_memory_budget"
     assert refused_v1.json()["error"]["param"] == "max_tokens"
+
+
+def test_a_growing_pool_gives_back_the_pages_its_heads_moved_from(small_engine):
+    """A pool of [K, S, D] that grows moves each head's slots to its new place; the pages the
+    heads left behind would stay resident as free slots of the larger pool, so they are given
+    back (they read as zeros) while the kept slots keep their values."""
+    decoder = small_engine.decoder
+    decoder.arrange([None], 256)
+    decoder.open_row(0)
+    decoder.prefill(0, list(range(1, 201)))
+    kept = {name: decoder._decode.inputs[name][:, :200].copy() for name in decoder.cache_names()}
+    decoder.arrange([0], 4100)
+    per_page = 4096 // (decoder.head_dim * decoder.cache_dtype.itemsize)
+    for name in decoder.cache_names():
+        pool = decoder._decode.inputs[name]
+        np.testing.assert_array_equal(pool[:, :200], kept[name])
+        assert not pool[:, 200 + per_page:].any()  # past the page that holds the last kept slot
+    decoder.close_row(0)
+
+
+def test_a_prompts_keys_leave_the_extend_pool_once_prefilled_and_the_budget_counts_them(small_engine):
+    """The extend signature's pool holds a prompt's keys and values while it is prefilled (up to
+    a full window's, sized at warm-up); then its pages go back, and the budget counts them as
+    resident through `prompt_reserve_bytes`."""
+    engine, decoder = small_engine, small_engine.decoder
+    window_pool = (engine.context_window - 1) // PREFILL_CHUNK * PREFILL_CHUNK  # the last chunk's start
+    assert engine.prompt_reserve_bytes >= window_pool * decoder.n_head * decoder.head_dim * 4 * 4 - 4 * 4096
+    decoder.arrange([None], 512)
+    decoder.open_row(0)
+    decoder.prefill(0, list(range(1, 301)))
+    for name in decoder.cache_names():
+        assert not decoder._extend.inputs[name].any()
+    decoder.close_row(0)

@@ -161,6 +161,9 @@ class Engine(ABC):
     precision: str = "fp32"
     lane_rows: int = 0  # rows that got decode calls of their own (LiteRT's short lane), and those calls
     lane_calls: int = 0
+    # Memory the engine gave back after warm-up that a prompt's prefill takes again while it
+    # runs: the memory budget counts it as resident (service/runtime.py).
+    prompt_reserve_bytes: int = 0
     eos_id: int  # the end-of-sequence token, where one token is wanted (padding, an empty prompt)
     eos_ids: frozenset[int]  # a row ends on any of these (`eos_id` among them)
     # The tokenizer's byte-fallback pieces (SentencePiece's `<0xE6>`), whose text may change with

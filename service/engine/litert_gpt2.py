@@ -32,7 +32,7 @@ from service import memory
 from service.detokenize import byte_fallback_ids
 from service.engine.base import DecodeBatch, Engine, GenerationRow, RowUpdate, TokenLogprob
 from service.engine.kv_pool import PoolSizes, Slots, call_bytes, slots_wanted
-from service.engine.litert_runtime import CustomOp, Program, Signature, drop_mapped_pages
+from service.engine.litert_runtime import CustomOp, Program, Signature, drop_mapped_pages, release_pages
 from service.engine.native import kvattn
 from service.engine.sampling import next_token, token_logprob
 from service.model_files import LITERT_META, end_of_sequence_ids, litert_model_file, resolve_precision
@@ -150,9 +150,9 @@ class Decoder:
         reserved for the largest pool (`capacity`), heads last first when the pool grows and
         first first when it shrinks, and the memory past a smaller pool goes back to the
         kernel. The pool is never held twice (without a reservation large enough, a larger pool
-        is new memory, and the old is copied across and let go). Slots past the kept ones hold
-        zeros or earlier slots' values: masked slots must hold finite values (the mask is added,
-        not selected)."""
+        is new memory, and the old is copied across and let go). Slots past the kept ones go back
+        to the kernel (they read as zeros): the attention kernel never reads a slot the mask
+        leaves out."""
         started = time.perf_counter()
         plan = self.table.plan(sources, pool_size)
         top, order = plan.top, plan.order
@@ -164,6 +164,13 @@ class Decoder:
             _move_slots(self._decode.inputs[name], before[:, order] if order is not None else before[:, :top])
         del old
         self._decode.trim()
+        # The free slots past the kept ones: a growing pool's heads moved away from pages they
+        # had written, which would stay resident as unused slots of the larger pool. The kernel
+        # never reads a free slot, so they may read as zeros.
+        for name in self.cache_names() if pool_size > top else ():
+            pool = self._decode.inputs[name]
+            for head in range(self.n_head):
+                release_pages(pool[head, top:])
         mask = self._decode.inputs["mask"]
         mask[...] = MASKED
         mask[..., pool_size] = 0  # the new token always sees itself
@@ -224,6 +231,13 @@ class Decoder:
             into[:, slots[pool.shape[1]:]] = last
         self._decode.inputs["mask"][0, row, slots] = 0
         self.table.give(row, slots)
+        self.release_prompt_pool()
+
+    def release_prompt_pool(self) -> int:
+        """Give the kernel back the extend signature's pool memory, which a prompt's keys and
+        values fill as it is prefilled (up to a full window's, `reserve_prompt`) and nothing needs
+        between prompts; returns the bytes a prompt can take again."""
+        return self._extend.drop(self.cache_names())
 
     def encode_prompt(self, ids: Sequence[int], rows: Sequence[int] | None = None
                       ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
@@ -468,7 +482,8 @@ class LiteRTGPT2Engine(Engine):
         never shrink (a chunk's pool is the prompt's keys and values so far), and
         `prompt_logprobs` wants every position's hidden state: sizing them for a full window
         here (`Decoder.reserve_prompt`) puts the most either can take into the resident memory
-        the runtime measures as its baseline, so the memory budget need not hold it. One call
+        the runtime measures as its baseline (its pool is then given back: `prompt_reserve_bytes`
+        counts it), so the memory budget need not hold it. One call
         does it: scoring a whole window took 0.65 s of a 0.8 s warm-up, and encoding one 0.3 s
         (DistilGPT2 int8), for the same memory. Sized after the release: the file's pages and
         the arena together took the warm-up's peak from 860 to 1,021 MiB (fp32 DistilGPT2)."""
@@ -479,6 +494,9 @@ class LiteRTGPT2Engine(Engine):
         self.decoder.reserve_prompt(self.context_window)
         self.lane_call_seconds = self._time_lane_call()
         released += self.decoder.release_file_pages()  # any page the new shapes read again
+        # A prompt's keys and values take the extend pool's memory only while it is prefilled;
+        # the budget counts them as resident all the same.
+        self.prompt_reserve_bytes = self.decoder.release_prompt_pool()
         # The prompt's keys, a layer at a time, were heap blocks: without this, 47 MiB of the
         # baseline (SmolLM2 shape, a 1,024-token window).
         memory.release_free_heap()
@@ -515,6 +533,7 @@ class LiteRTGPT2Engine(Engine):
         if n < 2:
             return out
         _, hidden = self.decoder.encode_prompt(prompt_ids, range(n - 1))  # position n-1 predicts nothing
+        self.decoder.release_prompt_pool()
         for start in range(0, n - 1, self.max_batch_size):
             logits = self.decoder.head(hidden[start:start + self.max_batch_size])
             out += [token_logprob(row, prompt_ids[start + i + 1], top) for i, row in enumerate(logits)]

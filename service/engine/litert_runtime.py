@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,15 @@ def drop_mapped_pages(path: Path) -> int:
             if _dont_need(start, end - start):
                 released += end - start
     return released
+
+
+def release_pages(array: np.ndarray) -> int:
+    """Give the kernel back the whole pages inside a C-contiguous array's span (anonymous
+    memory: they read as zeros after); returns the bytes."""
+    start, end = array.ctypes.data, array.ctypes.data + array.nbytes
+    start += -start % mmap.PAGESIZE
+    end -= end % mmap.PAGESIZE
+    return end - start if end > start and _dont_need(start, end - start) else 0
 
 
 def host_array(shape, dtype=np.float32) -> np.ndarray:
@@ -370,13 +380,13 @@ class Signature:
         for key, flat in self._memory.items():
             side, name = key.split("/", 1)
             array = (self.inputs if side == "inputs" else self.outputs).get(name)
-            start = flat.ctypes.data + (array.nbytes if array is not None else 0)
-            start += -start % mmap.PAGESIZE
-            end = flat.ctypes.data + flat.nbytes
-            end -= end % mmap.PAGESIZE
-            if end > start and _dont_need(start, end - start):
-                released += end - start
+            released += release_pages(flat[array.size if array is not None else 0:])
         return released
+
+    def drop(self, names: Iterable[str]) -> int:
+        """With `reuse`: give the kernel back every page of these inputs' memory, which read as
+        zeros after; returns the bytes (what using them again can take back)."""
+        return sum(release_pages(self._memory[f"inputs/{name}"]) for name in names if f"inputs/{name}" in self._memory)
 
     def release(self) -> None:
         """Let go of every array (the next `resize` allocates afresh)."""
