@@ -195,6 +195,18 @@ def test_the_gate_s_thresholds(agreement, rise, enabled):
     assert report.perplexity_rise == pytest.approx(rise)
 
 
+def test_the_gate_reads_each_position_with_the_text_before_it(litert_engine):
+    """Teacher forcing through the decode path scores each token after all those before it:
+    the same log-probabilities as the prompt's own (one causal `extend` call), which a gate that
+    left its rows closed (each token seeing only itself) did not give."""
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(1, litert_engine.vocab_size, (3, 40))
+    _, logprob = quality.teacher_forced(litert_engine.decoder, tokens)
+    for row, text in zip(logprob, tokens):
+        expected = [entry.logprob for entry in litert_engine.prompt_logprobs(text.tolist(), 0)[1:]]
+        np.testing.assert_allclose(row, expected, rtol=0, atol=1e-4)
+
+
 def test_the_gate_text_is_a_few_thousand_tokens(litert_engine):
     ids = litert_engine.encode(quality.TEXT.read_text())
     assert len(ids) >= 8 * 512

@@ -51,12 +51,16 @@ def windows(ids: list[int], context_window: int) -> np.ndarray:
 def teacher_forced(decoder: Decoder, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per predicted position: the model's top-1 token and its log-probability of the true one."""
     rows, width = tokens.shape
-    decoder.arrange([None] * rows, width)
+    decoder.arrange([None] * rows, rows * width)
+    for b in range(rows):
+        decoder.open_row(b)
     top, logprob = [], []
     for t in range(width - 1):
-        logits = decoder.step(tokens[:, t])  # predicts token t + 1
+        logits = decoder.step(tokens[:, t])  # predicts token t + 1, seeing tokens 0..t
         top.append(np.argmax(logits, axis=-1))
         logprob.append(_log_softmax(logits)[np.arange(rows), tokens[:, t + 1]])
+    for b in range(rows):
+        decoder.close_row(b)
     return np.stack(top, axis=1), np.stack(logprob, axis=1)
 
 
