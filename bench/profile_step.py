@@ -38,9 +38,9 @@ Inside a step every weight and cache tensor is read once, and together they (abo
 batch 8, cache 256, DistilGPT2 int8) outgrow the CPU's caches; an op invoked over and over alone
 would find its operands cached. So each op is timed twice: with a large buffer written before
 every invoke (`--flush-mib`, not timed) and with warm caches; the report says which sum comes
-closer to the measured step. On a shared machine both move from run to run (DistilGPT2 int8,
-batch 8, cache 640: the flushed sum at 86% of the step in one run, 201% in another beside a
-busy process), so compare runs on a quiet machine only.
+closer to the measured step. On DistilGPT2 int8 at batch 8, on a quiet machine, the flushed
+sum came to 109% of the step at cache 640 and 104% at cache 4400, the warm one to 38% and 84%;
+beside a busy process the flushed sum at cache 640 came to 201%: compare quiet runs only.
 
 Times are medians over `--repeats` invokes, less the cost of invoking an empty one-op model
 (a RESHAPE) the same way: in an Interpreter for most ops, through `Program` for KVAttention.
