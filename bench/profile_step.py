@@ -6,30 +6,46 @@ A decode step of the service (`Decoder.step` in service/engine/litert_gpt2.py) i
 signatures: `decode` (the transformer blocks: one token per row over the key/value pool ->
 `hidden` [B, E] and each layer's new keys and values) and then `head` (`hidden` -> `logits`
 [B, V]: the final layer norm and the LM head's FULLY_CONNECTED). The profile covers both.
+Each layer's attention in `decode` is the custom op `KVAttention` (service/engine/native/kvattn.c),
+which only the C API runs (`Program` in service/engine/litert_runtime.py, the kernel registered);
+the Python Interpreter cannot resolve it.
 
 ai-edge-litert 2.3.0's Python API has no op profiler: the Interpreter takes
 `experimental_force_delegate_node_profiling` but gives no way to read the events, and the
 profiler of the C API (`LiteRtCompiledModelGetProfiler`) is not wrapped for Python. So each op
 is timed alone, as a sub-graph of one op:
 
-1. the `decode` signature runs once, then `head` on its `hidden` output, in an interpreter that
-   keeps every intermediate tensor (`experimental_preserve_all_tensors`), which gives each op's
-   real input values and shapes;
-2. for each op of the two signatures' subgraphs, a one-op model is cut out of the flatbuffer
-   (its constant inputs keep their buffers, int8 weights and quantization included; the others
-   become inputs), loaded with the same op resolver and thread count as the whole step (XNNPACK
-   delegates what it supports, as when serving), fed the captured inputs and invoked repeatedly;
-3. the whole step (`decode` invoke then `head` invoke) is timed the same way (invoke only: the
-   inputs of both are set once), so the report says how much of the step the ops account for.
+1. the whole step (`decode` run then `head` run, through `Program` with the kernel registered,
+   as the service runs it) is timed with its inputs set once (runs only), so the report says
+   how much of the step the ops account for. The inputs are a step's: a pool of `--cache` slots
+   per row of finite random values in the pool's declared dtype (float16 in the int8 file), and
+   a mask that shows each row its own slots only, as the service's does (the kernel leaves out
+   masked slots, so the mask sets the attention's work);
+2. for each op of the two signatures' subgraphs, in order, a one-op model is cut out of the
+   flatbuffer (its constant inputs keep their buffers, int8 weights and quantization included;
+   the others become inputs) and run on the values the earlier ops gave, which gives each op's
+   real input values and shapes; KVAttention is computed by the kernel's own C code
+   (`Kernel.attention`). This op-by-op `hidden` must match the whole step's within 1e-4 of its
+   largest value, or the profile stops: the ops would not be fed the step's values. (It matched
+   exactly, int8 included, on the tiny test model and on DistilGPT2's shape: each op runs the
+   same kernel, dynamic-range quantization of its input included, alone as in the graph.)
+3. each one-op model is invoked repeatedly, fed those inputs: KVAttention's through `Program`
+   with the kernel registered (so its time includes LiteRT's call path), the others in an
+   Interpreter with the same op resolver and thread count as the whole step (XNNPACK delegates
+   what it supports, as when serving).
 
 Inside a step every weight and cache tensor is read once, and together they (about 160 MB at
 batch 8, cache 256, DistilGPT2 int8) outgrow the CPU's caches; an op invoked over and over alone
 would find its operands cached. So each op is timed twice: with a large buffer written before
-every invoke (`--flush-mib`, not timed) and with warm caches. On DistilGPT2 the flushed sum came
-within about 10% of the measured step, the warm one at about 60% of it.
+every invoke (`--flush-mib`, not timed) and with warm caches; the report says which sum comes
+closer to the measured step. On DistilGPT2 int8 at batch 8, on a quiet machine, the flushed
+sum came to 109% of the step at cache 640 and 104% at cache 4400, the warm one to 38% and 84%;
+beside a busy process the flushed sum at cache 640 came to 201%: compare quiet runs only.
 
-Times are medians over `--repeats` invokes, less the cost of invoking an empty one-op model.
-The table groups ops by type, and FULLY_CONNECTED also by weight shape (which matmul it is).
+Times are medians over `--repeats` invokes, less the cost of invoking an empty one-op model
+(a RESHAPE) the same way: in an Interpreter for most ops, through `Program` for KVAttention.
+The table groups ops by type, and FULLY_CONNECTED also by weight shape (which matmul it is);
+KVAttention is a group of its own (`CUSTOM:KVAttention`).
 """
 
 from __future__ import annotations
@@ -61,27 +77,49 @@ def _litert():
     return litert_interpreter, schema, flatbuffer_utils
 
 
-def decode_inputs(details: dict, batch: int, cache: int, model_dir: Path, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs of one decode step: real token + position embeddings if the files are there,
-    a mask that shows every cache slot, and caches of random keys and values."""
+MASKED = -1e4  # the mask's value for a slot a row does not see (the service's, litert_gpt2.MASKED)
+
+
+def decode_inputs(types: dict[str, tuple[np.dtype, list[int]]], batch: int, cache: int, model_dir: Path,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of one decode step, by name, from each input's declared (dtype, shape): real token
+    (+ position) embeddings if the files are there, a pool [H, batch x cache, D] per key/value
+    input of finite random values in its declared dtype (float16 in the int8 file), and a mask
+    that gives each row its own `cache` slots of the pool (row b: slots b x cache on; 0 there,
+    MASKED elsewhere, 0 in the last column, the new token's), as the service's is. The mask
+    matters to the time: the KVAttention kernel leaves out the slots a row's mask hides."""
     rng = np.random.default_rng(seed)
+    rotary = "rope" in types
+    positions = model_dir / "positions.npy"
     inputs = {}
-    for name, d in details.items():
-        shape = [int(x) for x in d["shape_signature"]]
+    for name, (dtype, shape) in types.items():
         if name == "embeds" or name.startswith("embed"):
             shape = [batch, 1, shape[-1]]
-            emb, pos = model_dir / "embeddings.npy", model_dir / "positions.npy"
-            if emb.is_file() and pos.is_file():
-                wte, wpe = np.load(emb, mmap_mode="r"), np.load(pos, mmap_mode="r")
-                ids = rng.integers(0, wte.shape[0], batch)
-                value = (wte[ids] + wpe[cache % wpe.shape[0]])[:, None, :]
+            emb = model_dir / "embeddings.npy"
+            if emb.is_file() and (rotary or positions.is_file()):
+                wte = np.load(emb, mmap_mode="r")
+                value = wte[rng.integers(0, wte.shape[0], batch)]
+                if not rotary:  # GPT-2 adds its learned position embedding on the host
+                    wpe = np.load(positions, mmap_mode="r")
+                    value = value + wpe[cache % wpe.shape[0]]
+                value = value[:, None, :]
             else:
                 value = rng.normal(0, 0.1, shape)
+        elif name == "rope":  # a rotary model's cos and sin of each row's position [B, 2D]
+            if positions.is_file():
+                table = np.load(positions, mmap_mode="r")
+                value = np.repeat(table[cache % table.shape[0]][None], batch, axis=0)
+            else:
+                angle = rng.uniform(0, np.pi, [batch, shape[-1] // 2])
+                value = np.concatenate([np.cos(angle), np.sin(angle)], axis=-1)
         elif name == "mask" or name.startswith("mask"):
-            value = np.zeros([1, batch, batch * cache + 1])
+            value = np.full([1, batch, batch * cache + 1], MASKED)
+            for b in range(batch):
+                value[0, b, b * cache:(b + 1) * cache] = 0
+            value[..., -1] = 0
         else:  # key_i / value_i: a pool [H, S, D] holding `cache` slots for each row
             value = rng.normal(0, 1.0, [shape[0], batch * cache, shape[2]])
-        inputs[name] = np.ascontiguousarray(value, dtype=d["dtype"])
+        inputs[name] = np.ascontiguousarray(value, dtype=dtype)
     return inputs
 
 
@@ -141,8 +179,25 @@ class OneOpModels:
         buf = self.model.buffers[sg.tensors[tensor_index].buffer]
         return buf is not None and buf.data is not None and len(buf.data) > 0
 
-    def build(self, sg_index: int, op_index: int, shapes: dict[int, list[int]]) -> tuple[bytes, list[int]]:
-        """A model holding op `op_index` alone; returns it and the original indices of its inputs."""
+    def signature_tensors(self, signature: str) -> tuple[dict[str, int], dict[str, int]]:
+        """A signature's inputs and outputs: name -> tensor index in its subgraph."""
+        for sig in self.model.signatureDefs or []:
+            key = sig.signatureKey.decode() if isinstance(sig.signatureKey, bytes) else sig.signatureKey
+            if key == signature:
+                def names(maps):
+                    return {(m.name.decode() if isinstance(m.name, bytes) else m.name): int(m.tensorIndex)
+                            for m in maps or []}
+                return names(sig.inputs), names(sig.outputs)
+        raise SystemExit(f"the model has no signature {signature!r}")
+
+    def build(self, sg_index: int, op_index: int, shapes: dict[int, list[int]],
+              signature: str | None = None) -> tuple[bytes, list[int]]:
+        """A model holding op `op_index` alone; returns it and the original indices of its inputs.
+
+        Its non-constant tensors take their shapes from `shapes` (an output missing there keeps
+        the file's shape: the runtime sets it when the op is prepared). With `signature`, the
+        model has one signature of that name, inputs `in0`.. (in the order of the returned
+        indices) and outputs `out0`.. (the op's): what the C API (`Program`) runs."""
         S = self.schema
         sg = self.model.subgraphs[sg_index]
         op = sg.operators[op_index]
@@ -167,7 +222,8 @@ class OneOpModels:
             else:
                 model.buffers.append(S.BufferT())
                 t.buffer = len(model.buffers) - 1
-                t.shape = np.array(shapes[index], dtype=np.int32)
+                if index in shapes or is_input:
+                    t.shape = np.array(shapes[index], dtype=np.int32)
                 t.shapeSignature = None
                 if is_input:
                     sub.inputs.append(len(sub.tensors))
@@ -182,101 +238,215 @@ class OneOpModels:
         sub.outputs = [remap[int(i)] for i in op.outputs]
         sub.operators = [new_op]
         model.subgraphs = [sub]
+        if signature is not None:
+            def tensor_map(name: str, index: int):
+                m = S.TensorMapT()
+                m.name, m.tensorIndex = name, index
+                return m
+
+            sig = S.SignatureDefT()
+            sig.signatureKey, sig.subgraphIndex = signature, 0
+            sig.inputs = [tensor_map(f"in{j}", i) for j, i in enumerate(sub.inputs)]
+            sig.outputs = [tensor_map(f"out{j}", i) for j, i in enumerate(sub.outputs)]
+            model.signatureDefs = [sig]
         return bytes(self.fb.convert_object_to_bytearray(model)), feeds
 
 
-def profile(model_path: Path, model_dir: Path, batch: int, cache: int, threads: int, repeats: int,
-            flush_mib: int = 256) -> dict:
-    litert_interpreter, _, _ = _litert()
-    flush = CacheFlush(flush_mib)
-    Interpreter = litert_interpreter.Interpreter
-    model_bytes = model_path.read_bytes()
+KV_ATTENTION = "CUSTOM:KVAttention"  # the decode attention's op, as `OneOpModels.op_name` names it
+# How close the op-by-op `hidden` must come to the whole step's, relative to the largest |hidden|
+# (see `check_hidden`), for fp32 and int8 files alike: it has come out exactly equal for both.
+HIDDEN_TOLERANCE = 1e-4
 
-    # The whole step, as the service runs it: `decode` then `head` (minus setting inputs: timed
-    # invokes only).
-    whole = Interpreter(model_content=model_bytes, num_threads=threads)
-    runners = [whole.get_signature_runner(name) for name in STEP_SIGNATURES]
-    inputs = decode_inputs(runners[0].get_input_details(), batch, cache, model_dir)
-    hidden = runners[0](**inputs)["hidden"]  # resizes, allocates and sets the inputs
-    runners[1](hidden=hidden)
-    sg_whole = [r._subgraph_index for r in runners]  # noqa: SLF001 (no public way to invoke without copying inputs)
+
+class OneOp:
+    """One op cut out as a model of its own, its inputs set: `invoke()` runs it, `outputs()`
+    gives its outputs (in the op's order). KVAttention runs through the C API (`Program`) with
+    the kernel registered, as when serving; every other op in a Python Interpreter with the same
+    op resolver and thread count as the whole step (XNNPACK delegates what it supports);
+    `through_program` runs any op through the C API."""
+
+    def __init__(self, cutter: OneOpModels, sg_index: int, k: int, shapes, values, threads: int, kernel, work: Path,
+                 through_program: bool = False):
+        Interpreter = _litert()[0].Interpreter
+        self.program = self.signature = self.interpreter = None
+        op = cutter.model.subgraphs[sg_index].operators[k]
+        if through_program or cutter.op_name(op).startswith("CUSTOM:"):
+            from service.engine.litert_runtime import CustomOp, Program
+
+            content, feeds = cutter.build(sg_index, k, shapes, signature="op")
+            path = work / f"op-{sg_index}-{k}.tflite"
+            path.write_bytes(content)
+            self.program = Program(path, threads, custom_ops=[CustomOp(kernel.name, kernel.kernel, kernel.user_data)])
+            path.unlink()
+            self.signature = self.program.signature("op", reuse=False)
+            self.signature.resize({f"in{j}": list(values[i].shape) for j, i in enumerate(feeds)})
+            for j, i in enumerate(feeds):
+                self.signature.inputs[f"in{j}"][...] = values[i]
+            self.invoke = self.signature.run
+        else:
+            content, feeds = cutter.build(sg_index, k, shapes)
+            self.interpreter = Interpreter(model_content=content, num_threads=threads)
+            self.interpreter.allocate_tensors()
+            for detail, original in zip(self.interpreter.get_input_details(), feeds):
+                self.interpreter.set_tensor(detail["index"], values[original])
+            self.invoke = self.interpreter._interpreter.Invoke  # noqa: SLF001 (invoke without copying inputs)
+
+    def outputs(self) -> list[np.ndarray]:
+        if self.signature is not None:
+            return [self.signature.outputs[name].copy() for name in self.signature.output_names]
+        return [self.interpreter.get_tensor(d["index"]) for d in self.interpreter.get_output_details()]
+
+    def close(self) -> None:
+        self.signature = self.interpreter = None
+        if self.program is not None:
+            self.program.close()
+            self.program = None
+
+
+def evaluate(cutter: OneOpModels, signature: str, feed: dict[str, np.ndarray], threads: int, kernel,
+             work: Path) -> tuple[int, dict[int, np.ndarray], dict[str, np.ndarray]]:
+    """Run a signature's subgraph op by op, in order, each op as a one-op model fed the values
+    the earlier ops gave (KVAttention by `kernel.attention`, the same C code the op runs).
+    Returns the subgraph's index, every tensor's value by index, and the signature's outputs."""
+    sg_index = cutter.subgraph_of(signature)
+    sg = cutter.model.subgraphs[sg_index]
+    input_tensors, output_tensors = cutter.signature_tensors(signature)
+    values = {input_tensors[name]: value for name, value in feed.items()}
+    for k, op in enumerate(sg.operators):
+        name = cutter.op_name(op)
+        missing = [int(i) for i in op.inputs if int(i) >= 0 and int(i) not in values
+                   and not cutter.is_constant(sg, int(i))]
+        if missing:
+            raise RuntimeError(f"{signature} op {k} ({name}) reads tensors no earlier op wrote: {missing}")
+        if name == KV_ATTENTION:
+            args = [np.ascontiguousarray(values[int(i)]) for i in op.inputs]
+            outs = [kernel.attention(*args)]
+        elif name.startswith("CUSTOM:"):
+            raise RuntimeError(f"{signature} op {k} is {name}, which this profile cannot evaluate")
+        else:
+            one = OneOp(cutter, sg_index, k, {i: list(v.shape) for i, v in values.items()}, values, threads, kernel,
+                        work)
+            one.invoke()
+            outs = one.outputs()
+            one.close()
+        for i, value in zip(op.outputs, outs):
+            values[int(i)] = value
+    return sg_index, values, {name: values[i] for name, i in output_tensors.items()}
+
+
+def check_hidden(op_by_op: np.ndarray, whole: np.ndarray, tolerance: float) -> float:
+    """The largest difference of the op-by-op `hidden` from the whole step's, relative to the
+    whole step's largest |value|; raises if it is over `tolerance` (or the shapes differ): the
+    op inputs would then not be the step's."""
+    if op_by_op.shape != whole.shape:
+        raise RuntimeError(f"op-by-op hidden has shape {op_by_op.shape}, the whole step's {whole.shape}")
+    scale = float(np.max(np.abs(whole))) or 1.0
+    diff = float(np.max(np.abs(op_by_op.astype(np.float64) - whole))) / scale
+    if not np.isfinite(diff) or diff > tolerance:
+        raise RuntimeError(f"the op-by-op evaluation does not reproduce the step: max |hidden - step's hidden| "
+                           f"is {diff:.2e} of max |hidden| (tolerance {tolerance:.0e})")
+    return diff
+
+
+def profile(model_path: Path, model_dir: Path, batch: int, cache: int, threads: int, repeats: int,
+            flush_mib: int = 256, tolerance: float = HIDDEN_TOLERANCE) -> dict:
+    import tempfile
+
+    from service.engine.litert_runtime import CustomOp, Program
+    from service.engine.native import kvattn
+
+    flush = CacheFlush(flush_mib)
+    kernel = kvattn.load(threads)
+    cutter = OneOpModels(model_path.read_bytes())
+
+    # The whole step, as the service runs it: `decode` then `head` through the C API with the
+    # kernel registered (minus setting inputs: timed runs only).
+    program = Program(model_path, threads, custom_ops=[CustomOp(kernel.name, kernel.kernel, kernel.user_data)])
+    decode, head = (program.signature(name, reuse=False) for name in STEP_SIGNATURES)
+    inputs = decode_inputs({n: (decode.dtype(n), decode.declared(n)) for n in decode.input_names}, batch, cache,
+                           model_dir)
+    decode.resize({name: list(value.shape) for name, value in inputs.items()})
+    for name, value in inputs.items():
+        decode.inputs[name][...] = value
+    decode.run()
+    head.resize({"hidden": list(decode.outputs["hidden"].shape)})
+    head.inputs["hidden"][...] = decode.outputs["hidden"]
+    head.run()
+    step_hidden = decode.outputs["hidden"].copy()
 
     def invoke_step() -> None:
-        for index in sg_whole:
-            whole._interpreter.Invoke(index)  # noqa: SLF001
+        decode.run()
+        head.run()
 
     step_ms = _median_invoke_ms(invoke_step, repeats)
     step_cold_ms = _median_invoke_ms(invoke_step, repeats, flush)
-    del whole, runners
+    del decode, head
+    program.close()
 
-    # Every intermediate tensor of one step, for the ops' inputs and shapes: per signature, its
-    # subgraph's index, tensor shapes and tensor values.
-    keep = Interpreter(model_content=model_bytes, num_threads=threads, experimental_preserve_all_tensors=True)
-    cutter = OneOpModels(model_bytes)
-    captured: dict[str, tuple[int, dict[int, list[int]], dict[int, np.ndarray]]] = {}
-    feed = inputs
-    for name in STEP_SIGNATURES:
-        outputs = keep.get_signature_runner(name)(**feed)
-        sg_index = cutter.subgraph_of(name)
-        values: dict[int, np.ndarray] = {}
-        for i in range(len(cutter.model.subgraphs[sg_index].tensors)):
-            try:
-                values[i] = keep.get_tensor(i, sg_index)
-            except ValueError:
-                pass  # a tensor the runtime never materialised (e.g. an optional one)
-        captured[name] = (sg_index, {i: list(v.shape) for i, v in values.items()}, values)
-        if name == "decode":
-            feed = {"hidden": outputs["hidden"]}  # head's input: decode's hidden output
-    del keep
+    with tempfile.TemporaryDirectory(prefix="profile-step-") as tmp:
+        work = Path(tmp)
+        # Every intermediate tensor of one step, for the ops' inputs and shapes: each signature
+        # evaluated op by op (per signature: its subgraph's index, tensor shapes and values).
+        captured: dict[str, tuple[int, dict[int, list[int]], dict[int, np.ndarray]]] = {}
+        feed = inputs
+        for name in STEP_SIGNATURES:
+            sg_index, values, outputs = evaluate(cutter, name, feed, threads, kernel, work)
+            captured[name] = (sg_index, {i: list(v.shape) for i, v in values.items()}, values)
+            if name == "decode":
+                hidden_diff = check_hidden(outputs["hidden"], step_hidden, tolerance)
+                feed = {"hidden": outputs["hidden"]}  # head's input: decode's hidden output
 
-    # What invoking a one-op model costs with next to nothing to do (a RESHAPE), cold and warm:
-    # subtracted from every op timed the same way. Cold, it is tens of microseconds (the
-    # interpreter's own data and the thread pool's wake-up); inside the step it is not paid per op.
-    overhead_ms = _empty_invoke_ms(Interpreter, cutter, *captured["decode"], threads, repeats, flush)
-    overhead_hot_ms = _empty_invoke_ms(Interpreter, cutter, *captured["decode"], threads, repeats, None)
+        # What invoking a one-op model costs with next to nothing to do (a RESHAPE), cold and
+        # warm, in an Interpreter and through the C API: subtracted from every op run the same
+        # way. Cold, it is tens of microseconds (the runtime's own data and the thread pool's
+        # wake-up); inside the step it is not paid per op.
+        decode_capture = captured["decode"]
+        overhead = {(runtime, cold): _empty_invoke_ms(cutter, *decode_capture, threads, repeats,
+                                                      flush if cold else None, kernel, work, runtime)
+                    for runtime in ("interpreter", "program") for cold in (True, False)}
 
-    ops = []
-    for signature, (sg_index, shapes, values) in captured.items():
-        sg = cutter.model.subgraphs[sg_index]
-        for k, op in enumerate(sg.operators):
-            entry = {"signature": signature, "index": k, "op": cutter.op_name(op), "ms": None}
-            entry["weights"] = [list(sg.tensors[int(i)].shape) for i in op.inputs
-                                if int(i) >= 0 and cutter.is_constant(sg, int(i))]
-            entry["out_shape"] = shapes.get(int(op.outputs[0])) if len(op.outputs) else None
-            try:
-                one = _one_op_interpreter(Interpreter, cutter, sg_index, k, shapes, values, threads)
-                raw = _median_invoke_ms(one._interpreter.Invoke, repeats, flush)  # noqa: SLF001
-                entry["ms"] = max(raw - overhead_ms, 0.0)
-                hot = _median_invoke_ms(one._interpreter.Invoke, repeats)  # noqa: SLF001
-                entry["hot_ms"] = max(hot - overhead_hot_ms, 0.0)
-                del one
-            except Exception as exc:  # an op that cannot stand alone is reported, not fatal
-                entry["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            ops.append(entry)
+        ops = []
+        for signature, (sg_index, shapes, values) in captured.items():
+            sg = cutter.model.subgraphs[sg_index]
+            for k, op in enumerate(sg.operators):
+                entry = {"signature": signature, "index": k, "op": cutter.op_name(op), "ms": None}
+                entry["weights"] = [list(sg.tensors[int(i)].shape) for i in op.inputs
+                                    if int(i) >= 0 and cutter.is_constant(sg, int(i))]
+                entry["out_shape"] = shapes.get(int(op.outputs[0])) if len(op.outputs) else None
+                runtime = "program" if entry["op"].startswith("CUSTOM:") else "interpreter"
+                try:
+                    one = OneOp(cutter, sg_index, k, shapes, values, threads, kernel, work)
+                    raw = _median_invoke_ms(one.invoke, repeats, flush)
+                    entry["ms"] = max(raw - overhead[runtime, True], 0.0)
+                    hot = _median_invoke_ms(one.invoke, repeats)
+                    entry["hot_ms"] = max(hot - overhead[runtime, False], 0.0)
+                    one.close()
+                except Exception as exc:  # an op that cannot stand alone is reported, not fatal
+                    entry["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                ops.append(entry)
+    if kernel.errors():
+        raise RuntimeError(f"the KVAttention kernel failed {kernel.errors()} calls (it wrote zeros): the times "
+                           "are not the step's")
     return {"model": str(model_path), "batch": batch, "cache": cache, "threads": threads, "repeats": repeats,
             "step_ms": step_ms, "step_cold_ms": step_cold_ms, "flush_mib": flush_mib,
-            "invoke_overhead_ms": overhead_ms, "invoke_overhead_hot_ms": overhead_hot_ms, "ops": ops}
+            "invoke_overhead_ms": overhead["interpreter", True],
+            "invoke_overhead_hot_ms": overhead["interpreter", False],
+            "program_overhead_ms": overhead["program", True], "program_overhead_hot_ms": overhead["program", False],
+            "hidden_max_diff": hidden_diff, "hidden_tolerance": tolerance, "ops": ops}
 
 
-def _one_op_interpreter(Interpreter, cutter: OneOpModels, sg_index: int, k: int, shapes, values, threads):
-    """Op k of the subgraph as a model of its own, allocated and fed its captured inputs."""
-    content, feeds = cutter.build(sg_index, k, shapes)
-    one = Interpreter(model_content=content, num_threads=threads)
-    one.allocate_tensors()
-    for detail, original in zip(one.get_input_details(), feeds):
-        one.set_tensor(detail["index"], values[original])
-    return one
-
-
-def _empty_invoke_ms(Interpreter, cutter: OneOpModels, sg_index: int, shapes, values, threads, repeats, flush) -> float:
-    """Invoke cost of the cheapest one-op model we can cut (a RESHAPE if there is one)."""
+def _empty_invoke_ms(cutter: OneOpModels, sg_index: int, shapes, values, threads, repeats, flush, kernel, work,
+                     runtime: str) -> float:
+    """Invoke cost of the cheapest one-op model we can cut (a RESHAPE if there is one), in an
+    Interpreter (`runtime` "interpreter") or through the C API ("program")."""
     sg = cutter.model.subgraphs[sg_index]
     candidates = [k for k, op in enumerate(sg.operators) if cutter.op_name(op) == "RESHAPE"] or [0]
     best = None
     for k in candidates[:3]:
         try:
-            one = _one_op_interpreter(Interpreter, cutter, sg_index, k, shapes, values, threads)
-            ms = _median_invoke_ms(one._interpreter.Invoke, repeats, flush)  # noqa: SLF001
+            one = OneOp(cutter, sg_index, k, shapes, values, threads, kernel, work, runtime == "program")
+            ms = _median_invoke_ms(one.invoke, repeats, flush)
+            one.close()
             best = ms if best is None else min(best, ms)
         except Exception:  # noqa: BLE001
             continue
@@ -306,7 +476,8 @@ def summarize(result: dict, top: int = 12) -> dict:
     table.append(f"| **sum of ops** | {len(timed)} | {total:.3f} | 100% | {total_hot:.3f} |")
     untimed = [o for o in ops if o["ms"] is None]
     notes = [
-        f"Whole step (`decode` invoke + `head` invoke, inputs already set): {step:.2f} ms = "
+        f"Whole step (`decode` run + `head` run through the C API, the kernel registered, inputs already set): "
+        f"{step:.2f} ms = "
         f"{b / step * 1000:.0f} tok/s at batch {b} before any host work ({result['step_cold_ms']:.2f} ms with caches "
         f"flushed first). The ops timed alone sum "
         f"to {total:.2f} ms with caches flushed before each ({100 * total / step:.0f}% of the step) and "
@@ -314,7 +485,12 @@ def summarize(result: dict, top: int = 12) -> dict:
         f"{'flushed' if abs(total - step) <= abs(total_hot - step) else 'warm'} column is the closer to the step. "
         f"{result['threads']} threads, median of {result['repeats']} invokes, less the invoke overhead of a one-op "
         f"model ({result['invoke_overhead_ms'] * 1000:.0f} µs flushed, "
-        f"{result['invoke_overhead_hot_ms'] * 1000:.0f} µs warm) per op.",
+        f"{result['invoke_overhead_hot_ms'] * 1000:.0f} µs warm) per op; KVAttention runs through the C API "
+        f"with the kernel registered, less that path's overhead ({result['program_overhead_ms'] * 1000:.0f} µs "
+        f"flushed, {result['program_overhead_hot_ms'] * 1000:.0f} µs warm).",
+        f"The ops' inputs come from evaluating the step op by op; its `hidden` is within "
+        f"{result['hidden_max_diff']:.1e} of max |hidden| of the whole step's (tolerance "
+        f"{result['hidden_tolerance']:.0e}).",
     ]
     if untimed:
         notes.append(f"Not timed alone: {len(untimed)} ops ({', '.join(sorted({o['op'] for o in untimed}))}).")

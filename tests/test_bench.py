@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from bench import config, plots, report, stream
@@ -721,7 +722,7 @@ def test_tiny_run_profiles_the_int8_decode_step(tiny_result):
     assert profile and "error" not in profile, profile
     assert profile["step_ms"] > 0 and profile["op_sum_ms"] > 0
     assert any(k.startswith("FULLY_CONNECTED") for k in profile["by_type"])
-    assert "BATCH_MATMUL" in profile["by_type"]
+    assert "CUSTOM:KVAttention" in profile["by_type"]
     assert "Per-op profile" in tiny_result["_markdown"]
     assert [p.get("cache") for p in tiny_result["profiles"]] == [256, 640]
 
@@ -755,6 +756,55 @@ def test_soak_summary_takes_rss_at_the_counted_start_and_end_and_counts_per_minu
                       minutes=2.5)
     assert grown["bars"][0]["holds"] is False
     assert [m["requests_per_minute"] for m in grown["per_minute"]] == [1.0, 1.0, 4.0]
+
+
+def test_profile_step_mask_gives_each_row_its_own_slots():
+    from bench.profile_step import MASKED, decode_inputs
+
+    types = {"embeds": (np.dtype(np.float32), [1, 1, 8]), "mask": (np.dtype(np.float32), [1, 1, 1]),
+             "key_0": (np.dtype(np.float16), [2, 1, 4])}
+    inputs = decode_inputs(types, batch=3, cache=5, model_dir=Path("/nonexistent"))
+    assert inputs["key_0"].dtype == np.float16 and inputs["key_0"].shape == (2, 15, 4)
+    assert np.isfinite(inputs["key_0"]).all()
+    mask = inputs["mask"]
+    assert mask.shape == (1, 3, 16) and mask.dtype == np.float32
+    for b in range(3):
+        own = np.zeros(16, bool)
+        own[b * 5:(b + 1) * 5] = own[-1] = True
+        assert (mask[0, b, own] == 0).all() and (mask[0, b, ~own] == MASKED).all()
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_profile_step_times_every_op_of_the_tiny_model(litert_model_dir, tmp_path, precision):
+    """The decode step's attention is the KVAttention custom op: the profile evaluates the step
+    op by op (checked against the whole step's `hidden`) and times every op, KVAttention
+    through the C API with the kernel registered."""
+    from bench import profile_step
+
+    out = tmp_path / "profile.json"
+    assert profile_step.main(["--model-dir", str(litert_model_dir), "--precision", precision, "--batch", "4",
+                              "--cache", "32", "--repeats", "3", "--flush-mib", "8", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    raw = result["raw"]
+    assert [o for o in raw["ops"] if "error" in o] == []
+    assert raw["hidden_max_diff"] <= raw["hidden_tolerance"]
+    assert result["step_ms"] > 0 and result["op_sum_ms"] > 0
+    kv = [o for o in raw["ops"] if o["op"] == "CUSTOM:KVAttention"]
+    assert kv and result["by_type"]["CUSTOM:KVAttention"]["count"] == len(kv) == 2  # one per layer
+    assert {o["signature"] for o in raw["ops"]} == {"decode", "head"}
+    assert any(k.startswith("FULLY_CONNECTED") for k in result["by_type"])
+    assert "BATCH_MATMUL" not in result["by_type"]
+
+
+def test_profile_step_refuses_an_evaluation_that_is_not_the_step():
+    from bench.profile_step import check_hidden
+
+    whole = np.array([[1.0, -2.0], [0.5, 4.0]], np.float32)
+    assert check_hidden(whole.copy(), whole, 1e-4) == 0.0
+    with pytest.raises(RuntimeError, match="does not reproduce the step"):
+        check_hidden(whole + np.float32(0.01), whole, 1e-4)
+    with pytest.raises(RuntimeError, match="shape"):
+        check_hidden(whole[:1], whole, 1e-4)
 
 
 def test_soak_runs_against_the_tiny_model(litert_model_dir, tmp_path):
