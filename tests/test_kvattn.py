@@ -476,3 +476,26 @@ def test_build_command_line(tmp_path):
 def test_default_library_is_ignored_by_git():
     here = Path(kvattn.__file__).parent
     assert "libkvattn.so" in (here / ".gitignore").read_text().split()
+
+
+@pytest.mark.parametrize("use_portable", [False, True])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(K=st.integers(1, 5), n=st.integers(0, 40), D=st.sampled_from([1, 7, 8, 16, 64]), offset=st.integers(0, 9),
+       scale=st.sampled_from([1e-9, 1e-6, 1e-3, 1.0, 300.0, 7e4]), seed=st.integers(0, 2**32 - 1))
+def test_to_half_writes_numpys_bits(kernels, portable, use_portable, K, n, D, offset, scale, seed):
+    """float32 -> float16 into a slice of a [K, S, D] pool rounds exactly as numpy's astype (to
+    nearest, ties to even; subnormals, overflow to infinity, NaN kept), on both paths."""
+    portable(use_portable)
+    rng = np.random.default_rng(seed)
+    src = (rng.standard_normal((K, n, D)) * scale).astype(np.float32)
+    src.reshape(-1)[:4] = np.array([np.inf, -0.0, np.nan, 65520.0], np.float32)[:src.size]
+    with np.errstate(over="ignore"):
+        expected = src.astype(np.float16)
+    pool = np.full((K, n + offset + 3, D), 7, np.float16)
+    kernels[1].to_half(src, pool[:, offset:offset + n])
+    got = pool[:, offset:offset + n]
+    assert np.array_equal(np.isnan(got), np.isnan(expected))
+    assert np.array_equal(got[~np.isnan(got)].view(np.uint16), expected[~np.isnan(expected)].view(np.uint16))
+    assert (pool[:, :offset] == 7).all() and (pool[:, offset + n:] == 7).all()  # nothing written outside
+    with pytest.raises(ValueError, match="to_half takes float32 and float16"):
+        kernels[1].to_half(src, pool)
