@@ -63,7 +63,7 @@ FROM base AS kernel
 # generic CPU of the machine's architecture (not -march=native: the image runs elsewhere; the
 # kernel picks its AVX2 path at run time).
 RUN pip install --no-cache-dir --disable-pip-version-check ziglang==0.13.0.post1 \
-    && printf '#!/bin/sh\nexec python -m ziglang cc -target "$(uname -m)-linux-gnu" "$@"\n' >/usr/local/bin/cc \
+    && printf "#!/bin/sh\nexec python -m ziglang cc -target %s-linux-gnu \"\$@\"\n" "$(uname -m)" >/usr/local/bin/cc \
     && chmod 755 /usr/local/bin/cc
 
 # The kernel's source and its build script alone.
