@@ -401,6 +401,27 @@ typedef struct {
   size_t scores_stride;
 } KvCall;
 
+// What a work item (head k, row b) reads, the same on both paths: the row's n included slots
+// (idx), its mask row, whether its new token is included, its new key and value, and where
+// head k's slots begin in the pool (in elements).
+typedef struct {
+  int n, with_new;
+  const int32_t* idx;
+  const float* mrow;
+  const float* kn;
+  const float* vn;
+  size_t base;
+} KvItem;
+
+static inline KvItem item_of(const KvCall* c, int k, int b) {
+  const int S = c->S, B = c->B, D = c->D;
+  const float* mrow = c->mask + (size_t)b * (S + 1);
+  const KvItem it = {.n = c->count[b], .with_new = mrow[S] >= KV_EXCLUDE, .idx = c->index + (size_t)b * S,
+                     .mrow = mrow, .kn = c->k_new + ((size_t)k * B + b) * D, .vn = c->v_new + ((size_t)k * B + b) * D,
+                     .base = (size_t)k * S * D};
+  return it;
+}
+
 // --- portable path --------------------------------------------------------------------------------
 
 static inline float half_to_float(uint16_t h) {
@@ -427,13 +448,11 @@ static inline float pool_at(const void* pool, int fp16, size_t i) {
 // One (head k, row b) item: each of its G query rows in turn over the row's slots.
 static void item_portable(const KvCall* c, int k, int b, float* sc) {
   const int D = c->D, S = c->S, B = c->B, G = c->G;
-  const int n = c->count[b];
-  const int32_t* idx = c->index + (size_t)b * S;
-  const float* mrow = c->mask + (size_t)b * (S + 1);
-  const int with_new = mrow[S] >= KV_EXCLUDE;
-  const float* kn = c->k_new + ((size_t)k * B + b) * D;
-  const float* vn = c->v_new + ((size_t)k * B + b) * D;
-  const size_t base = (size_t)k * S * D;
+  const KvItem it = item_of(c, k, b);
+  const int n = it.n, with_new = it.with_new;
+  const int32_t* idx = it.idx;
+  const float *mrow = it.mrow, *kn = it.kn, *vn = it.vn;
+  const size_t base = it.base;
   for (int g = 0; g < G; g++) {
     const float* q = c->q + ((size_t)k * G * B + (size_t)g * B + b) * D;
     float* o = c->out + ((size_t)k * G * B + (size_t)g * B + b) * D;
@@ -516,13 +535,11 @@ static inline KV_FAST float hsum1(__m256 a) { return _mm_cvtss_f32(hsum4(a, a, a
 // so the accumulators stay in registers.
 static inline KV_FAST void attend_fast(const KvCall* c, int k, int b, int g0, int G, int D, int fp16, float* sc) {
   const int DV = D / 8, S = c->S, B = c->B, GB = c->G * c->B;
-  const int n = c->count[b];
-  const int32_t* idx = c->index + (size_t)b * S;
-  const float* mrow = c->mask + (size_t)b * (S + 1);
-  const int with_new = mrow[S] >= KV_EXCLUDE;
-  const float* kn = c->k_new + ((size_t)k * B + b) * D;
-  const float* vn = c->v_new + ((size_t)k * B + b) * D;
-  const size_t base = (size_t)k * S * D;
+  const KvItem it = item_of(c, k, b);
+  const int n = it.n, with_new = it.with_new;
+  const int32_t* idx = it.idx;
+  const float *mrow = it.mrow, *kn = it.kn, *vn = it.vn;
+  const size_t base = it.base;
   float* orows[KV_MAX_G];
   for (int g = 0; g < G; g++) orows[g] = c->out + ((size_t)k * GB + (size_t)(g0 + g) * B + b) * D;
   if (n == 0 && !with_new) {
