@@ -2,11 +2,11 @@
 
 At conversion, the fp32 and int8 LiteRT models read the same fixed English text
 (`service/data/quality_text.txt`) by teacher forcing, through the same decode path that serves
-requests: the int8 file's key/value cache is float16 (`litert_convert.FILES`), so the
-gate judges the int8 weights and the smaller cache together. int8 is enabled only if its top-1 next-token prediction agrees with fp32's at least
-`MIN_AGREEMENT` of the time and its perplexity on the text is less than `MAX_PERPLEXITY_RISE`
-above fp32's. Random weights say nothing about a real model's int8 quality; the gate exists so
-that the user's own weights decide.
+requests: the int8 file's key/value cache is float16 (`litert_convert.FILES`), so the gate
+judges the int8 weights and the smaller cache together. int8 is enabled only if its top-1
+next-token prediction agrees with fp32's at least `MIN_AGREEMENT` of the time and its
+perplexity on the text is less than `MAX_PERPLEXITY_RISE` above fp32's. Random weights say
+nothing about a real model's int8 quality; the gate exists so that the user's own weights decide.
 """
 
 from __future__ import annotations
